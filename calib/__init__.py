@@ -1,0 +1,4 @@
+"""Calibration: text sources, token windows, block inputs and per-Linear statistics. Knows no method."""
+from calib.errors import RankwiseError
+
+__all__ = ["RankwiseError"]

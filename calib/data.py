@@ -1,0 +1,139 @@
+"""Text sources and token windows, as the papers sample them.
+
+A source is a name the hub knows (`wikitext2`, `c4`, `ptb`, loaded through `datasets`) or a local file:
+`text:PATH` (plain UTF-8) or `jsonl:PATH[:field]` (one JSON object a line, `field` defaults to "text").
+Documents are joined with "\n\n" (the perplexity protocol of GPTQ / SVD-LLM for WikiText-2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from calib.errors import RankwiseError
+
+# name -> (dataset path, config name, {split: data_files or split name}, text field)
+HUB_SOURCES = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}, "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", {"train": "train", "test": "test"}, "sentence"),
+    "c4": ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
+                                "test": "en/c4-validation.00000-of-00008.json.gz"}, "text"),
+}
+LOCAL_PREFIXES = ("text:", "jsonl:")
+
+
+def describe_sources() -> str:
+    return ", ".join(HUB_SOURCES) + ", text:PATH, jsonl:PATH[:field]"
+
+
+def validate_source(source: str) -> None:
+    """Check a source name or local path without reading it (cheap, for early CLI validation)."""
+    if source in HUB_SOURCES:
+        return
+    if source.startswith("text:"):
+        path = source[len("text:"):]
+    elif source.startswith("jsonl:"):
+        path = _split_jsonl(source)[0]
+    else:
+        raise RankwiseError(f"unknown text source {source!r}: use one of {describe_sources()}")
+    if not os.path.isfile(path):
+        raise RankwiseError(f"text source {source!r}: file {path!r} does not exist")
+
+
+def _split_jsonl(source: str) -> tuple[str, str]:
+    rest = source[len("jsonl:"):]
+    # PATH may contain ':' (rare); the field is whatever follows the last ':' if that is not part of the path
+    path, sep, field = rest.rpartition(":")
+    if sep and path and not os.path.exists(rest):
+        return path, field
+    return rest, "text"
+
+
+def _load_hub_text(name: str, split: str) -> str:
+    path, config, splits, field = HUB_SOURCES[name]
+    try:
+        import datasets
+        if path == "allenai/c4":
+            ds = datasets.load_dataset(path, data_files={split: splits[split]}, split=split)
+        else:
+            ds = datasets.load_dataset(path, config, split=splits[split])
+    except Exception as e:  # network, offline mode, missing script: one clear line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RankwiseError(
+            f"could not load dataset {name!r} ({path}, split {split}) from the hub: {first[:200]}. "
+            f"Offline? Use a local file instead: text:PATH or jsonl:PATH[:field]") from None
+    sep = " " if name == "ptb" else "\n\n"
+    return sep.join(ds[field])
+
+
+def load_text(source: str, split: str = "train") -> str:
+    """The whole text of a source's split (`train` for calibration, `test` for evaluation)."""
+    validate_source(source)
+    if source in HUB_SOURCES:
+        text = _load_hub_text(source, split)
+    elif source.startswith("text:"):
+        path = source[len("text:"):]
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RankwiseError(f"cannot read text file {path!r}: {e}") from None
+    else:
+        path, field = _split_jsonl(source)
+        docs = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if field not in row:
+                        raise RankwiseError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)})")
+                    docs.append(str(row[field]))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RankwiseError(f"cannot read jsonl file {path!r}: {e}") from None
+        text = "\n\n".join(docs)
+    if not text.strip():
+        raise RankwiseError(f"text source {source!r} is empty")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize a whole text once (1-D LongTensor), without the length warning for long inputs."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return ids
+
+
+@dataclass
+class CalibrationSet:
+    input_ids: torch.Tensor  # [nsamples, seqlen]
+    source: str
+    nsamples: int
+    seqlen: int
+    seed: int
+
+    def describe(self) -> dict:
+        return {"source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
+                "tokens": self.nsamples * self.seqlen}
+
+
+def calibration_set(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
+                    text: str | None = None) -> CalibrationSet:
+    """`nsamples` random windows of `seqlen` tokens from the train split (GPTQ / SVD-LLM sampling).
+
+    Deterministic for a seed: the start offsets come from `random.Random(seed)` only.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise RankwiseError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    ids = tokenize(tokenizer, text if text is not None else load_text(source, "train"))
+    if len(ids) == 0:
+        raise RankwiseError(f"calibration text {source!r} yields no tokens")
+    if len(ids) <= seqlen:
+        raise RankwiseError(f"calibration text {source!r} has {len(ids)} tokens, not more than "
+                            f"--seqlen {seqlen}: use a longer text or a shorter seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return CalibrationSet(torch.stack([ids[s:s + seqlen] for s in starts]), source, nsamples, seqlen, seed)

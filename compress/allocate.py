@@ -1,0 +1,96 @@
+"""Rank allocation: which rank each targeted matrix keeps so the targeted parameters drop by `ratio`.
+
+Accounting (exact, used everywhere): a dense [m, n] Linear stores m n weights; rank k stores k (m + n).
+Biases are kept either way and counted on both sides. Factorizing saves parameters only when
+k < m n / (m + n) (the break-even rank); a matrix whose rank would not be below it stays dense, and the
+others make up for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calib.errors import RankwiseError
+
+
+@dataclass(frozen=True)
+class MatrixShape:
+    out: int
+    inp: int
+    bias: bool = False
+
+    @property
+    def dense_params(self) -> int:
+        return self.out * self.inp + (self.out if self.bias else 0)
+
+    def params(self, rank: int | None) -> int:
+        """Stored parameters at `rank` (None = kept dense)."""
+        if rank is None:
+            return self.dense_params
+        return rank * (self.out + self.inp) + (self.out if self.bias else 0)
+
+    @property
+    def break_even(self) -> float:
+        return self.out * self.inp / (self.out + self.inp)
+
+    def saves(self, rank: int) -> bool:
+        return rank * (self.out + self.inp) < self.out * self.inp
+
+
+def round_rank(k: float, multiple: int) -> int:
+    """Round down to a multiple (at least one multiple, at least rank 1)."""
+    k = int(k)
+    if multiple > 1:
+        k = (k // multiple) * multiple
+        return max(k, multiple)
+    return max(k, 1)
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise RankwiseError(f"--ratio must be in (0, 1) (fraction of targeted parameters removed), got {ratio}")
+
+
+def total_params(shapes: dict[str, MatrixShape], ranks: dict[str, int | None]) -> int:
+    return sum(s.params(ranks.get(n)) for n, s in shapes.items())
+
+
+def _ranks_at(shapes: dict[str, MatrixShape], keep: float, multiple: int) -> dict[str, int | None]:
+    out = {}
+    for name, s in shapes.items():
+        k = min(round_rank(keep * s.break_even, multiple), min(s.out, s.inp))
+        out[name] = k if s.saves(k) else None
+    return out
+
+
+def uniform_ranks(shapes: dict[str, MatrixShape], ratio: float, multiple: int = 1) -> dict[str, int | None]:
+    """Every matrix keeps the same fraction f of its own break-even rank m n / (m + n), so each shape gets its
+    own rank (q, k, v, o of a GQA model differ). f = 1 - ratio removes `ratio` of every matrix; when rounding
+    or dense-kept matrices shift the total, f is re-solved by bisection so the total still hits `ratio`
+    (removed >= target, over by less than one rank step per matrix). Returns name -> rank or None (dense).
+    """
+    check_ratio(ratio)
+    dense = sum(s.dense_params for s in shapes.values())
+    budget = (1.0 - ratio) * dense
+    ranks = _ranks_at(shapes, 1.0 - ratio, multiple)
+    if all(r is not None for r in ranks.values()) and multiple == 1:
+        return ranks
+    lo, hi = 0.0, 1.0  # kept params are monotone in f; find the largest f within budget
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if total_params(shapes, _ranks_at(shapes, mid, multiple)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    ranks = _ranks_at(shapes, lo, multiple)
+    if total_params(shapes, ranks) > budget:
+        raise RankwiseError(f"ratio {ratio} cannot be reached with rank multiple {multiple}: even the smallest "
+                            f"ranks keep {total_params(shapes, ranks) / dense:.1%} of the parameters")
+    return ranks
+
+
+def summarize(shapes: dict[str, MatrixShape], ranks: dict[str, int | None], extra: int = 0) -> dict:
+    before = sum(s.dense_params for s in shapes.values())
+    after = total_params(shapes, ranks) + extra
+    return {"params_before": before, "params_after": after, "ratio_achieved": 1 - after / before,
+            "factorized": sum(r is not None for r in ranks.values()),
+            "kept_dense": sorted(n for n, r in ranks.items() if r is None)}

@@ -1,0 +1,82 @@
+"""Find decoder blocks and their Linears in any transformers causal LM, without per-family code."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from calib.errors import RankwiseError
+from compress.lowrank import LoraLinear, LowRankLinear
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+def num_layers(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(text, key, None):
+            return int(getattr(text, key))
+    return None
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated decoder blocks: length = the config's layer count, most parameters.
+
+    Vision towers of multimodal models also hold ModuleLists; the layer count of the text config and the
+    parameter count pick the language model's.
+    """
+    want = num_layers(model.config)
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if want is not None and len(mod) != want:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if best is None or size > best[2]:
+            best = (name, mod, size)
+    if best is None:
+        raise RankwiseError(f"unsupported architecture {type(model).__name__}: no list of {want} decoder blocks "
+                            f"found")
+    return best[0], best[1]
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """All dense Linears of a block by qualified name (Conv1D of GPT-2 included; factorized ones skipped)."""
+    found = {}
+    skip_under: list[str] = []
+    for name, mod in block.named_modules():
+        if any(name.startswith(p + ".") for p in skip_under):
+            continue
+        if isinstance(mod, (LowRankLinear, LoraLinear)):
+            skip_under.append(name)
+            continue
+        if isinstance(mod, nn.Linear) or (Conv1D and isinstance(mod, Conv1D)):
+            found[name] = mod
+    return found
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """W as [out, in] whatever the layer type (Conv1D stores its transpose)."""
+    if Conv1D and isinstance(layer, Conv1D):
+        return layer.weight.t()
+    return layer.weight
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    out, inp = dense_weight(layer).shape
+    return int(out), int(inp)
+
+
+def named_target_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every targeted Linear of the model by its full name (decoder blocks only: embeddings and head stay)."""
+    prefix, blocks = find_decoder_blocks(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        for name, lin in find_linears(block).items():
+            out[f"{prefix}.{i}.{name}"] = lin
+    return out

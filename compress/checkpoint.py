@@ -1,0 +1,113 @@
+"""Write a compressed model as a portable checkpoint, atomically; load any checkpoint back.
+
+DIR/config.json          the source config + `rankwise` metadata + auto_map -> modeling_rankwise
+DIR/*.safetensors        sharded weights (A, B and lora_A/lora_B factors by name)
+DIR/modeling_rankwise.py a copy of compress/lowrank.py: `from_pretrained(DIR, trust_remote_code=True)` works
+DIR/tokenizer files, generation_config.json, README.md (model card)
+Everything is written to a temporary sibling folder first and renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from calib.errors import RankwiseError
+from compress import lowrank
+from compress.lowrank import RANKWISE_KEY
+
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any work) if the output exists and --overwrite was not given."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise RankwiseError(f"output directory {str(out)!r} already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise RankwiseError(f"output path {str(out)!r} exists and is not a directory")
+    return out
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for name in ("rankwise", "torch", "transformers", "safetensors", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def model_card(meta: dict) -> str:
+    ranks = [m["rank"] for m in meta["modules"].values() if m.get("rank")]
+    cal = meta["calibration"]
+    return f"""---
+library_name: transformers
+tags: [rankwise, low-rank, svd, compression]
+base_model: {meta.get('source_model', '')}
+---
+# {Path(str(meta.get('source_model', 'model'))).name} compressed with Rankwise ({meta['method']})
+
+Low-rank factorization of every decoder Linear (W ~ B A) with `{meta['method']}`, rank allocation
+`{meta['ranks_allocation']}`.
+
+| | value |
+|---|---|
+| ratio requested (fraction of targeted parameters removed) | {meta['ratio_requested']:.4f} |
+| ratio achieved (targeted Linears) | {meta['ratio_achieved']:.4f} |
+| targeted parameters before / after | {meta['targeted_params_before']:,} / {meta['targeted_params_after']:,} |
+| model parameters before / after | {meta['model_params_before']:,} / {meta['model_params_after']:,} |
+| factorized / kept dense | {len(ranks)} / {len(meta.get('kept_dense', []))} |
+| rank min / max | {min(ranks) if ranks else '-'} / {max(ranks) if ranks else '-'} |
+| calibration | {cal['source']}, {cal['nsamples']} x {cal['seqlen']} tokens, seed {cal['seed']} |
+
+Load it with Rankwise (`compress evaluate DIR`) or with plain transformers:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)
+```
+`trust_remote_code` runs `modeling_rankwise.py` from this folder (the low-rank layer definition, ~200 lines).
+"""
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: dict, overwrite: bool = False,
+                    max_shard_size: str = "2GB") -> Path:
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg[RANKWISE_KEY] = {**meta, "versions": package_versions()}
+        cfg["auto_map"] = AUTO_MAP
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(lowrank.__file__, tmp / "modeling_rankwise.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(meta))
+        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_meta(path: str | Path) -> dict | None:
+    """The `rankwise` section of a checkpoint's config.json, or None for a dense checkpoint / hub id."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get(RANKWISE_KEY)

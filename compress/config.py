@@ -1,0 +1,54 @@
+"""Validated settings of one compression job (the CLI and YAML runs build this; the pipeline reads it)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compress.methods import REGISTRY
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+class CompressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="hub id or local path of a causal LM")
+    method: str = Field("svd-llm", description="factorization method")
+    ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
+    ranks: Literal["uniform"] = "uniform"
+    calib: str = "wikitext2"
+    nsamples: int = Field(256, ge=1)
+    seqlen: int = Field(2048, ge=2)
+    seed: int = 0
+    batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
+    alpha: float = Field(0.5, gt=0, description="ASVD exponent on mean |x|")
+    rank_multiple: int = Field(1, ge=1)
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    device: str = "auto"
+    offload: bool = Field(False, description="keep calibration activations and statistics on CPU")
+    trust_remote_code: bool = False
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"ratio must be in (0, 1) (fraction of targeted parameters removed), got {v}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in REGISTRY:
+            raise ValueError(f"unknown method {v!r}: choose one of {', '.join(sorted(REGISTRY))}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda or cuda:N")
+        return v
+
+    def method_options(self) -> dict:
+        return {"alpha": self.alpha} if self.method == "asvd" else {}

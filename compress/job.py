@@ -1,0 +1,58 @@
+"""One compression job end to end: load, calibrate, compress block by block, write the checkpoint."""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from calib.data import calibration_set, validate_source
+from calib.errors import RankwiseError
+from compress.checkpoint import check_output_dir, save_checkpoint
+from compress.config import CompressConfig
+from compress.loading import load_config, load_model, max_context, resolve_device
+from compress.pipeline import Progress, compress_model
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak host RSS of this process and peak GPU memory allocated by torch, in GiB."""
+    out = {"host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device.type == "cuda":
+        out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
+
+
+def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
+    """Everything that can be checked before loading weights: fail fast, write nothing."""
+    check_output_dir(output, overwrite)
+    validate_source(cfg.calib)
+    device = resolve_device(cfg.device)
+    config = load_config(cfg.model, cfg.trust_remote_code)
+    ctx = max_context(config)
+    if ctx is not None and cfg.seqlen > ctx:
+        raise RankwiseError(f"--seqlen {cfg.seqlen} is longer than the model's context ({ctx} tokens)")
+    return device, config
+
+
+def run_compress(cfg: CompressConfig, output: str | Path, overwrite: bool = False,
+                 progress: Progress | None = None) -> dict:
+    t_start = time.perf_counter()
+    device, _ = validate_job(cfg, output, overwrite)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
+                                     place_on_device=False)
+    if progress:
+        progress("load", 1, 1)
+    calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    meta = compress_model(model, calib.input_ids, cfg, progress)
+    meta["source_model"] = cfg.model
+    meta["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    meta["compress_seconds"] = round(time.perf_counter() - t_start, 2)
+    meta.update(peak_memory(device))
+    t0 = time.perf_counter()
+    save_checkpoint(model, tokenizer, output, meta, overwrite)
+    meta["save_seconds"] = round(time.perf_counter() - t0, 2)
+    meta["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    return meta

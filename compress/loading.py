@@ -1,0 +1,105 @@
+"""Load a causal LM (hub id, local dense checkpoint or Rankwise checkpoint) with clear errors."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from calib.errors import RankwiseError
+from compress.lowrank import RANKWISE_KEY, load_rankwise_model
+
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RankwiseError(f"device {name!r} requested but no CUDA device is available (use --device cpu)")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise RankwiseError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """'auto' keeps the checkpoint's dtype on GPU and uses float32 on CPU (fp16 matmuls are slow there)."""
+    if name == "auto":
+        return "auto" if device.type == "cuda" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise RankwiseError(f"unknown dtype {name!r}: use auto, fp32, fp16 or bf16")
+    return DTYPE_NAMES[name]
+
+
+def looks_local(ref: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else path-like is a local path."""
+    return os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.count("/") > 1
+
+
+def is_rankwise_checkpoint(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return RANKWISE_KEY in json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def load_config(ref: str, trust_remote_code: bool = False):
+    import transformers
+    if looks_local(ref) and not os.path.isdir(ref):
+        raise RankwiseError(f"model path {ref!r} does not exist")
+    try:
+        return transformers.AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise RankwiseError(f"cannot load model {ref!r}: {_first_line(e)}") from None
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    import transformers
+    try:
+        return transformers.AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise RankwiseError(f"cannot load the tokenizer of {ref!r}: {_first_line(e)}") from None
+
+
+def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               place_on_device: bool = True):
+    """Returns (model, tokenizer, config). With place_on_device=False the weights stay on CPU (the
+    block-sequential pipeline moves one block at a time to the device)."""
+    import transformers
+    config = load_config(ref, trust_remote_code)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(ref, trust_remote_code)
+    target = dev if place_on_device else torch.device("cpu")
+    try:
+        if getattr(config, RANKWISE_KEY, None):
+            model = load_rankwise_model(ref, dtype=None if torch_dtype == "auto" else torch_dtype,
+                                        device=target, config=config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                ref, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=str(target))
+    except RankwiseError:
+        raise
+    except ValueError as e:
+        raise RankwiseError(f"unsupported model {ref!r}: {_first_line(e)}") from None
+    except Exception as e:
+        raise RankwiseError(f"cannot load model {ref!r}: {_first_line(e)}") from None
+    model.eval()
+    return model, tokenizer, config
+
+
+def max_context(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(text, key, None):
+            return int(getattr(text, key))
+    return None

@@ -1,0 +1,10 @@
+"""Plain truncated SVD: minimises ||W - BA||_F and ignores the data (a baseline, catastrophic on LLMs)."""
+from compress.methods.base import Decomposition, Method, register, svd
+
+
+@register("svd")
+class PlainSVD(Method):
+    needs = frozenset()
+
+    def decompose(self, weight, stats) -> Decomposition:
+        return Decomposition(*svd(weight))
