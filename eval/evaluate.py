@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from calib.data import load_text, tokenize, validate_source
 from calib.errors import RankwiseError

@@ -26,3 +26,16 @@ def tiny_dirs(tmp_path_factory):
     """Tiny Llama / Mistral / Qwen2 checkpoints saved to disk once per session."""
     root = tmp_path_factory.mktemp("models")
     return {fam: save_tiny(root / fam, fam) for fam in ("llama", "mistral", "qwen2")}
+
+
+@pytest.fixture
+def cli():
+    """Run the `compress` CLI in-process; returns typer's Result (exit_code, output)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return run

@@ -5,7 +5,6 @@ activations (outliers) get their columns preserved first.
 """
 from dataclasses import dataclass
 
-import torch
 
 from compress.methods.base import Decomposition, Method, register, svd
 

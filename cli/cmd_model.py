@@ -1,0 +1,67 @@
+"""`compress model`: compress a checkpoint and write a Rankwise checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cli.common import Bars, app, out_console, user_errors
+
+
+def _fmt(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def summary_table(meta: dict) -> Table:
+    t = Table(title=f"Rankwise: {meta['method']} on {meta['source_model']}", show_header=True)
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("removed", justify="right")
+    t.add_row("targeted Linear params", _fmt(meta["targeted_params_before"]), _fmt(meta["targeted_params_after"]),
+              f"{meta['ratio_achieved']:.2%} (asked {meta['ratio_requested']:.2%})")
+    t.add_row("whole model params", _fmt(meta["model_params_before"]), _fmt(meta["model_params_after"]),
+              f"{meta['model_ratio_achieved']:.2%}")
+    mem = f"host {meta['host_peak_gib']:.2f} GiB" + (f", GPU {meta['gpu_peak_gib']:.2f} GiB"
+                                                      if "gpu_peak_gib" in meta else "")
+    t.caption = (f"factorized {len(meta['modules'])} Linears, kept dense {len(meta['kept_dense'])}; "
+                 f"wall {meta['wall_seconds']:.1f} s; peak memory {mem}")
+    return t
+
+
+@app.command("model")
+@user_errors
+def model_cmd(
+    model: str = typer.Argument(..., help="Hub id (e.g. HuggingFaceTB/SmolLM2-135M) or local checkpoint folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder for the compressed checkpoint."),
+    method: str = typer.Option("svd-llm", "--method", "-m",
+                               help="Factorization: svd (plain), asvd (activation-scaled), svd-llm (whitened)."),
+    ratio: float = typer.Option(..., "--ratio", "-r",
+                                help="Fraction of the targeted Linear parameters REMOVED, in (0, 1): 0.2 keeps 80%."),
+    calib: str = typer.Option("wikitext2", help="Calibration text: wikitext2, c4, ptb, text:PATH or "
+                                                "jsonl:PATH[:field]."),
+    nsamples: int = typer.Option(256, help="Number of random calibration windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration window (at most the model's context)."),
+    seed: int = typer.Option(0, help="Seed of the window sampling (same seed, same windows)."),
+    batch_size: int = typer.Option(4, help="Calibration windows per forward pass."),
+    alpha: float = typer.Option(0.5, help="ASVD: exponent on mean |x| in the channel scaling."),
+    rank_multiple: int = typer.Option(1, help="Round every rank down to a multiple of this (GPU-friendly shapes)."),
+    dtype: str = typer.Option("auto", help="Weights dtype: auto (checkpoint's on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    device: str = typer.Option("auto", help="Where blocks are calibrated and factorized: auto, cpu, cuda, cuda:N."),
+    offload: bool = typer.Option(False, help="Keep calibration activations and statistics on CPU (saves GPU memory)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the model's own modeling code from the hub."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+):
+    """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
+    from compress.config import CompressConfig
+    from compress.job import run_compress
+    cfg = CompressConfig(model=model, method=method, ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                         seed=seed, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,
+                         device=device, offload=offload, trust_remote_code=trust_remote_code)
+    with Bars() as bars:
+        meta = run_compress(cfg, output, overwrite, bars)
+    out_console.print(summary_table(meta))
+    out_console.print(f"wrote {output}")
+
+
