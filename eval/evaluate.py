@@ -43,3 +43,17 @@ def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: 
         "settings": {"seqlen": seqlen, "batch_size": batch_size, "bos": bos, "max_windows": max_windows},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
+
+
+def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), seqlen: int = 2048,
+                   max_windows: int | None = None, limit: int | None = None, batch_size: int | str = 1,
+                   dtype: str = "auto", device: str = "auto", bos: bool = False, trust_remote_code: bool = False,
+                   progress=None) -> dict:
+    """All evaluations of one model in one result dict: {"model", "rankwise", "ppl": {source: {...}},
+    "tasks": {task: {metric: value, metric_stderr: value}}, "settings", "wall_seconds", ...}."""
+    if tasks:
+        raise RankwiseError("zero-shot tasks are not supported yet")
+    result = evaluate_ppl(model_ref, list(ppl), seqlen, dtype, device, 1 if batch_size == "auto" else int(batch_size),
+                          bos, max_windows, trust_remote_code, progress)
+    result["tasks"] = {}
+    return result
