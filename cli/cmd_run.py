@@ -12,12 +12,13 @@ from cli.common import Bars, app, console, out_console, user_errors
 
 
 def plan_table(plan, statuses: dict) -> Table:
-    t = Table(title=f"{len(plan.jobs)} jobs from {plan.path} -> {plan.output_dir}")
+    t = Table(title=f"{len(plan.jobs)} jobs from {plan.path}", caption=f"job folders: {plan.output_dir}/jobs/")
     for col in ("#", "status", "model", "method", "ratio", "job folder"):
-        t.add_column(col, justify="right" if col in ("#", "ratio") else "left")
+        t.add_column(col, justify="right" if col in ("#", "ratio") else "left",
+                     overflow="fold" if col in ("model", "job folder") else "ellipsis")
     for i, job in enumerate(plan.jobs, 1):
         ratio = f"{job.compress['ratio']:g}" if job.compress else "-"
-        t.add_row(str(i), statuses[job.name], job.model, job.method, ratio, str(job.dir))
+        t.add_row(str(i), statuses[job.name], job.model, job.method, ratio, job.name)
     return t
 
 
@@ -31,7 +32,7 @@ def run_cmd(
 ):
     """Run every job of a sweep (skipping finished ones), then write results.csv, results.md and plots."""
     from cli.sweep import gpu_slots, load_plan, run_in_process, run_in_subprocesses, visible_gpus
-    from eval.report import write_report
+    from eval.report import describe_files, write_report
     if jobs < 1:
         raise RankwiseError(f"--jobs must be at least 1, got {jobs}")
     plan = load_plan(config)
@@ -69,9 +70,7 @@ def run_cmd(
                 error = run_in_process(job, bars)
             on_done(job, error)
     report = write_report(plan.output_dir)
-    files = report["files"]
-    more = f" and {len(files) - 3} more plots" if len(files) > 3 else ""
-    out_console.print(f"wrote {', '.join(str(f) for f in files[:3])}{more}")
+    out_console.print(f"wrote {describe_files(report['files'])}")
     if failed:
         console.print(f"[red]{len(failed)} of {len(plan.jobs)} jobs failed[/]; rerun to retry them "
                       f"(errors in {plan.output_dir}/jobs/*/error.json)", highlight=False)

@@ -90,6 +90,11 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _short(column: str) -> str:
+    """Column heads for humans: `ppl text:/long/path/wiki_eval.txt` -> `ppl wiki_eval.txt`."""
+    return re.sub(r"(text|jsonl):(\S*/)?", "", column)
+
+
 def _sort_key(r: dict):
     return (r["model"], r["method"] != "none", r["method"], r["ranks"], r["compensate"], r["ratio_asked"])
 
@@ -104,11 +109,12 @@ def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
 
 def write_markdown(rows: list[dict], path: Path, columns: list[str]) -> None:
     shown = [c for c in columns if c not in ("job", "error")]
+    heads = [_short(c) for c in shown]
     lines = [f"# Results ({sum(r['status'] == 'done' for r in rows)} done, "
              f"{sum(r['status'] == 'failed' for r in rows)} failed)", "",
              "ratio = fraction of the targeted Linear parameters removed (model_ratio: of all parameters); "
              "ppl = token perplexity; time in seconds; peak memory in GiB.", "",
-             "| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
+             "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in shown) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
@@ -144,7 +150,7 @@ def plot_ppl_vs_ratio(rows: list[dict], path: Path) -> bool:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         ax.set_xlabel("compression ratio (fraction of targeted parameters removed)")
         ax.set_ylabel("perplexity")
-        ax.set_title(suite.removeprefix("ppl "))
+        ax.set_title(_short(suite))
         if any(p[1] > 0 for pts in groups.values() for p in pts):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
@@ -212,3 +218,10 @@ def write_report(run_dir: str | Path) -> dict:
         if r["status"] == "done" and r.get("_modules") and plot_rank_heatmap(r, plots / f"ranks_{r['job']}.png"):
             files.append(plots / f"ranks_{r['job']}.png")
     return {"rows": rows, "files": files}
+
+
+def describe_files(files: list[Path]) -> str:
+    """`DIR/results.csv, DIR/results.md and N plots in DIR/plots/` for the CLI's last line."""
+    tables = [str(f) for f in files if f.suffix != ".png"]
+    plots = [f for f in files if f.suffix == ".png"]
+    return ", ".join(tables) + (f" and {len(plots)} plots in {plots[0].parent}/" if plots else "")
