@@ -133,3 +133,16 @@ def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monke
     assert gpu_slots(cpu_jobs, 2, ["3", "5", "7"]) == ["3", "5"]
     with pytest.raises(RankwiseError, match="--jobs 3 needs 3 GPUs"):
         gpu_slots(cpu_jobs, 3, ["0"])
+
+
+def test_path_expansion(monkeypatch):
+    from cli.sweep import _expand
+    monkeypatch.delenv("RW_NOPE", raising=False)
+    monkeypatch.setenv("RW_SET", "/data")
+    home = str(Path.home())
+    assert _expand("${RW_SET:-~/x}/m") == "/data/m"
+    assert _expand("${RW_NOPE:-~/x}/m") == f"{home}/x/m"
+    assert _expand("text:${RW_NOPE:-~/t}/a.txt") == f"text:{home}/t/a.txt"
+    assert _expand("$RW_SET/b") == "/data/b"
+    assert _expand("${RW_NOPE}/b") == "${RW_NOPE}/b"  # unset and no default: left as written
+    assert _expand("org/model") == "org/model"
