@@ -7,7 +7,7 @@ import transformers
 
 from compress.config import CompressConfig
 from compress.job import compress_in_memory
-from compress.lowrank import LowRankLinear, load_rankwise_model
+from compress.lowrank import load_rankwise_model
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
