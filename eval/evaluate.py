@@ -104,13 +104,13 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
         raise RankwiseError(f"--max-windows must be at least 1, got {max_windows}")
     for s in ppl:
         validate_source(s)
-    task_set = None
-    if tasks:
-        from eval.zeroshot import TaskSet
-        task_set = TaskSet()
-        task_set.check(tasks)
     if gguf_file is None and not model_ref.endswith(".gguf"):
         load_config(model_ref, trust_remote_code)  # missing path / unknown id: fail before anything heavy
+    task_set = prepared = None
+    if tasks:  # unknown tasks and unreachable task data fail here, before the model is loaded
+        from eval.zeroshot import TaskSet
+        task_set = TaskSet()
+        prepared = task_set.prepare(tasks)
     loaded = load_for_eval(model_ref, dtype, device, trust_remote_code, gguf_file)
     model, tokenizer, _ = loaded
     dev = next(model.parameters()).device
@@ -125,7 +125,7 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
                                      trust_remote_code, progress, loaded=loaded)["ppl"]
     if tasks:
         from eval.zeroshot import run_tasks
-        result["tasks"] = run_tasks(model, tokenizer, tasks, limit,
+        result["tasks"] = run_tasks(model, tokenizer, prepared, limit,
                                     batch_size if batch_size == "auto" else int(batch_size), bos, num_fewshot,
                                     bootstrap_iters, task_set, progress)
     result["settings"] = {"ppl": ppl, "tasks": tasks, "seqlen": seqlen, "max_windows": max_windows,

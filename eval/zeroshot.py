@@ -103,8 +103,9 @@ class TaskSet:
             return self._full
         return TaskManager(include_path=str(self.include_dir), include_defaults=False)
 
-    def check(self, specs: list[str]) -> None:
-        """Fail early (before loading the model) on specs that are neither local nor lm-eval tasks."""
+    def prepare(self, specs: list[str]) -> list:
+        """[(spec, {name: Task}, TaskManager)] with every task's data loaded: unknown tasks and unreachable
+        data fail here, before the model is loaded."""
         hub = []
         for spec in specs:
             if is_task_path(spec):
@@ -118,6 +119,7 @@ class TaskSet:
                     raise RankwiseError(
                         f"unknown task {spec!r}: not an lm-eval task name, not a task in {self.include_dir}, "
                         "and not a path to a task YAML")
+        return [(spec, *self.load(spec)) for spec in specs]
 
     def load(self, spec: str):
         """(name, Task) for one spec; data loading errors become one line naming the task."""
@@ -183,21 +185,23 @@ def _counting_hflm():
     return CountingHFLM
 
 
-def run_tasks(model, tokenizer, specs: list[str], limit: int | None = None, batch_size: int | str = 1,
+def run_tasks(model, tokenizer, prepared: list, limit: int | None = None, batch_size: int | str = 1,
               bos: bool = False, num_fewshot: int | None = None, bootstrap_iters: int = 1000,
               task_set: TaskSet | None = None, progress=None) -> dict:
     """{task: {metric: value, metric_stderr: value, "samples": n, "requests": n, "requests_per_second": r,
-    "seconds": s, "source": yaml path or "lm-eval"}} for each spec, one simple_evaluate per task."""
+    "seconds": s, "source": yaml path or "lm-eval"}}, one simple_evaluate per spec. `prepared` is
+    TaskSet.prepare(specs) (or a list of specs, prepared here)."""
     import lm_eval
     _quiet_lm_eval()
     task_set = task_set or TaskSet()
+    if all(isinstance(s, str) for s in prepared):
+        prepared = task_set.prepare(prepared)
     lm = _counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64,
                           add_bos_token=bos or None)
     results = {}
-    for i, spec in enumerate(specs):
+    for i, (spec, tasks, tm) in enumerate(prepared):
         if progress:
-            progress("lm-eval tasks", i, len(specs))
-        tasks, tm = task_set.load(spec)
+            progress("lm-eval tasks", i, len(prepared))
         before_req, before_s = lm.requests, lm.model_seconds
         t0 = time.perf_counter()
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=tm, limit=limit,
@@ -216,5 +220,5 @@ def run_tasks(model, tokenizer, specs: list[str], limit: int | None = None, batc
             })
             results[name] = metrics
         if progress:
-            progress("lm-eval tasks", i + 1, len(specs))
+            progress("lm-eval tasks", i + 1, len(prepared))
     return results
