@@ -1,0 +1,174 @@
+"""Models for the benchmarks: a real one (hub id / local path) or a real *shape* with random weights.
+
+A shape (LLaMA-7B/13B/70B, TinyLlama-1B, tiny) is built without downloading anything. Decoder blocks are
+created on the `meta` device (no memory) and materialised with small random weights either all at once or,
+with `lazy=True`, one block at a time just before the pipeline reaches it (see `BlockMaterializer`), so a
+70B-shaped model never needs its dense weights in host memory all at once.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/x.py` from the repo root
+
+# name -> LlamaConfig fields (hidden, intermediate, heads, kv heads, layers, vocab)
+SHAPES = {
+    "tiny": (64, 160, 4, 2, 2, 320),
+    "135m": (576, 1536, 9, 3, 30, 49152),     # SmolLM2-135M
+    "1b": (2048, 5632, 32, 4, 22, 32000),     # TinyLlama-1.1B
+    "7b": (4096, 11008, 32, 32, 32, 32000),
+    "13b": (5120, 13824, 40, 40, 40, 32000),
+    "70b": (8192, 28672, 64, 8, 80, 32000),
+}
+INIT_STD = 0.02  # small random weights keep activations finite through many residual blocks
+
+
+def shape_config(shape: str, layers: int | None = None):
+    import transformers
+    if shape not in SHAPES:
+        from calib.errors import RankwiseError
+        raise RankwiseError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    hidden, inter, heads, kv, n_layers, vocab = SHAPES[shape]
+    return transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+        num_hidden_layers=layers or n_layers, vocab_size=vocab, max_position_embeddings=4096,
+        tie_word_embeddings=False)
+
+
+@torch.no_grad()
+def _init_random(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm"):
+            p.fill_(1.0)
+        elif p.dim() >= 2:
+            # generate in float32 on CPU (same numbers whatever the dtype), then cast
+            p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
+        else:
+            p.zero_()
+
+
+class BlockMaterializer:
+    """Turns meta decoder blocks into random CPU blocks: block i with seed `seed + i` (reproducible)."""
+
+    def __init__(self, blocks, dtype: torch.dtype, seed: int):
+        self.blocks, self.dtype, self.seed = blocks, dtype, seed
+
+    def is_meta(self, i: int) -> bool:
+        return next(self.blocks[i].parameters()).device.type == "meta"
+
+    def materialize(self, i: int) -> None:
+        if i < len(self.blocks) and self.is_meta(i):
+            block = self.blocks[i].to_empty(device="cpu").to(self.dtype)
+            _init_random(block, self.seed + 1000 + i)
+
+    def materialize_all(self) -> None:
+        for i in range(len(self.blocks)):
+            self.materialize(i)
+
+
+def random_model(shape: str, layers: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 lazy: bool = False):
+    """A LlamaForCausalLM of the given shape with random weights. Returns (model, materializer).
+
+    The embeddings, norm and head are real CPU tensors; the blocks are meta until materialised (all of them
+    now unless `lazy`).
+    """
+    import transformers
+    cfg = shape_config(shape, layers)
+    with torch.device("meta"):
+        full = transformers.LlamaForCausalLM(cfg)
+    shell_cfg = shape_config(shape, 1)
+    shell = transformers.LlamaForCausalLM(shell_cfg)  # real rotary tables, embeddings, head (1 block)
+    shell.model.layers = full.model.layers  # meta blocks built with the full config (right layer indices)
+    shell.config.num_hidden_layers = cfg.num_hidden_layers
+    if getattr(cfg, "layer_types", None) is not None:
+        shell.config.layer_types = cfg.layer_types
+    _init_random(shell.model.embed_tokens, seed)
+    _init_random(shell.lm_head, seed + 1)
+    shell.to(dtype).eval()
+    mat = BlockMaterializer(shell.model.layers, dtype, seed)
+    if not lazy:
+        mat.materialize_all()
+    return shell, mat
+
+
+def load_real_model(ref: str, dtype: str = "auto", device: str = "auto"):
+    """(model, tokenizer) of a hub id / local dense checkpoint, weights on CPU (the pipeline moves blocks)."""
+    from compress.loading import load_model
+    model, tokenizer, _ = load_model(ref, dtype, device, place_on_device=False)
+    return model, tokenizer
+
+
+def random_ids(vocab: int, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def calibration_ids(tokenizer, vocab: int, source: str, nsamples: int, seqlen: int, seed: int = 0):
+    """`random` = uniform random token ids (works for shapes); anything else is a calib source (needs a
+    tokenizer)."""
+    if source == "random":
+        return random_ids(vocab, nsamples, seqlen, seed)
+    if tokenizer is None:
+        from calib.errors import RankwiseError
+        raise RankwiseError("a model given by --shape has no tokenizer: use --calib random")
+    from calib.data import calibration_set
+    return calibration_set(tokenizer, source, nsamples, seqlen, seed).input_ids
+
+
+@dataclass
+class Peaks:
+    host_gib: float
+    gpu_gib: float | None
+
+
+class PeakMemory:
+    """Peak host RSS and peak GPU allocation over a window; `reset()` starts a new window.
+
+    Host: Linux lets a process reset its own high-water mark (VmHWM) by writing 5 to /proc/self/clear_refs;
+    where that is not possible the window is the whole process lifetime (ru_maxrss).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = True
+        self.reset()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.resettable = False
+
+    def read(self) -> Peaks:
+        host = None
+        if self.resettable:
+            try:
+                with open("/proc/self/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            host = int(line.split()[1]) / 2**20  # kB -> GiB
+            except OSError:
+                host = None
+        if host is None:
+            host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        gpu = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            gpu = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return Peaks(round(host, 3), None if gpu is None else round(gpu, 3))
+
+
+def thread_note() -> str:
+    return (f"torch threads={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}")

@@ -1,0 +1,265 @@
+"""Compression cost: time and peak memory of every stage, per block and in total, for each method.
+
+    python bench/speed.py --shape 7b --methods svd-llm --nsamples 256 --seqlen 2048     # on a GPU
+    python bench/speed.py --shape 1b --layers 2 --nsamples 8 --seqlen 256 --threads 2   # on CPU
+    python bench/speed.py --model /path/to/smollm2-135m --calib text:wiki.txt --json
+
+Stages: capture (calibration forward up to block 0), statistics (per-Linear input statistics), factorize
+(decompositions + new layers, including moving the block to and from the device), propagate (re-running the
+compressed block for the next one), save (checkpoint written to a temporary folder). Stage times are measured
+from the outside, by wrapping the pipeline's stage functions and its per-block progress callback, so the
+pipeline itself is timed unmodified. Memory: peak GPU allocation (torch) and peak host RSS, both reset before
+every stage window (host via /proc/self/clear_refs on Linux).
+
+A model given by --shape has random weights; with --lazy its blocks are created one at a time just before the
+pipeline reaches them (a 70B shape then never holds its dense weights in host memory all at once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _shapes import PeakMemory, calibration_ids, load_real_model, random_model, thread_note  # noqa: I001
+
+import compress.pipeline as pipeline
+from calib.errors import RankwiseError
+from compress.checkpoint import save_checkpoint
+from compress.config import CompressConfig
+from compress.loading import DTYPE_NAMES, resolve_device
+from compress.methods import REGISTRY
+
+DEFAULT_METHODS = "svd,asvd,svd-llm,fwsvd,eora"
+STAGES = ("capture", "statistics", "factorize", "propagate", "save")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="hub id or local path of a causal LM")
+    src.add_argument("--shape", help="random weights of a real shape: tiny, 135m, 1b, 7b, 13b, 70b")
+    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--lazy", action="store_true", help="create random blocks one at a time (--shape only)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; unknown ones are reported "
+                                                              "as not available")
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--rank-multiple", type=int, default=1)
+    p.add_argument("--calib", default="random", help="'random' token ids, or a calibration source")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--offload", action="store_true", help="keep activations and statistics on CPU")
+    p.add_argument("--no-save", action="store_true", help="skip the save stage")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-block", action="store_true", help="also print the per-block table")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    return p.parse_args(argv)
+
+
+class StageRecorder:
+    """Wraps the pipeline's stage functions and progress callback to time every stage of every block."""
+
+    def __init__(self, device: torch.device, materializer=None):
+        self.device, self.materializer = device, materializer
+        self.mem = PeakMemory(device)
+        self.blocks: list[dict] = []
+        self.capture: dict = {}
+        self._current: dict = {}
+        self._block_start = 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _start_block(self):
+        self._current = {"statistics": 0.0, "propagate": 0.0}
+        self.mem.reset()
+        self._block_start = time.perf_counter()
+
+    def wrap(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            self._sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self._sync()
+            dt = time.perf_counter() - t0
+            if stage == "capture":
+                peaks = self.mem.read()
+                self.capture = {"seconds": dt, "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib}
+                self._start_block()
+            else:
+                self._current[stage] += dt
+            return out
+        return timed
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        if phase != "compress":
+            return
+        self._sync()
+        wall = time.perf_counter() - self._block_start
+        peaks = self.mem.read()
+        cur = self._current
+        self.blocks.append({"block": done - 1, "seconds": wall, "statistics": cur["statistics"],
+                            "propagate": cur["propagate"],
+                            "factorize": max(wall - cur["statistics"] - cur["propagate"], 0.0),
+                            "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib})
+        if self.materializer is not None and done < total:
+            self.materializer.materialize(done)  # the next block, outside the timed window
+        self._start_block()
+
+    def run(self, model, calib_ids, cfg):
+        originals = {name: getattr(pipeline, name) for name in
+                     ("capture_block_inputs", "collect_linear_stats", "propagate")}
+        pipeline.capture_block_inputs = self.wrap("capture", originals["capture_block_inputs"])
+        pipeline.collect_linear_stats = self.wrap("statistics", originals["collect_linear_stats"])
+        pipeline.propagate = self.wrap("propagate", originals["propagate"])
+        self.mem.reset()
+        try:
+            return pipeline.compress_model(model, calib_ids, cfg, self.progress)
+        finally:
+            for name, fn in originals.items():
+                setattr(pipeline, name, fn)
+
+
+def _dtype_for(args, device: torch.device) -> torch.dtype:
+    if args.dtype != "auto":
+        return DTYPE_NAMES[args.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build(args, device):
+    """(model, tokenizer, materializer, description) for one run; a fresh model every call."""
+    if args.shape:
+        model, mat = random_model(args.shape, args.layers, _dtype_for(args, device), args.seed, lazy=args.lazy)
+        if args.lazy:
+            mat.materialize(0)
+        return model, None, mat, f"shape:{args.shape}"
+    if args.lazy or args.layers:
+        raise RankwiseError("--lazy and --layers apply to --shape models only")
+    model, tokenizer = load_real_model(args.model, args.dtype, args.device)
+    return model, tokenizer, None, args.model
+
+
+def run_method(args, method: str, device: torch.device) -> dict:
+    model, tokenizer, mat, desc = build(args, device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
+    cfg = CompressConfig(model=desc, method=method, ratio=args.ratio, calib=args.calib, nsamples=args.nsamples,
+                         seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+                         rank_multiple=args.rank_multiple, device=args.device, offload=args.offload)
+    rec = StageRecorder(device, mat if args.lazy else None)
+    t0 = time.perf_counter()
+    meta = rec.run(model, calib, cfg)
+    compress_seconds = time.perf_counter() - t0
+    save = {"seconds": None, "gpu_peak_gib": None, "host_peak_gib": None}
+    if not args.no_save:
+        out_root = Path(tempfile.mkdtemp(prefix="rankwise-speed-"))
+        try:
+            rec.mem.reset()
+            t0 = time.perf_counter()
+            save_checkpoint(model, tokenizer, out_root / "ckpt", meta)
+            peaks = rec.mem.read()
+            save = {"seconds": time.perf_counter() - t0, "gpu_peak_gib": peaks.gpu_gib,
+                    "host_peak_gib": peaks.host_gib}
+        finally:
+            shutil.rmtree(out_root, ignore_errors=True)
+    stages = {"capture": rec.capture,
+              **{s: {"seconds": sum(b[s] for b in rec.blocks),
+                     "gpu_peak_gib": _max(b["gpu_peak_gib"] for b in rec.blocks),
+                     "host_peak_gib": _max(b["host_peak_gib"] for b in rec.blocks)}
+                 for s in ("statistics", "factorize", "propagate")},
+              "save": save}
+    total = compress_seconds + (save["seconds"] or 0.0)
+    del model
+    return {"method": method, "model": desc, "blocks": rec.blocks, "stages": stages,
+            "total_seconds": total,
+            "gpu_peak_gib": _max(s.get("gpu_peak_gib") for s in stages.values()),
+            "host_peak_gib": _max(s.get("host_peak_gib") for s in stages.values()),
+            "ratio_achieved": meta["ratio_achieved"], "kept_dense": len(meta["kept_dense"]),
+            "pipeline_stage_seconds": meta["stage_seconds"]}
+
+
+def _max(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def _fmt(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def print_tables(result: dict, per_block: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(width=None if Console().is_terminal else 200)  # no wrapping when piped to a file
+    s = result["settings"]
+    title = (f"{s['model']}  ratio {s['ratio']}  calib {s['calib']} {s['nsamples']}x{s['seqlen']}  "
+             f"device {s['device']} {s['dtype']}  ({s['threads']})")
+    table = Table(title=title)
+    table.add_column("method")
+    for stage in STAGES:
+        table.add_column(f"{stage} s", justify="right")
+    for col in ("total s", "s/block", "GPU peak GiB", "host peak GiB", "ratio"):
+        table.add_column(col, justify="right")
+    for r in result["runs"]:
+        if "skipped" in r:
+            table.add_row(r["method"], *["-"] * (len(STAGES) + 4), r["skipped"])
+            continue
+        nb = max(len(r["blocks"]), 1)
+        per = sum(b["seconds"] for b in r["blocks"]) / nb
+        table.add_row(r["method"], *[_fmt(r["stages"][st]["seconds"]) for st in STAGES], _fmt(r["total_seconds"]),
+                      _fmt(per), _fmt(r["gpu_peak_gib"]), _fmt(r["host_peak_gib"]), f"{r['ratio_achieved']:.4f}")
+    console.print(table)
+    if per_block:
+        for r in result["runs"]:
+            if "skipped" in r:
+                continue
+            bt = Table(title=f"{r['method']} per block")
+            for col in ("block", "total s", "statistics s", "factorize s", "propagate s", "GPU peak GiB",
+                        "host peak GiB"):
+                bt.add_column(col, justify="right")
+            for b in r["blocks"]:
+                bt.add_row(str(b["block"]), _fmt(b["seconds"]), _fmt(b["statistics"]), _fmt(b["factorize"]),
+                           _fmt(b["propagate"]), _fmt(b["gpu_peak_gib"]), _fmt(b["host_peak_gib"]))
+            console.print(bt)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    settings = {"model": args.model or f"shape:{args.shape}" + (f" ({args.layers} layers)" if args.layers else ""),
+                "ratio": args.ratio, "rank_multiple": args.rank_multiple, "calib": args.calib,
+                "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
+                "device": str(device), "dtype": args.dtype if args.dtype != "auto" or args.model
+                else str(_dtype_for(args, device)).replace("torch.", ""),
+                "offload": args.offload, "lazy": args.lazy, "threads": thread_note(),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    runs = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if method not in REGISTRY:
+            runs.append({"method": method, "skipped": "not available in this build"})
+            continue
+        runs.append(run_method(args, method, device))
+    result = {"settings": settings, "runs": runs}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_tables(result, args.per_block)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RankwiseError as e:
+        raise SystemExit(f"error: {e}")
