@@ -1,0 +1,114 @@
+"""bench/speed.py and bench/infer.py run on CPU and report every stage; --rank-multiple keeps exact accounting."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import infer  # noqa: E402
+import speed  # noqa: E402
+from _shapes import SHAPES  # noqa: E402
+
+from compress.allocate import MatrixShape, summarize, uniform_ranks  # noqa: E402
+from compress.config import CompressConfig  # noqa: E402
+from compress.lowrank import LowRankLinear  # noqa: E402
+from compress.pipeline import compress_model, target_shapes  # noqa: E402
+from tiny import tiny_model  # noqa: E402
+
+
+def _run_json(module, argv, capsys) -> dict:
+    result = module.main([*argv, "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(result))  # what is printed is what main returns
+    return printed
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_speed_json_reports_every_stage_and_block(capsys, lazy):
+    methods = ["svd", "svd-llm", "no-such-method"]
+    argv = ["--shape", "tiny", "--layers", "3", "--nsamples", "4", "--seqlen", "16", "--batch-size", "2",
+            "--device", "cpu", "--methods", ",".join(methods)] + (["--lazy"] if lazy else [])
+    out = _run_json(speed, argv, capsys)
+    runs = {r["method"]: r for r in out["runs"]}
+    assert set(runs) == set(methods)
+    assert "skipped" in runs["no-such-method"]
+    for name in ("svd", "svd-llm"):
+        run = runs[name]
+        assert set(run["stages"]) == set(speed.STAGES)
+        assert all(run["stages"][s]["seconds"] >= 0 for s in speed.STAGES)
+        assert [b["block"] for b in run["blocks"]] == [0, 1, 2]
+        assert all(b["host_peak_gib"] > 0 for b in run["blocks"])
+        # the bench's timers sit inside the pipeline's own: they can only measure less (meta rounds to 1 ms)
+        for stage in ("statistics", "propagate"):
+            assert run["stages"][stage]["seconds"] <= run["pipeline_stage_seconds"][stage] + 1e-3
+        stage_sum = sum(run["stages"][s]["seconds"] for s in speed.STAGES)
+        assert stage_sum <= run["total_seconds"] + 1e-6
+        assert 0.4 <= run["ratio_achieved"] < 0.5
+
+
+def test_speed_runs_a_local_model_with_text_calibration(tiny_dirs, austen_file, capsys):
+    out = _run_json(speed, ["--model", str(tiny_dirs["llama"]), "--calib", f"text:{austen_file}",
+                            "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--methods", "asvd",
+                            "--no-save"], capsys)
+    (run,) = out["runs"]
+    assert len(run["blocks"]) == 2 and run["stages"]["save"]["seconds"] is None
+
+
+def test_infer_json_reports_prefill_and_decode(capsys):
+    out = _run_json(infer, ["--shape", "tiny", "--layers", "2", "--batch-sizes", "1,3", "--prompt-len", "8",
+                            "--new-tokens", "2", "--reps", "1", "--nsamples", "2", "--seqlen", "16",
+                            "--device", "cpu"], capsys)
+    assert [r["batch"] for r in out["rows"]] == [1, 3]
+    for r in out["rows"]:
+        for key in ("dense_prefill_tok_s", "compressed_prefill_tok_s", "dense_decode_tok_s",
+                    "compressed_decode_tok_s"):
+            assert r[key] > 0
+        assert r["decode_speedup"] == pytest.approx(r["compressed_decode_tok_s"] / r["dense_decode_tok_s"])
+    assert out["params"]["compressed"] < out["params"]["dense"]
+    assert out["params"]["factorized_layers"] == 7 * 2 - out["params"]["kept_dense"]
+
+
+def _one_step_slack(shapes: dict[str, MatrixShape], ranks: dict, multiple: int) -> float:
+    """Ratio a bump of every factorized matrix by one rank step would cost (the allocator's tolerance)."""
+    dense = sum(s.dense_params for s in shapes.values())
+    return sum(multiple * (s.out + s.inp) for n, s in shapes.items() if ranks[n] is not None) / dense
+
+
+def test_rank_multiple_8_end_to_end_exact_accounting():
+    model = tiny_model("llama", layers=2)
+    shapes = target_shapes(model)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(model="tiny", method="svd-llm", ratio=0.4, rank_multiple=8, nsamples=4, seqlen=16,
+                         device="cpu")
+    before = sum(p.numel() for p in model.parameters())
+    meta = compress_model(model, calib, cfg)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert layers and all(m.rank % 8 == 0 for m in layers.values())
+    assert {n: m["rank"] for n, m in meta["modules"].items()} == {n: m.rank for n, m in layers.items()}
+    # exact accounting: what the allocator promised is what the model lost
+    assert before - sum(p.numel() for p in model.parameters()) == \
+        meta["targeted_params_before"] - meta["targeted_params_after"]
+    ranks = {n: (meta["modules"][n]["rank"] if n in meta["modules"] else None) for n in shapes}
+    slack = _one_step_slack(shapes, ranks, 8)
+    assert 0.4 <= meta["ratio_achieved"] < 0.4 + slack
+
+
+@pytest.mark.parametrize("shape", ["135m", "1b", "7b"])
+@pytest.mark.parametrize("multiple", [8, 64])
+def test_rank_multiple_on_real_shapes(shape, multiple):
+    hidden, inter, heads, kv, layers, _ = SHAPES[shape]
+    kv_dim = hidden // heads * kv
+    one = {"q": (hidden, hidden), "k": (kv_dim, hidden), "v": (kv_dim, hidden), "o": (hidden, hidden),
+           "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    shapes = {f"{i}.{n}": MatrixShape(*s) for i in range(layers) for n, s in one.items()}
+    for ratio in (0.2, 0.4, 0.6):
+        ranks = uniform_ranks(shapes, ratio, multiple)
+        assert all(r % multiple == 0 for r in ranks.values() if r is not None)
+        achieved = summarize(shapes, ranks)["ratio_achieved"]
+        assert ratio <= achieved < ratio + _one_step_slack(shapes, ranks, multiple)
+
