@@ -54,34 +54,51 @@ def total_params(shapes: dict[str, MatrixShape], ranks: dict[str, int | None]) -
     return sum(s.params(ranks.get(n)) for n, s in shapes.items())
 
 
-def _ranks_at(shapes: dict[str, MatrixShape], keep: float, multiple: int) -> dict[str, int | None]:
+def matching_names(shapes: dict[str, MatrixShape], patterns) -> frozenset[str]:
+    """Names equal to a pattern or ending in "." + pattern ("k_proj" picks every block's k_proj)."""
+    found = {p: {n for n in shapes if n == p or n.endswith("." + p)} for p in patterns}
+    for p, names in found.items():
+        if not names:
+            raise RankwiseError(f"keep-dense pattern {p!r} matches no targeted matrix")
+    return frozenset().union(*found.values())
+
+
+def _ranks_at(shapes: dict[str, MatrixShape], keep: float, multiple: int,
+              keep_dense: frozenset[str] = frozenset()) -> dict[str, int | None]:
     out = {}
     for name, s in shapes.items():
+        if name in keep_dense:
+            out[name] = None
+            continue
         k = min(round_rank(keep * s.break_even, multiple), min(s.out, s.inp))
         out[name] = k if s.saves(k) else None
     return out
 
 
-def uniform_ranks(shapes: dict[str, MatrixShape], ratio: float, multiple: int = 1) -> dict[str, int | None]:
+def uniform_ranks(shapes: dict[str, MatrixShape], ratio: float, multiple: int = 1,
+                  keep_dense=()) -> dict[str, int | None]:
     """Every matrix keeps the same fraction f of its own break-even rank m n / (m + n), so each shape gets its
     own rank (q, k, v, o of a GQA model differ). f = 1 - ratio removes `ratio` of every matrix; when rounding
     or dense-kept matrices shift the total, f is re-solved by bisection so the total still hits `ratio`
     (removed >= target, over by less than one rank step per matrix). Returns name -> rank or None (dense).
+    `keep_dense` names matrices to leave dense whatever their rank (e.g. small ones that run slower
+    factorized, see bench/infer.py --layer-table): the others give up more so the total still hits `ratio`.
     """
+    keep_dense = matching_names(shapes, keep_dense)
     check_ratio(ratio)
     dense = sum(s.dense_params for s in shapes.values())
     budget = (1.0 - ratio) * dense
-    ranks = _ranks_at(shapes, 1.0 - ratio, multiple)
+    ranks = _ranks_at(shapes, 1.0 - ratio, multiple, keep_dense)
     if all(r is not None for r in ranks.values()) and multiple == 1:
         return ranks
     lo, hi = 0.0, 1.0  # kept params are monotone in f; find the largest f within budget
     for _ in range(60):
         mid = (lo + hi) / 2
-        if total_params(shapes, _ranks_at(shapes, mid, multiple)) <= budget:
+        if total_params(shapes, _ranks_at(shapes, mid, multiple, keep_dense)) <= budget:
             lo = mid
         else:
             hi = mid
-    ranks = _ranks_at(shapes, lo, multiple)
+    ranks = _ranks_at(shapes, lo, multiple, keep_dense)
     if total_params(shapes, ranks) > budget:
         raise RankwiseError(f"ratio {ratio} cannot be reached with rank multiple {multiple}: even the smallest "
                             f"ranks keep {total_params(shapes, ranks) / dense:.1%} of the parameters")

@@ -24,6 +24,8 @@ class CompressConfig(BaseModel):
     batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
     alpha: float = Field(0.5, gt=0, description="ASVD exponent on mean |x|")
     rank_multiple: int = Field(1, ge=1)
+    keep_dense: list[str] = Field(default_factory=list, description="Linears left dense (name or suffix, e.g. "
+                                  "k_proj): the others make up the ratio")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: str = "auto"
     offload: bool = Field(False, description="keep calibration activations and statistics on CPU")

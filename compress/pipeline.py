@@ -63,7 +63,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     params_before = count_params(model)
     prefix, blocks = find_decoder_blocks(model)
     shapes = target_shapes(model)
-    ranks = uniform_ranks(shapes, cfg.ratio, cfg.rank_multiple)
+    ranks = uniform_ranks(shapes, cfg.ratio, cfg.rank_multiple, cfg.keep_dense)
     times = StageTimes()
 
     t0 = time.perf_counter()

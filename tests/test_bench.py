@@ -14,6 +14,7 @@ import infer  # noqa: E402
 import speed  # noqa: E402
 from _shapes import SHAPES  # noqa: E402
 
+from calib.errors import RankwiseError  # noqa: E402
 from compress.allocate import MatrixShape, summarize, uniform_ranks  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
 from compress.lowrank import LowRankLinear  # noqa: E402
@@ -112,3 +113,38 @@ def test_rank_multiple_on_real_shapes(shape, multiple):
         achieved = summarize(shapes, ranks)["ratio_achieved"]
         assert ratio <= achieved < ratio + _one_step_slack(shapes, ranks, multiple)
 
+
+
+def test_keep_dense_option_exact_accounting():
+    hidden, inter, heads, kv, layers, _ = SHAPES["1b"]
+    kv_dim = hidden // heads * kv
+    one = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_dim, hidden),
+           "self_attn.v_proj": (kv_dim, hidden), "mlp.down_proj": (hidden, inter)}
+    shapes = {f"layers.{i}.{n}": MatrixShape(*s) for i in range(layers) for n, s in one.items()}
+    ranks = uniform_ranks(shapes, 0.4, 64, keep_dense=["k_proj", "self_attn.v_proj"])
+    dense_names = {n for n in shapes if n.endswith(("k_proj", "v_proj"))}
+    summary = summarize(shapes, ranks)
+    assert set(summary["kept_dense"]) == dense_names
+    assert all(r is not None and r % 64 == 0 for n, r in ranks.items() if n not in dense_names)
+    assert 0.4 <= summary["ratio_achieved"] < 0.4 + _one_step_slack(shapes, ranks, 64)
+    # the others give up more than without the option
+    plain = uniform_ranks(shapes, 0.4, 64)
+    assert ranks["layers.0.mlp.down_proj"] < plain["layers.0.mlp.down_proj"]
+    with pytest.raises(RankwiseError, match="no_such_proj"):
+        uniform_ranks(shapes, 0.4, 64, keep_dense=["no_such_proj"])
+
+
+def test_keep_dense_end_to_end():
+    model = tiny_model("llama", layers=2)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(model="tiny", method="svd", ratio=0.3, keep_dense=["k_proj"], nsamples=4, seqlen=16,
+                         device="cpu")
+    before = sum(p.numel() for p in model.parameters())
+    meta = compress_model(model, calib, cfg)
+    assert all(isinstance(layer.self_attn.k_proj, torch.nn.Linear) for layer in model.model.layers)
+    assert all(isinstance(layer.self_attn.q_proj, LowRankLinear) for layer in model.model.layers)
+    assert [n for n in meta["kept_dense"] if n.endswith("k_proj")] == ["model.layers.0.self_attn.k_proj",
+                                                                       "model.layers.1.self_attn.k_proj"]
+    assert before - sum(p.numel() for p in model.parameters()) == \
+        meta["targeted_params_before"] - meta["targeted_params_after"]
+    assert meta["ratio_achieved"] >= 0.3
