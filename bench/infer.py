@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--rank-multiple", type=int, default=1)
+    p.add_argument("--keep-dense", default="", help="comma-separated Linear names/suffixes left dense")
+    p.add_argument("--layer-table", action="store_true",
+                   help="also time every distinct (shape, rank) alone: dense vs factorized")
     p.add_argument("--calib", default="random", help="'random' token ids or a calibration source")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
@@ -114,11 +117,45 @@ def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, device, reps:
 
 def measure(model, vocab: int, args, device) -> dict:
     out = {}
-    for bs in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
+    for bs in _batches(args):
         ids = random_ids(vocab, bs, args.prompt_len, args.seed + 1).to(device)
         out[bs] = {"prefill_tok_s": prefill_tokens_per_s(model, ids, device, args.reps),
                    "decode_tok_s": decode_tokens_per_s(model, ids, args.new_tokens, device, args.reps)}
     return out
+
+
+@torch.no_grad()
+def layer_table(compressed, args, device) -> list[dict]:
+    """Each distinct factorized (out, in, rank) timed alone against a dense Linear of the same shape, at
+    decode (batch tokens) and prefill (batch x prompt_len tokens) sizes. Where factorized is slower, the
+    allocator can keep that Linear dense (--keep-dense) or round ranks up to GPU-friendly multiples."""
+    dtype = next(compressed.parameters()).dtype
+    groups: dict[tuple, list[str]] = {}
+    for name, m in compressed.named_modules():
+        if isinstance(m, LowRankLinear):
+            suffix = ".".join(name.split(".")[-2:])
+            groups.setdefault((m.out_features, m.in_features, m.rank), [])
+            if suffix not in groups[(m.out_features, m.in_features, m.rank)]:
+                groups[(m.out_features, m.in_features, m.rank)].append(suffix)
+    rows = []
+    for (out, inp, rank), names in sorted(groups.items()):
+        dense = torch.nn.Linear(inp, out, bias=False, device=device, dtype=dtype)
+        low = LowRankLinear(inp, out, rank, bias=False, device=device, dtype=dtype)
+        row = {"layers": names, "out": out, "in": inp, "rank": rank}
+        for label, tokens in [(f"b{b}", b) for b in _batches(args)] + [("prefill", max(_batches(args))
+                                                                         * args.prompt_len)]:
+            x = torch.randn(tokens, inp, device=device, dtype=dtype)
+            reps = 20  # one call is microseconds: time a loop
+            t_dense = _median_seconds(lambda: [dense(x) for _ in range(reps)], device, args.reps) / reps
+            t_low = _median_seconds(lambda: [low(x) for _ in range(reps)], device, args.reps) / reps
+            row[f"{label}_dense_us"], row[f"{label}_factorized_us"] = t_dense * 1e6, t_low * 1e6
+            row[f"{label}_speedup"] = t_dense / t_low
+        rows.append(row)
+    return rows
+
+
+def _batches(args) -> list[int]:
+    return [int(b) for b in args.batch_sizes.split(",") if b.strip()]
 
 
 def build_models(args, device):
@@ -140,7 +177,8 @@ def build_models(args, device):
         calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
         cfg = CompressConfig(model=args.model or f"shape:{args.shape}", method=args.method, ratio=args.ratio,
                              calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                             rank_multiple=args.rank_multiple, device=args.device)
+                             rank_multiple=args.rank_multiple, device=args.device,
+                             keep_dense=[n.strip() for n in args.keep_dense.split(",") if n.strip()])
         meta = compress_model(compressed, calib, cfg)
     dtype = next(dense.parameters()).dtype  # compare like with like
     return dense.to(device).eval(), compressed.to(device, dtype).eval(), meta
@@ -174,6 +212,10 @@ def main(argv=None) -> dict:
                          "compressed": sum(p.numel() for p in compressed.parameters()),
                          "factorized_layers": factorized, "kept_dense": len(meta.get("kept_dense", []))},
               "rows": rows}
+    if args.layer_table:
+        result["layers"] = layer_table(compressed, args, device)
+        result["slower_factorized_at_batch1"] = sorted(
+            {n for r in result["layers"] if r[f"b{_batches(args)[0]}_speedup"] < 1 for n in r["layers"]})
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -195,7 +237,21 @@ def print_table(result: dict) -> None:
         table.add_row(str(r["batch"]), f"{r['dense_prefill_tok_s']:.1f}", f"{r['compressed_prefill_tok_s']:.1f}",
                       f"{r['prefill_speedup']:.2f}x", f"{r['dense_decode_tok_s']:.1f}",
                       f"{r['compressed_decode_tok_s']:.1f}", f"{r['decode_speedup']:.2f}x")
-    Console(width=None if Console().is_terminal else 200).print(table)
+    console = Console(width=None if Console().is_terminal else 200)
+    console.print(table)
+    if "layers" not in result:
+        return
+    lt = Table(title="distinct factorized shapes alone (microseconds per call; speedup = dense / factorized)")
+    keys = [k[:-len("_speedup")] for k in result["layers"][0] if k.endswith("_speedup")]
+    for col in ["layers", "out x in", "rank"] + [f"{k} dense / fact. / speedup" for k in keys]:
+        lt.add_column(col, justify="right")
+    for r in result["layers"]:
+        lt.add_row(", ".join(r["layers"]), f"{r['out']} x {r['in']}", str(r["rank"]),
+                   *[f"{r[k + '_dense_us']:.1f} / {r[k + '_factorized_us']:.1f} / {r[k + '_speedup']:.2f}x"
+                     for k in keys])
+    console.print(lt)
+    console.print(f"slower factorized at batch {result['rows'][0]['batch']}: "
+                  f"{', '.join(result['slower_factorized_at_batch1']) or 'none'}")
 
 
 if __name__ == "__main__":

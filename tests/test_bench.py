@@ -63,7 +63,7 @@ def test_speed_runs_a_local_model_with_text_calibration(tiny_dirs, austen_file, 
 def test_infer_json_reports_prefill_and_decode(capsys):
     out = _run_json(infer, ["--shape", "tiny", "--layers", "2", "--batch-sizes", "1,3", "--prompt-len", "8",
                             "--new-tokens", "2", "--reps", "1", "--nsamples", "2", "--seqlen", "16",
-                            "--device", "cpu"], capsys)
+                            "--device", "cpu", "--layer-table", "--keep-dense", "k_proj"], capsys)
     assert [r["batch"] for r in out["rows"]] == [1, 3]
     for r in out["rows"]:
         for key in ("dense_prefill_tok_s", "compressed_prefill_tok_s", "dense_decode_tok_s",
@@ -72,6 +72,12 @@ def test_infer_json_reports_prefill_and_decode(capsys):
         assert r["decode_speedup"] == pytest.approx(r["compressed_decode_tok_s"] / r["dense_decode_tok_s"])
     assert out["params"]["compressed"] < out["params"]["dense"]
     assert out["params"]["factorized_layers"] == 7 * 2 - out["params"]["kept_dense"]
+    assert out["params"]["kept_dense"] >= 2  # both k_proj
+    timed = {n for r in out["layers"] for n in r["layers"]}
+    assert timed == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                     "mlp.down_proj"}
+    assert set(out["slower_factorized_at_batch1"]) <= timed
+    assert all(r["b1_dense_us"] > 0 and r["prefill_factorized_us"] > 0 for r in out["layers"])
 
 
 def _one_step_slack(shapes: dict[str, MatrixShape], ranks: dict, multiple: int) -> float:
