@@ -2,6 +2,7 @@
 
     python bench/speed.py --shape 7b --methods svd-llm --nsamples 256 --seqlen 2048     # on a GPU
     python bench/speed.py --shape 1b --layers 2 --nsamples 8 --seqlen 256 --threads 2   # on CPU
+    python bench/speed.py --shape 70b --lazy --no-save --methods svd-llm --nsamples 256 --seqlen 2048
     python bench/speed.py --model /path/to/smollm2-135m --calib text:wiki.txt --json
 
 Stages: capture (calibration forward up to block 0), statistics (per-Linear input statistics), factorize
@@ -12,7 +13,8 @@ pipeline itself is timed unmodified. Memory: peak GPU allocation (torch) and pea
 every stage window (host via /proc/self/clear_refs on Linux).
 
 A model given by --shape has random weights; with --lazy its blocks are created one at a time just before the
-pipeline reaches them (a 70B shape then never holds its dense weights in host memory all at once).
+pipeline reaches them (a 70B shape then never holds its dense weights in host memory all at once; its
+compressed blocks still accumulate on the host, and --no-save avoids writing ~80 GB to disk).
 """
 from __future__ import annotations
 
@@ -150,6 +152,7 @@ def build(args, device):
 
 def run_method(args, method: str, device: torch.device) -> dict:
     model, tokenizer, mat, desc = build(args, device)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     vocab = model.get_input_embeddings().weight.shape[0]
     calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
     cfg = CompressConfig(model=desc, method=method, ratio=args.ratio, calib=args.calib, nsamples=args.nsamples,
@@ -179,7 +182,7 @@ def run_method(args, method: str, device: torch.device) -> dict:
               "save": save}
     total = compress_seconds + (save["seconds"] or 0.0)
     del model
-    return {"method": method, "model": desc, "blocks": rec.blocks, "stages": stages,
+    return {"method": method, "model": desc, "dtype": dtype, "blocks": rec.blocks, "stages": stages,
             "total_seconds": total,
             "gpu_peak_gib": _max(s.get("gpu_peak_gib") for s in stages.values()),
             "host_peak_gib": _max(s.get("host_peak_gib") for s in stages.values()),
@@ -196,13 +199,17 @@ def _fmt(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def runs_dtype(result: dict) -> str:
+    return ",".join(sorted({r["dtype"] for r in result["runs"] if "dtype" in r})) or result["settings"]["dtype"]
+
+
 def print_tables(result: dict, per_block: bool) -> None:
     from rich.console import Console
     from rich.table import Table
     console = Console(width=None if Console().is_terminal else 200)  # no wrapping when piped to a file
     s = result["settings"]
     title = (f"{s['model']}  ratio {s['ratio']}  calib {s['calib']} {s['nsamples']}x{s['seqlen']}  "
-             f"device {s['device']} {s['dtype']}  ({s['threads']})")
+             f"device {s['device']} {runs_dtype(result)}  ({s['threads']})")
     table = Table(title=title)
     table.add_column("method")
     for stage in STAGES:
@@ -240,8 +247,7 @@ def main(argv=None) -> dict:
     settings = {"model": args.model or f"shape:{args.shape}" + (f" ({args.layers} layers)" if args.layers else ""),
                 "ratio": args.ratio, "rank_multiple": args.rank_multiple, "calib": args.calib,
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
-                "device": str(device), "dtype": args.dtype if args.dtype != "auto" or args.model
-                else str(_dtype_for(args, device)).replace("torch.", ""),
+                "device": str(device), "dtype": args.dtype,
                 "offload": args.offload, "lazy": args.lazy, "threads": thread_note(),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     runs = []
