@@ -105,9 +105,9 @@ def test_rank_multiple_8_end_to_end_exact_accounting():
     assert 0.4 <= meta["ratio_achieved"] < 0.4 + slack
 
 
-@pytest.mark.parametrize("shape", ["135m", "1b", "7b"])
-@pytest.mark.parametrize("multiple", [8, 64])
-def test_rank_multiple_on_real_shapes(shape, multiple):
+@pytest.mark.parametrize("shape", ["135m", "7b"])
+def test_rank_multiple_64_on_real_shapes(shape, multiple=64):
+    """GPU-friendly rounding on real shapes (test_allocate covers multiple 8 on a tiny model)."""
     hidden, inter, heads, kv, layers, _ = SHAPES[shape]
     kv_dim = hidden // heads * kv
     one = {"q": (hidden, hidden), "k": (kv_dim, hidden), "v": (kv_dim, hidden), "o": (hidden, hidden),
