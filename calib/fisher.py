@@ -34,7 +34,18 @@ def row_fisher(model: nn.Module, input_ids: torch.Tensor, weights: dict[str, tor
             p.grad = None  # free at once: never hold the whole model's gradients
         return hook
 
-    had_ckpt = getattr(model, "is_gradient_checkpointing", False)
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; accept either
+    if hasattr(model, "activation_checkpointing_enable"):
+        def enable():
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        def enable():
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable = None
+    disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
+    had_ckpt = getattr(model, "is_activation_checkpointing", None)
+    had_ckpt = had_ckpt if had_ckpt is not None else getattr(model, "is_gradient_checkpointing", False)
     try:
         model.to(device)
         for p in model.parameters():
@@ -42,8 +53,8 @@ def row_fisher(model: nn.Module, input_ids: torch.Tensor, weights: dict[str, tor
         for name, w in weights.items():
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(hook_for(name)))
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if enable is not None:
+            enable()
         model.train()  # transformers checkpoints only in training mode (LLM dropout is 0)
         for i in range(input_ids.shape[0]):
             ids = input_ids[i:i + 1].to(device)
@@ -56,8 +67,8 @@ def row_fisher(model: nn.Module, input_ids: torch.Tensor, weights: dict[str, tor
         for h in handles:
             h.remove()
         model.eval()
-        if not had_ckpt and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
+        if not had_ckpt and disable is not None:
+            disable()
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = None
