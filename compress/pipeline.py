@@ -180,9 +180,14 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
                 weight = dense_weight(lin).to(device)
                 if fisher is not None:
                     stats.fisher = fisher[full]
-                B, A = method.decompose(weight, stats).factors(rank)
                 if cfg.refit:
+                    # Decompose W G C^-1 (the dense layer re-expressed on compressed inputs): for SVD-LLM the
+                    # truncation is then the exact rank-k optimum of E||W' x_c - W x_d||; B is re-solved last.
+                    target = target_weight(weight, stats, cfg.refit_damp).to(weight.dtype)
+                    B, A = method.decompose(target, stats).factors(rank)
                     B = refit_b(weight, A, stats, cfg.refit_damp)
+                else:
+                    B, A = method.decompose(weight, stats).factors(rank)
                 new = LowRankLinear.from_factors(B, A, getattr(lin, "bias", None), dtype=lin.weight.dtype)
                 lora_rank = 0
                 if cfg.compensate == "eora":
