@@ -141,9 +141,9 @@ def _call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) ->
 class LinearStats:
     """Running statistics of one Linear's input x (n features), accumulated over calibration tokens.
 
-    xtx: sum of x x^T (SVD-LLM / EoRA covariance), abs_sum: sum of |x| (ASVD). Accumulated in float64 so
-    long calibration runs do not lose precision; each batch's product is formed in float32 on an
-    accelerator (fast) and in float64 on CPU.
+    xtx: sum of x x^T (SVD-LLM / EoRA covariance), abs_sum: sum of |x| (ASVD). Each batch's product is
+    formed in float32 (fast; a batch is a few thousand tokens) and accumulated in float64, so long
+    calibration runs do not lose precision. float64 inputs (tests) stay float64.
     """
 
     def __init__(self, n: int, want_xtx: bool, want_abs: bool, device):
@@ -154,7 +154,7 @@ class LinearStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.n)
-        x = x.double() if x.device.type == "cpu" else x.float()
+        x = x if x.dtype == torch.float64 else x.float()
         if self.xtx is not None:
             self.xtx += (x.T @ x).to(self.xtx.device, torch.float64)
         if self.abs_sum is not None:

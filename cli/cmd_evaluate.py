@@ -1,56 +1,82 @@
-"""`compress evaluate`: perplexity (and zero-shot) of any loadable model, JSON results."""
+"""`compress evaluate`: token perplexity suites and lm-eval zero-shot tasks of any loadable model, JSON results."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from calib.errors import RankwiseError
-from cli.common import Bars, _json_default, app, out_console, user_errors
+from cli.common import Bars, app, out_console, user_errors
+
+# lm-eval's and datasets' own tqdm bars (ours are the rich ones); tqdm reads this when first imported
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def _split(value: Optional[str]) -> list[str]:
+    return [s.strip() for s in (value or "").split(",") if s.strip()]
 
 
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    checkpoint: str = typer.Argument(..., help="Rankwise checkpoint, dense local folder or hub id."),
-    ppl: str = typer.Option("wikitext2", help="Comma-separated perplexity sources: wikitext2, c4, ptb, text:PATH, "
-                                              "jsonl:PATH[:field] (test split for hub sets)."),
-    seqlen: int = typer.Option(2048, help="Window length in tokens (papers: 2048)."),
-    max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows (quick runs); "
-                                                         "default all."),
-    bos: bool = typer.Option(False, help="Start every window with BOS (Gemma needs it)."),
-    batch_size: int = typer.Option(1, help="Windows per forward pass."),
+    checkpoint: str = typer.Argument(..., help="Rankwise checkpoint, dense local folder, hub id or .gguf file."),
+    ppl: Optional[str] = typer.Option(None, help="Comma-separated token-perplexity sources: wikitext2, c4, ptb, "
+                                                 "text:PATH, jsonl:PATH[:field] (test split for hub sets). "
+                                                 "Default wikitext2 when no --tasks."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-eval tasks: names (arc_easy, hellaswag, "
+                                                   "piqa, winogrande; data from the hub), local task names in "
+                                                   "configs/tasks (austen_mc) or paths to task YAMLs."),
+    seqlen: Optional[int] = typer.Option(None, help="Perplexity window length in tokens (default 2048, "
+                                                    "papers' protocol)."),
+    max_windows: Optional[int] = typer.Option(None, help="Score only the first N ppl windows (quick runs)."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N examples of each task (quick runs)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per task (default 0: zero-shot)."),
+    bos: bool = typer.Option(False, help="Start every ppl window / lm-eval request with BOS (Gemma needs it)."),
+    batch_size: str = typer.Option("1", help="Windows / requests per forward pass, or 'auto' (lm-eval's search)."),
     dtype: str = typer.Option("auto", help="auto, fp32, fp16, bf16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    device: str = typer.Option("auto", help="auto (cuda when present), cpu, cuda, cuda:N."),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside CHECKPOINT (folder or hub repo)."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own modeling code from the hub."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON here (+ Markdown beside "
+                                                                  "it, same name .md)."),
+    baseline: Optional[Path] = typer.Option(None, help="A previous run's JSON (e.g. the dense model): adds delta "
+                                                       "columns; with no --ppl/--tasks, repeats its evaluations."),
 ):
-    """Token perplexity by the papers' protocol: concatenated text, non-overlapping windows, mean token NLL."""
-    from eval.evaluate import evaluate_ppl
-    sources = [s.strip() for s in ppl.split(",") if s.strip()]
-    if not sources:
+    """Token perplexity by the papers' protocol and lm-eval zero-shot accuracy, one JSON + Markdown per run."""
+    from eval.evaluate import evaluate_model
+    from eval.results import add_deltas, load_baseline, markdown, write_results
+    if json_path is not None and json_path.suffix == ".md":
+        raise RankwiseError(f"--json {str(json_path)!r} ends in .md; the Markdown table is written beside the JSON")
+    sources, task_list = _split(ppl), _split(tasks)
+    if ppl is not None and not sources:
         raise RankwiseError("--ppl needs at least one source")
-    if batch_size < 1:
-        raise RankwiseError(f"--batch-size must be at least 1, got {batch_size}")
+    if tasks is not None and not task_list:
+        raise RankwiseError("--tasks needs at least one task")
+    if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
+        raise RankwiseError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
+    base = load_baseline(baseline) if baseline else None
+    if base is not None and not sources and not task_list:  # compare like with like: repeat the baseline's run
+        s = base.get("settings", {})
+        sources = list(base["ppl"])
+        # a task run from a YAML path is repeated from that path (its `source`), a hub task by name
+        task_list = list(dict.fromkeys(r.get("source") if r.get("source") not in (None, "lm-eval") else name
+                                       for name, r in base["tasks"].items()))
+        seqlen = seqlen or s.get("seqlen")
+        max_windows = max_windows if max_windows is not None else s.get("max_windows")
+        limit = limit if limit is not None else s.get("limit")
+        bos = bos or bool(s.get("bos"))
+    elif not sources and not task_list:
+        sources = ["wikitext2"]
     with Bars() as bars:
-        result = evaluate_ppl(checkpoint, sources, seqlen, dtype, device, batch_size, bos, max_windows,
-                              trust_remote_code, progress=bars)
-    t = Table(title=f"perplexity of {checkpoint} (seqlen {seqlen})")
-    for col in ("source", "ppl", "windows", "non-finite", "tokens/s"):
-        t.add_column(col, justify="right" if col != "source" else "left")
-    for source, r in result["ppl"].items():
-        t.add_row(source, f"{r['ppl']:.4f}", str(r["windows"]), str(r["nonfinite_windows"]),
-                  f"{r['tokens_per_second']:.0f}")
-    out_console.print(t)
+        result = evaluate_model(checkpoint, sources, task_list, seqlen or 2048, max_windows, limit,
+                                batch_size if batch_size == "auto" else int(batch_size), dtype, device, bos,
+                                trust_remote_code, progress=bars, gguf_file=gguf_file, num_fewshot=num_fewshot)
+    if base is not None:
+        add_deltas(result, base, baseline)
+    out_console.print(markdown(result), markup=False, highlight=False)
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-        os.replace(tmp, json_path)
-        out_console.print(f"wrote {json_path}")
-
-
+        j, m = write_results(result, json_path)
+        out_console.print(f"wrote {j} and {m}", markup=False, highlight=False)

@@ -35,10 +35,9 @@ def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
     return device, config
 
 
-def run_compress(cfg: CompressConfig, output: str | Path, overwrite: bool = False,
-                 progress: Progress | None = None) -> dict:
+def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Progress | None = None):
+    """Load, calibrate and compress; returns (model, tokenizer, meta) without writing anything."""
     t_start = time.perf_counter()
-    device, _ = validate_job(cfg, output, overwrite)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
@@ -51,6 +50,14 @@ def run_compress(cfg: CompressConfig, output: str | Path, overwrite: bool = Fals
     meta["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     meta["compress_seconds"] = round(time.perf_counter() - t_start, 2)
     meta.update(peak_memory(device))
+    return model, tokenizer, meta
+
+
+def run_compress(cfg: CompressConfig, output: str | Path, overwrite: bool = False,
+                 progress: Progress | None = None) -> dict:
+    t_start = time.perf_counter()
+    device, _ = validate_job(cfg, output, overwrite)
+    model, tokenizer, meta = compress_in_memory(cfg, device, progress)
     t0 = time.perf_counter()
     save_checkpoint(model, tokenizer, output, meta, overwrite)
     meta["save_seconds"] = round(time.perf_counter() - t0, 2)

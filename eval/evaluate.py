@@ -1,13 +1,16 @@
-"""Evaluate a model (hub id, dense folder or Rankwise checkpoint) on perplexity suites; JSON results."""
+"""Evaluate a model (hub id, dense folder, Rankwise checkpoint or GGUF) on perplexity suites and lm-eval tasks."""
 from __future__ import annotations
 
+import os
+import platform
 import time
 
+import torch
 
 from calib.data import load_text, tokenize, validate_source
 from calib.errors import RankwiseError
-from compress.checkpoint import read_meta
-from compress.loading import load_config, load_model, max_context, resolve_device
+from compress.checkpoint import package_versions, read_meta
+from compress.loading import load_config, load_model, max_context, resolve_device, resolve_dtype
 from eval.ppl import perplexity
 
 
@@ -45,15 +48,89 @@ def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: 
     }
 
 
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = package_versions()
+    for name in ("lm_eval", "datasets", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_for_eval(model_ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+                  gguf_file: str | None = None):
+    """(model, tokenizer, config) on the device: our loader, or transformers' GGUF path for a `.gguf` file
+    (`model_ref` = the file itself, or a folder / hub id with `gguf_file` naming the file in it)."""
+    if gguf_file is None and model_ref.endswith(".gguf"):
+        if not os.path.isfile(model_ref):
+            raise RankwiseError(f"GGUF file {model_ref!r} does not exist")
+        model_ref, gguf_file = os.path.dirname(os.path.abspath(model_ref)), os.path.basename(model_ref)
+    if gguf_file is None:
+        return load_model(model_ref, dtype, device, trust_remote_code)
+    import transformers
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:  # transformers dequantizes GGUF weights to torch tensors (fp32 unless a dtype is given)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_ref, gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_ref, gguf_file=gguf_file, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
+            device_map=str(dev))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RankwiseError(f"cannot load GGUF {gguf_file!r} from {model_ref!r}: {first[:300]}") from None
+    model.eval()
+    return model, tokenizer, model.config
+
+
 def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), seqlen: int = 2048,
                    max_windows: int | None = None, limit: int | None = None, batch_size: int | str = 1,
                    dtype: str = "auto", device: str = "auto", bos: bool = False, trust_remote_code: bool = False,
-                   progress=None) -> dict:
-    """All evaluations of one model in one result dict: {"model", "rankwise", "ppl": {source: {...}},
-    "tasks": {task: {metric: value, metric_stderr: value}}, "settings", "wall_seconds", ...}."""
+                   progress=None, gguf_file: str | None = None, num_fewshot: int | None = None,
+                   bootstrap_iters: int = 1000) -> dict:
+    """All evaluations of one model, loaded once, in one result dict: {"model", "rankwise", "ppl": {source:
+    {...}}, "tasks": {task: {metric: value, metric_stderr: value, requests_per_second, ...}}, "settings",
+    "versions", "wall_seconds", ...}. Bad input fails before the model is loaded."""
+    t_start = time.perf_counter()
+    ppl, tasks = list(ppl), list(tasks)
+    if not ppl and not tasks:
+        raise RankwiseError("nothing to evaluate: give at least one perplexity source or task")
+    if limit is not None and limit < 1:
+        raise RankwiseError(f"--limit must be at least 1, got {limit}")
+    if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
+        raise RankwiseError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
+    if max_windows is not None and max_windows < 1:
+        raise RankwiseError(f"--max-windows must be at least 1, got {max_windows}")
+    for s in ppl:
+        validate_source(s)
+    if gguf_file is None and not model_ref.endswith(".gguf"):
+        load_config(model_ref, trust_remote_code)  # missing path / unknown id: fail before anything heavy
+    task_set = prepared = None
+    if tasks:  # unknown tasks and unreachable task data fail here, before the model is loaded
+        from eval.zeroshot import TaskSet
+        task_set = TaskSet()
+        prepared = task_set.prepare(tasks)
+    loaded = load_for_eval(model_ref, dtype, device, trust_remote_code, gguf_file)
+    model, tokenizer, _ = loaded
+    dev = next(model.parameters()).device
+    result = {"model": model_ref, "gguf_file": gguf_file, "rankwise": read_meta(model_ref),
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
+              "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+              or platform.machine(),
+              "parameters": sum(p.numel() for p in model.parameters()), "ppl": {}, "tasks": {}}
+    if ppl:  # "auto" means lm-eval's batch-size search; ppl windows are all the same length, 1 is safe
+        ppl_batch = 1 if batch_size == "auto" else int(batch_size)
+        result["ppl"] = evaluate_ppl(model_ref, ppl, seqlen, dtype, str(dev), ppl_batch, bos, max_windows,
+                                     trust_remote_code, progress, loaded=loaded)["ppl"]
     if tasks:
-        raise RankwiseError("zero-shot tasks are not supported yet")
-    result = evaluate_ppl(model_ref, list(ppl), seqlen, dtype, device, 1 if batch_size == "auto" else int(batch_size),
-                          bos, max_windows, trust_remote_code, progress)
-    result["tasks"] = {}
+        from eval.zeroshot import run_tasks
+        result["tasks"] = run_tasks(model, tokenizer, prepared, limit,
+                                    batch_size if batch_size == "auto" else int(batch_size), bos, num_fewshot,
+                                    bootstrap_iters, task_set, progress)
+    result["settings"] = {"ppl": ppl, "tasks": tasks, "seqlen": seqlen, "max_windows": max_windows,
+                          "limit": limit, "batch_size": batch_size, "bos": bos, "num_fewshot": num_fewshot or 0,
+                          "bootstrap_iters": bootstrap_iters, "dtype": dtype, "device": device}
+    result["versions"] = _versions()
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     return result

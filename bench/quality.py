@@ -1,0 +1,98 @@
+"""Quality benchmark (not a test): perplexity of SmolLM2-135M compressed by each method, vs its dense self.
+
+Protocol (issue 2 / 3): calibration 32 x 512 tokens of wiki_calib.txt (seed 0), perplexity on the first
+64 non-overlapping 512-token windows of wiki_eval.txt. Assets from ../shared/assets/prepare.py.
+
+    python bench/quality.py [--rows svd,svd-llm] [--ratios 0.2,0.4] [--threads 1] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calib.data import load_text, tokenize  # noqa: E402
+from compress.config import CompressConfig  # noqa: E402
+from compress.job import compress_in_memory, peak_memory  # noqa: E402
+from compress.loading import load_model  # noqa: E402
+from eval.ppl import perplexity  # noqa: E402
+
+ASSETS = Path(os.environ.get("RANKWISE_ASSETS", Path.home() / ".cache" / "rankwise-assets"))
+
+# name -> CompressConfig options (beyond model / ratio / calibration). Add a row by adding a line.
+ROWS = {
+    "svd": {"method": "svd"},
+    "asvd": {"method": "asvd"},
+    "svd-llm": {"method": "svd-llm"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ASSETS / "smollm2-135m"))
+    ap.add_argument("--calib", default=f"text:{ASSETS / 'text' / 'wiki_calib.txt'}")
+    ap.add_argument("--eval", default=f"text:{ASSETS / 'text' / 'wiki_eval.txt'}")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    ap.add_argument("--ratios", default="0.2,0.4")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+
+    model, tokenizer, _ = load_model(args.model, "auto", args.device)
+    device = next(model.parameters()).device
+    ids = tokenize(tokenizer, load_text(args.eval, "test"))
+
+    def ppl_of(m) -> float:
+        return perplexity(m, ids, args.seqlen, device, max_windows=args.windows)["ppl"]
+
+    dense = ppl_of(model)
+    del model
+    results = [{"row": "dense", "ratio": 0.0, "ppl": dense, "rel": 1.0, "achieved": 0.0, "seconds": 0.0}]
+    print(f"dense ppl {dense:.3f}  (threads {torch.get_num_threads()}, device {device})", flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for row in rows:
+            cfg = CompressConfig(model=args.model, ratio=ratio, calib=args.calib, nsamples=args.nsamples,
+                                 seqlen=args.seqlen, device=args.device, **ROWS[row])
+            t0 = time.perf_counter()
+            m, _, meta = compress_in_memory(cfg, torch.device(device))
+            seconds = time.perf_counter() - t0
+            m.to(device)
+            p = ppl_of(m)
+            res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "achieved": meta["ratio_achieved"],
+                   "achieved_without_compensation": meta.get("ratio_achieved_without_compensation",
+                                                             meta["ratio_achieved"]),
+                   "seconds": round(seconds, 1), **peak_memory(torch.device(device))}
+            results.append(res)
+            print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), achieved "
+                  f"{meta['ratio_achieved']:.4f}, {seconds:.0f} s", flush=True)
+            del m
+
+    print()
+    print("| pipeline | ratio asked | ratio achieved (w/o compensation) | ppl | ppl / dense | time (s) | peak host GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['row']} | {r['ratio']:.2f} | {r['achieved']:.4f} ({r.get('achieved_without_compensation', 0):.4f})"
+              f" | {r['ppl']:.3f} | {r['rel']:.2f} | {r['seconds']} | {r.get('host_peak_gib', '')} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Zero-shot tasks through lm-eval on the model already in memory (no second load, no hand-written scorer).
+
+A task spec is an lm-eval task name (`arc_easy`, `hellaswag`: data from the hub), the name of a task YAML
+in configs/tasks/ (`austen_mc`), or a path to a task YAML anywhere. Local YAMLs may point `data_files` at
+files relative to themselves; we resolve those against the YAML's folder before lm-eval sees the config,
+so a task works from any working directory and offline (the `json` builder needs no network).
+
+Indexing all of lm-eval's ~15k built-in task YAMLs takes tens of seconds, so it happens only when a spec is
+not a local task.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from calib.errors import RankwiseError
+
+LOCAL_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+LOCAL_HELP = ("use a local task instead: a YAML with `dataset_path: json` and `dataset_kwargs: {data_files: "
+              "...}` (see configs/tasks/austen_mc.yaml), passed as --tasks PATH.yaml")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _quiet_lm_eval():
+    # lm-eval logs every request batch and task at INFO/WARNING; our CLI shows its own progress and messages
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _absolute_data_files(data_files, base: Path, task: str):
+    """data_files (str | list | {split: str | list}) with relative paths made relative to `base`."""
+    if isinstance(data_files, dict):
+        return {k: _absolute_data_files(v, base, task) for k, v in data_files.items()}
+    if isinstance(data_files, (list, tuple)):
+        return [_absolute_data_files(v, base, task) for v in data_files]
+    path = str(data_files)
+    if "://" in path or os.path.isabs(path):
+        resolved = path
+    else:
+        resolved = str((base / path).resolve())
+    if "://" not in resolved and not any(c in resolved for c in "*?[") and not os.path.exists(resolved):
+        raise RankwiseError(f"task {task!r}: data file {resolved!r} does not exist")
+    return resolved
+
+
+def load_local_task_config(yaml_path: str | Path) -> dict:
+    """A task YAML as lm-eval's config dict, with its data files made absolute."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    path = Path(yaml_path)
+    if not path.is_file():
+        raise RankwiseError(f"task file {str(path)!r} does not exist")
+    try:
+        cfg = load_yaml(path)
+    except Exception as e:
+        raise RankwiseError(f"cannot read task file {str(path)!r}: {_first_line(e)}") from None
+    if "task" not in cfg:
+        raise RankwiseError(f"task file {str(path)!r} has no `task:` name (groups are not supported here)")
+    kwargs = dict(cfg.get("dataset_kwargs") or {})
+    if "data_files" in kwargs:
+        kwargs["data_files"] = _absolute_data_files(kwargs["data_files"], path.resolve().parent, cfg["task"])
+        cfg["dataset_kwargs"] = kwargs
+    return cfg
+
+
+def _local_yamls(include_dir: Path) -> dict[str, Path]:
+    """task name -> YAML path for the local include folder (a cheap scan; only files with a `task:`)."""
+    import yaml
+    out = {}
+    for p in sorted(include_dir.glob("*.y*ml")) if include_dir.is_dir() else []:
+        try:
+            with open(p, encoding="utf-8") as f:
+                cfg = yaml.load(f, Loader=yaml.BaseLoader)  # no !function resolution just to read the name
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(cfg, dict) and isinstance(cfg.get("task"), str):
+            out[cfg["task"]] = p
+    return out
+
+
+def is_task_path(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml")) or os.sep in spec
+
+
+class TaskSet:
+    """Resolves task specs to lm-eval Task objects, loading each task's data with a clear error."""
+
+    def __init__(self, include_dir: Path = LOCAL_TASK_DIR):
+        self.include_dir = include_dir
+        self._local_names = _local_yamls(include_dir)
+        self._full = None
+
+    def task_manager(self, full: bool = False):
+        from lm_eval.tasks import TaskManager
+        if full:
+            if self._full is None:
+                self._full = TaskManager(include_path=str(self.include_dir))
+            return self._full
+        return TaskManager(include_path=str(self.include_dir), include_defaults=False)
+
+    def prepare(self, specs: list[str]) -> list:
+        """[(spec, {name: Task}, TaskManager)] with every task's data loaded: unknown tasks and unreachable
+        data fail here, before the model is loaded."""
+        hub = []
+        for spec in specs:
+            if is_task_path(spec):
+                load_local_task_config(spec)
+            elif spec not in self._local_names:
+                hub.append(spec)
+        if hub:
+            known = set(self.task_manager(full=True).all_tasks)
+            for spec in hub:
+                if spec not in known:
+                    raise RankwiseError(
+                        f"unknown task {spec!r}: not an lm-eval task name, not a task in {self.include_dir}, "
+                        "and not a path to a task YAML")
+        return [(spec, *self.load(spec)) for spec in specs]
+
+    def load(self, spec: str):
+        """(name, Task) for one spec; data loading errors become one line naming the task."""
+        if is_task_path(spec):
+            cfg, full = load_local_task_config(spec), False
+        elif spec in self._local_names:
+            cfg, full = load_local_task_config(self._local_names[spec]), False
+        else:
+            cfg, full = spec, True
+        tm = self.task_manager(full)
+        try:
+            loaded = tm.load([cfg])["tasks"]
+        except RankwiseError:
+            raise
+        except Exception as e:
+            name = cfg["task"] if isinstance(cfg, dict) else spec
+            where = cfg.get("dataset_path") if isinstance(cfg, dict) else None
+            offline = " (HF_DATASETS_OFFLINE is set)" if os.environ.get("HF_DATASETS_OFFLINE") in ("1", "true") \
+                else ""
+            raise RankwiseError(
+                f"task {name!r}: could not load its data{f' ({where})' if where else ''}{offline}: "
+                f"{_first_line(e)}. Offline? {LOCAL_HELP}") from None
+        return loaded, tm
+
+
+def _flatten_metrics(task_result: dict) -> dict:
+    """lm-eval's {"acc,none": x, "acc_stderr,none": s, "alias": ...} -> {"acc": x, "acc_stderr": s}."""
+    out = {}
+    for key, value in task_result.items():
+        if key in ("alias", "sample_len") or not isinstance(value, (int, float)):
+            if isinstance(value, str) and value == "N/A":
+                out[key.split(",")[0]] = None
+            continue
+        metric, _, filt = key.partition(",")
+        out[metric if filt in ("", "none") else f"{metric}[{filt}]"] = float(value)
+    return out
+
+
+def _counting_hflm():
+    """HFLM that counts the requests it answers and the seconds spent in the model (for requests/s)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CountingHFLM(HFLM):
+        requests = 0
+        model_seconds = 0.0
+
+        def _timed(self, fn, requests, **kw):
+            t0 = time.perf_counter()
+            out = fn(requests, **kw)
+            self.model_seconds += time.perf_counter() - t0
+            self.requests += len(requests)
+            return out
+
+        def loglikelihood(self, requests, disable_tqdm: bool = True):
+            return self._timed(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+            return self._timed(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+
+        def generate_until(self, requests, disable_tqdm: bool = True):
+            return self._timed(super().generate_until, requests, disable_tqdm=disable_tqdm)
+
+    return CountingHFLM
+
+
+def run_tasks(model, tokenizer, prepared: list, limit: int | None = None, batch_size: int | str = 1,
+              bos: bool = False, num_fewshot: int | None = None, bootstrap_iters: int = 1000,
+              task_set: TaskSet | None = None, progress=None) -> dict:
+    """{task: {metric: value, metric_stderr: value, "samples": n, "requests": n, "requests_per_second": r,
+    "seconds": s, "source": yaml path or "lm-eval"}}, one simple_evaluate per spec. `prepared` is
+    TaskSet.prepare(specs) (or a list of specs, prepared here)."""
+    import lm_eval
+    _quiet_lm_eval()
+    task_set = task_set or TaskSet()
+    if all(isinstance(s, str) for s in prepared):
+        prepared = task_set.prepare(prepared)
+    lm = _counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64,
+                          add_bos_token=bos or None)
+    results = {}
+    for i, (spec, tasks, tm) in enumerate(prepared):
+        if progress:
+            progress("lm-eval tasks", i, len(prepared))
+        before_req, before_s = lm.requests, lm.model_seconds
+        t0 = time.perf_counter()
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=tm, limit=limit,
+                                      num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                                      log_samples=False, batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        n_req, model_s = lm.requests - before_req, lm.model_seconds - before_s
+        for name, res in out["results"].items():
+            metrics = _flatten_metrics(res)
+            n = out.get("n-samples", {}).get(name, {})
+            metrics.update({
+                "samples": n.get("effective"), "requests": n_req, "seconds": round(seconds, 3),
+                "requests_per_second": round(n_req / max(model_s, 1e-9), 2),
+                "source": "lm-eval" if not (is_task_path(spec) or spec in task_set._local_names)
+                else str(Path(spec if is_task_path(spec) else task_set._local_names[spec]).resolve()),
+            })
+            results[name] = metrics
+        if progress:
+            progress("lm-eval tasks", i + 1, len(prepared))
+    return results

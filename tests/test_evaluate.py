@@ -1,0 +1,127 @@
+"""`compress evaluate`: token ppl + lm-eval zero-shot on the shipped local task, result files, baseline deltas,
+bad input. Tiny models, a handful of examples: seconds each (offline: conftest sets HF_DATASETS_OFFLINE)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from eval.evaluate import evaluate_ppl
+from eval.zeroshot import LOCAL_TASK_DIR, load_local_task_config
+
+LIMIT, SEQLEN, WINDOWS = 6, 64, 4
+
+
+def run_eval(cli, model, out_json, *extra):
+    r = cli("evaluate", model, "--json", out_json, "--device", "cpu", "--seqlen", SEQLEN,
+            "--max-windows", WINDOWS, *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(Path(out_json).read_text())
+
+
+def test_local_task_result_json_markdown_and_foundation_ppl(cli, tiny_dirs, austen_file, tmp_path):
+    out = tmp_path / "res" / "base.json"
+    res = run_eval(cli, tiny_dirs["llama"], out, "--ppl", f"text:{austen_file}", "--tasks", "austen_mc",
+                   "--limit", LIMIT, "--batch-size", "2")
+    task = res["tasks"]["austen_mc"]
+    for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "requests_per_second"):
+        assert isinstance(task[key], float), key
+    assert 0.0 <= task["acc"] <= 1.0 and task["acc_stderr"] > 0
+    assert task["samples"] == LIMIT and task["requests"] == 4 * LIMIT  # four choices per item
+    assert task["requests_per_second"] > 0
+    assert res["settings"]["limit"] == LIMIT and res["versions"]["lm_eval"]
+    assert res["wall_seconds"] > 0 and res["rankwise"] is None
+    # the ppl numbers are exactly those of the foundation's evaluator
+    ref = evaluate_ppl(str(tiny_dirs["llama"]), [f"text:{austen_file}"], SEQLEN, device="cpu",
+                       max_windows=WINDOWS)["ppl"][f"text:{austen_file}"]
+    got = res["ppl"][f"text:{austen_file}"]
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-9) and got["windows"] == WINDOWS
+    assert got["tokens_per_second"] > 0
+    md = (tmp_path / "res" / "base.md").read_text()
+    assert "austen_mc" in md and "| acc |" in md and "token ppl" in md and f"{got['ppl']:.4f}" in md
+
+
+def test_baseline_adds_deltas_and_repeats_its_evaluations(cli, tiny_dirs, austen_file, tmp_path):
+    base = run_eval(cli, tiny_dirs["llama"], tmp_path / "base.json", "--ppl", f"text:{austen_file}",
+                    "--tasks", "austen_mc", "--limit", LIMIT)
+    # another model, no --ppl/--tasks: the baseline's sources and tasks are evaluated again
+    res = run_eval(cli, tiny_dirs["qwen2"], tmp_path / "other.json", "--baseline", tmp_path / "base.json")
+    src = f"text:{austen_file}"
+    assert set(res["ppl"]) == {src} and set(res["tasks"]) == {"austen_mc"}
+    assert res["ppl"][src]["ppl"] != base["ppl"][src]["ppl"]
+    assert res["deltas"]["ppl"][src] == pytest.approx(res["ppl"][src]["ppl"] - base["ppl"][src]["ppl"])
+    for metric in ("acc", "acc_norm"):
+        assert res["deltas"]["tasks"]["austen_mc"][metric] == pytest.approx(
+            res["tasks"]["austen_mc"][metric] - base["tasks"]["austen_mc"][metric])
+    assert res["baseline"]["model"] == str(tiny_dirs["llama"])
+    assert "Δ" in (tmp_path / "other.md").read_text()
+
+
+def test_local_yaml_data_files_resolve_against_the_yaml(tmp_path, monkeypatch):
+    d = tmp_path / "mytasks"
+    d.mkdir()
+    shutil.copy(LOCAL_TASK_DIR / "austen_mc.yaml", d / "austen_mc.yaml")
+    (d / "austen_mc.jsonl").write_text((LOCAL_TASK_DIR / "austen_mc.jsonl").read_text().splitlines()[0] + "\n")
+    monkeypatch.chdir(tmp_path)  # a different working directory than the YAML's folder
+    cfg = load_local_task_config("mytasks/austen_mc.yaml")
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str((d / "austen_mc.jsonl").resolve())
+    (d / "austen_mc.jsonl").unlink()
+    from calib.errors import RankwiseError
+    with pytest.raises(RankwiseError, match="austen_mc.jsonl"):
+        load_local_task_config(d / "austen_mc.yaml")
+
+
+def test_shipped_task_data_is_well_formed():
+    rows = [json.loads(line) for line in (LOCAL_TASK_DIR / "austen_mc.jsonl").read_text().splitlines()]
+    assert 100 <= len(rows) <= 300
+    for r in rows:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4 and 0 <= r["label"] < 4
+        assert r["context"] not in r["choices"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def small_lm_eval_index(monkeypatch):
+    """The full lm-eval index (15k YAMLs, tens of seconds) replaced by the local folder only."""
+    from eval.zeroshot import TaskSet
+    monkeypatch.setattr(TaskSet, "task_manager", lambda self, full=False: __import__(
+        "lm_eval.tasks", fromlist=["TaskManager"]).TaskManager(include_path=str(self.include_dir),
+                                                               include_defaults=False))
+
+
+@pytest.mark.parametrize("case", ["unknown_task", "missing_yaml", "bad_baseline", "limit0", "missing_model"])
+def test_bad_input_exits_2_with_one_line(cli, tiny_dirs, tmp_path, small_lm_eval_index, case):
+    model, args = str(tiny_dirs["llama"]), ["--tasks", "austen_mc", "--limit", "2"]
+    expect = {"unknown_task": "nosuch_task", "missing_yaml": "nope.yaml", "bad_baseline": "baseline",
+              "limit0": "--limit", "missing_model": "no_model_here"}[case]
+    if case == "unknown_task":
+        args = ["--tasks", "nosuch_task"]
+    elif case == "missing_yaml":
+        args = ["--tasks", str(tmp_path / "nope.yaml")]
+    elif case == "bad_baseline":
+        args += ["--baseline", _write(tmp_path / "b.json", "{not json")]
+    elif case == "limit0":
+        args = ["--tasks", "austen_mc", "--limit", "0"]
+    else:
+        model = str(tmp_path / "no_model_here")
+    r = cli("evaluate", model, *args, "--json", tmp_path / "out.json")
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], r.output
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "out.md").exists()
+
+
+def test_hub_data_offline_names_the_task_and_the_local_way(cli, tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    yaml_path = _write(tmp_path / "hubtask.yaml", (LOCAL_TASK_DIR / "austen_mc.yaml").read_text()
+                       .replace("task: austen_mc", "task: hub_only_task")
+                       .replace("dataset_path: json", "dataset_path: rankwise-test/not-cached-anywhere")
+                       .replace("  data_files:\n    test: austen_mc.jsonl\n", "  {}\n"))
+    r = cli("evaluate", tiny_dirs["llama"], "--tasks", yaml_path, "--limit", "2", "--device", "cpu")
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "hub_only_task" in lines[0] and "dataset_path: json" in lines[0], r.output

@@ -1,0 +1,148 @@
+"""`compress run` / `compress report`: YAML sweeps on a tiny model, resumable, with tables and plots."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from calib.errors import RankwiseError
+
+
+def write_run(tmp_path: Path, model: Path, text: Path, extra: str = "", sweep: str = "ratio: [0.3, 0.6]") -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(f"""\
+output_dir: {tmp_path / 'out'}
+model: {model}
+method: svd
+device: cpu
+calib: {{source: "text:{text}", nsamples: 4, seqlen: 32, batch_size: 4}}
+eval: {{ppl: ["text:{text}"], seqlen: 32, max_windows: 3}}
+{extra}
+sweep:
+  {sweep}
+""")
+    return p
+
+
+def job_dirs(out: Path) -> list[Path]:
+    return sorted(d for d in (out / "jobs").iterdir() if d.is_dir())
+
+
+def test_two_job_sweep_resume_and_rerun_one(cli, tiny_dirs, austen_file, tmp_path):
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file)
+    out = tmp_path / "out"
+    r = cli("run", run)
+    assert r.exit_code == 0, r.output
+    dirs = job_dirs(out)
+    assert len(dirs) == 2
+    results = [json.loads((d / "result.json").read_text()) for d in dirs]
+    assert sorted(x["compress"]["ratio_requested"] for x in results) == [0.3, 0.6]
+    for x in results:
+        assert x["eval"]["ppl"][f"text:{austen_file}"]["ppl"] > 1
+        assert x["compress"]["modules"]
+    for f in ("results.csv", "results.md", "plots/ppl_vs_ratio.png"):
+        assert (out / f).stat().st_size > 0, f
+    heatmaps = list((out / "plots").glob("ranks_*.png"))
+    assert len(heatmaps) == 2 and all(h.stat().st_size > 0 for h in heatmaps)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [row["status"] for row in rows] == ["done", "done"]
+    assert float(rows[0][f"ppl text:{austen_file}"]) > 1
+    assert float(rows[0]["ratio_achieved"]) > 0.2
+
+    # a rerun executes nothing: every result is untouched
+    stamps = {d: (d / "result.json").stat().st_mtime_ns for d in dirs}
+    r = cli("run", run)
+    assert r.exit_code == 0, r.output
+    assert {d: (d / "result.json").stat().st_mtime_ns for d in dirs} == stamps
+
+    # deleting one result re-runs that job only (its checkpoint is reused, not recompressed)
+    (dirs[0] / "result.json").unlink()
+    r = cli("run", run)
+    assert r.exit_code == 0, r.output
+    again = json.loads((dirs[0] / "result.json").read_text())
+    assert again["compress_resumed"] is True
+    assert (dirs[1] / "result.json").stat().st_mtime_ns == stamps[dirs[1]]
+
+
+def test_failing_job_is_recorded_and_others_complete(cli, tiny_dirs, austen_file, tmp_path):
+    # ratio 0.99 leaves a rank of 0 in the tiny model's Linears -> that job fails; the dense one completes
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0, 0.3]")
+    out = tmp_path / "out"
+    broken = tmp_path / "broken"
+    broken.mkdir()  # a "model" folder without config.json: the job fails at load
+    run.write_text(run.read_text() + f"jobs:\n  - {{model: {broken}, ratio: 0.3}}\n")
+    r = cli("run", run)
+    assert r.exit_code == 1, r.output  # one job failed
+    dirs = job_dirs(out)
+    assert len(dirs) == 3
+    failed = [d for d in dirs if (d / "error.json").exists()]
+    assert len(failed) == 1 and not (failed[0] / "result.json").exists()
+    assert json.loads((failed[0] / "error.json").read_text())["error"]
+    assert sum((d / "result.json").exists() for d in dirs) == 2
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(row["status"] for row in rows) == ["done", "done", "failed"]
+    dense = [row for row in rows if row["method"] == "none"]
+    assert len(dense) == 1 and float(dense[0][f"ppl text:{austen_file}"]) > 1
+    assert "Failed jobs" in (out / "results.md").read_text()
+    # report alone rebuilds the files
+    (out / "results.md").unlink()
+    r = cli("report", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "results.md").stat().st_size > 0
+
+
+def test_unknown_key_names_key_and_line(cli, tiny_dirs, austen_file, tmp_path):
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, extra="ratoi: 0.2")
+    r = cli("run", run, "--dry-run")
+    assert r.exit_code == 2
+    assert "'ratoi'" in r.output and "line 7" in r.output
+    nested = write_run(tmp_path, tiny_dirs["llama"], austen_file, extra="eval: {ppl: [wikitext2], windows: 3}")
+    nested.write_text(nested.read_text().replace("eval: {ppl: [\"text", "#", 1))
+    from cli.sweep import load_plan
+    with pytest.raises(RankwiseError, match=r"line 7: unknown key 'windows'"):
+        load_plan(nested)
+    swept = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="methd: [svd, asvd]")
+    with pytest.raises(RankwiseError, match=r"line 9: unknown key 'methd'"):
+        load_plan(swept)
+    bad_value = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3, 1.5]")
+    with pytest.raises(RankwiseError, match=r"line 9: invalid ratio.*1.5"):
+        load_plan(bad_value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("RW_TINY", str(tiny_dirs["llama"].parent))
+    run = write_run(tmp_path, "${RW_TINY}/llama", austen_file, extra="baseline: true",
+                    sweep="method: [none, svd, asvd]\n  ratio: [0.3, 0.6]")
+    from cli.sweep import gpu_slots, load_plan
+    plan = load_plan(run)
+    # none x 2 ratios and baseline: true collapse into one dense job
+    assert sorted(j.method for j in plan.jobs) == ["asvd", "asvd", "none", "svd", "svd"]
+    assert all(j.model == str(tiny_dirs["llama"]) for j in plan.jobs)
+    assert len({j.dir for j in plan.jobs}) == 5
+    assert load_plan(run).jobs[1].name == plan.jobs[1].name  # names are stable hashes
+    r = cli("run", run, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "5 to run" in r.output
+    assert not (tmp_path / "out").exists()
+    # --jobs: one GPU per worker; CPU jobs need no GPU
+    cpu_jobs = plan.jobs
+    assert gpu_slots(cpu_jobs, 2, []) == [None, None]
+    for j in cpu_jobs:
+        j.eval["device"] = "cuda"
+    assert gpu_slots(cpu_jobs, 2, ["3", "5", "7"]) == ["3", "5"]
+    with pytest.raises(RankwiseError, match="--jobs 3 needs 3 GPUs"):
+        gpu_slots(cpu_jobs, 3, ["0"])
+
+
+def test_path_expansion(monkeypatch):
+    from cli.sweep import _expand
+    monkeypatch.delenv("RW_NOPE", raising=False)
+    monkeypatch.setenv("RW_SET", "/data")
+    home = str(Path.home())
+    assert _expand("${RW_SET:-~/x}/m") == "/data/m"
+    assert _expand("${RW_NOPE:-~/x}/m") == f"{home}/x/m"
+    assert _expand("text:${RW_NOPE:-~/t}/a.txt") == f"text:{home}/t/a.txt"
+    assert _expand("$RW_SET/b") == "/data/b"
+    assert _expand("${RW_NOPE}/b") == "${RW_NOPE}/b"  # unset and no default: left as written
+    assert _expand("org/model") == "org/model"
