@@ -37,6 +37,11 @@ ROWS = {
     "svd-llm+eora32": {"method": "svd-llm", "compensate": "eora", "eora_rank": 32},
     "svd-llm+refit": {"method": "svd-llm", "refit": True},
     "svd-llm+refit+welore": {"method": "svd-llm", "refit": True, "ranks": "welore"},
+    "svd-llm+refit+welore+eora32": {"method": "svd-llm", "refit": True, "ranks": "welore", "compensate": "eora",
+                                    "eora_rank": 32},
+    "svd-llm+refit-d0.1": {"method": "svd-llm", "refit": True, "refit_damp": 0.1},
+    "svd-llm+refit-d1": {"method": "svd-llm", "refit": True, "refit_damp": 1.0},
+    "svd-llm+refit-d10": {"method": "svd-llm", "refit": True, "refit_damp": 10.0},
     "svd-llm+refit+eora32": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32},
 }
 

@@ -4,7 +4,9 @@ Both fit the *dense* layer's outputs. With x_c the layer's input in the compress
 the dense model (x_d = x_c when no dense stream is kept), C = E[x_c x_c^T] and G = E[x_d x_c^T]:
 
 refit (SVD-LLM's update step, Wang et al. 2025, solved in closed form instead of trained): with A fixed,
-    min_B E||B A x_c - W x_d||^2  =>  B = W G A^T (A C A^T + lambda I)^-1     (ridge lambda, relative)
+    min_B E||B A x_c - W x_d||^2 + lambda ||B - B0||^2  =>  B = (W G A^T + lambda B0)(A C A^T + lambda I)^-1
+With 16k calibration tokens and n up to a few thousand inputs the plain least squares overfits the
+calibration text (measured on SmolLM2); the ridge shrinks toward the truncated solution, not toward zero.
 For SVD-LLM with x_d = x_c this is exactly the truncated B already; with the dense stream it also undoes the
 error that earlier compressed layers put into x_c.
 
@@ -23,25 +25,32 @@ def _ridge(M: torch.Tensor, damp: float) -> torch.Tensor:
     return M + lam * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
 
 
-def refit_b(weight: torch.Tensor, A: torch.Tensor, stats, damp: float = 1e-4) -> torch.Tensor:
-    """B = W G A^T (A C A^T + lambda I)^-1, float64; lambda = damp * mean diag(A C A^T)."""
+def refit_b(weight: torch.Tensor, A: torch.Tensor, stats, damp: float = 1e-4,
+            B0: torch.Tensor | None = None) -> torch.Tensor:
+    """B = (W G A^T + lambda B0)(A C A^T + lambda I)^-1, float64: least squares ridge-shrunk toward the
+    truncated B0 (toward 0 without one); lambda = damp * mean diag(A C A^T)."""
     W = weight.double()
     A = A.double().to(W.device)
     C = stats.covariance.to(W.device)
     G = stats.cross_covariance.to(W.device)
-    lhs = _ridge(A @ C @ A.T, damp)                 # [k, k], symmetric positive definite
+    M = A @ C @ A.T                                 # [k, k], symmetric positive semi-definite
+    lam = damp * M.diagonal().mean().clamp_min(1e-12)
     rhs = W @ G @ A.T                               # [m, k]
+    if B0 is not None:
+        rhs = rhs + lam * B0.double().to(W.device)
+    lhs = M + lam * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     return torch.linalg.solve(lhs, rhs.T).T         # B lhs = rhs  (lhs symmetric)
 
 
 def target_weight(weight: torch.Tensor, stats, damp: float = 1e-4) -> torch.Tensor:
-    """W G C^-1: the dense layer re-expressed on compressed inputs (W itself when there is no dense stream)."""
+    """W G C^-1, the dense layer re-expressed on compressed inputs, ridge-shrunk toward W itself:
+    W + W (G - C)(C + lambda I)^-1 (= W G C^-1 at lambda = 0, = W as lambda grows; W when x_d = x_c)."""
     W = weight.double()
     if getattr(stats, "cross", None) is None:
         return W
-    C = _ridge(stats.covariance.to(W.device), damp)
+    C = stats.covariance.to(W.device)
     G = stats.cross_covariance.to(W.device)
-    return torch.linalg.solve(C, (W @ G).T).T       # (W G) C^-1, C symmetric
+    return W + torch.linalg.solve(_ridge(C, damp), (W @ (G - C)).T).T   # C symmetric
 
 
 def eora_factors(residual: torch.Tensor, covariance: torch.Tensor, rank: int,

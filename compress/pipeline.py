@@ -185,7 +185,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
                     # truncation is then the exact rank-k optimum of E||W' x_c - W x_d||; B is re-solved last.
                     target = target_weight(weight, stats, cfg.refit_damp).to(weight.dtype)
                     B, A = method.decompose(target, stats).factors(rank)
-                    B = refit_b(weight, A, stats, cfg.refit_damp)
+                    B = refit_b(weight, A, stats, cfg.refit_damp, B0=B)
                 else:
                     B, A = method.decompose(weight, stats).factors(rank)
                 new = LowRankLinear.from_factors(B, A, getattr(lin, "bias", None), dtype=lin.weight.dtype)
