@@ -31,6 +31,18 @@ ROWS = {
     "svd": {"method": "svd"},
     "asvd": {"method": "asvd"},
     "svd-llm": {"method": "svd-llm"},
+    # issue 3: allocation, Fisher weighting, compensation (inside the ratio), closed-form refit, combinations
+    "svd-llm+welore": {"method": "svd-llm", "ranks": "welore"},
+    "fwsvd": {"method": "fwsvd"},
+    "svd-llm+eora32": {"method": "svd-llm", "compensate": "eora", "eora_rank": 32},
+    "svd-llm+refit": {"method": "svd-llm", "refit": True},
+    "svd-llm+refit+welore": {"method": "svd-llm", "refit": True, "ranks": "welore"},
+    "svd-llm+refit+welore+eora32": {"method": "svd-llm", "refit": True, "ranks": "welore", "compensate": "eora",
+                                    "eora_rank": 32},
+    "svd-llm+refit-d0.1": {"method": "svd-llm", "refit": True, "refit_damp": 0.1},
+    "svd-llm+refit-d1": {"method": "svd-llm", "refit": True, "refit_damp": 1.0},
+    "svd-llm+refit-d10": {"method": "svd-llm", "refit": True, "refit_damp": 10.0},
+    "svd-llm+refit+eora32": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32},
 }
 
 
@@ -85,11 +97,13 @@ def main() -> None:
             del m
 
     print()
-    print("| pipeline | ratio asked | ratio achieved (w/o compensation) | ppl | ppl / dense | time (s) | peak host GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pipeline | ratio asked | ratio achieved (w/o compensation) | ppl | ppl / dense | time (s) | peak host GiB "
+          "| peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['row']} | {r['ratio']:.2f} | {r['achieved']:.4f} ({r.get('achieved_without_compensation', 0):.4f})"
-              f" | {r['ppl']:.3f} | {r['rel']:.2f} | {r['seconds']} | {r.get('host_peak_gib', '')} |")
+              f" | {r['ppl']:.3f} | {r['rel']:.2f} | {r['seconds']} | {r.get('host_peak_gib', '')} "
+              f"| {r.get('gpu_peak_gib', '')} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -21,11 +21,16 @@ def summary_table(meta: dict) -> Table:
     t.add_column("removed", justify="right")
     t.add_row("targeted Linear params", _fmt(meta["targeted_params_before"]), _fmt(meta["targeted_params_after"]),
               f"{meta['ratio_achieved']:.2%} (asked {meta['ratio_requested']:.2%})")
+    if meta.get("compensation_params"):
+        t.add_row("  without the EoRA path", "", _fmt(meta["targeted_params_after"] - meta["compensation_params"]),
+                  f"{meta['ratio_achieved_without_compensation']:.2%}")
     t.add_row("whole model params", _fmt(meta["model_params_before"]), _fmt(meta["model_params_after"]),
               f"{meta['model_ratio_achieved']:.2%}")
     mem = f"host {meta['host_peak_gib']:.2f} GiB" + (f", GPU {meta['gpu_peak_gib']:.2f} GiB"
                                                       if "gpu_peak_gib" in meta else "")
-    t.caption = (f"factorized {len(meta['modules'])} Linears, kept dense {len(meta['kept_dense'])}; "
+    dense = meta["kept_dense"]
+    t.caption = (f"factorized {len(meta['modules'])} Linears, kept dense {len(dense)}"
+                 + (f" ({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})" if dense else "") + "; "
                  f"wall {meta['wall_seconds']:.1f} s; peak memory {mem}")
     return t
 
@@ -36,9 +41,21 @@ def model_cmd(
     model: str = typer.Argument(..., help="Hub id (e.g. HuggingFaceTB/SmolLM2-135M) or local checkpoint folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for the compressed checkpoint."),
     method: str = typer.Option("svd-llm", "--method", "-m",
-                               help="Factorization: svd (plain), asvd (activation-scaled), svd-llm (whitened)."),
+                               help="Factorization: svd (plain), asvd (activation-scaled), svd-llm (whitened), fwsvd "
+                                    "(Fisher-weighted: one extra forward+backward pass over the calibration set, one "
+                                    "sequence at a time with gradient checkpointing; memory ~ the model's weights + "
+                                    "one sequence's activations and logits)."),
     ratio: float = typer.Option(..., "--ratio", "-r",
                                 help="Fraction of the targeted Linear parameters REMOVED, in (0, 1): 0.2 keeps 80%."),
+    ranks: str = typer.Option("uniform", help="Rank allocation: uniform (same fraction of every matrix) or welore "
+                                              "(one global threshold on normalised spectra; an extra statistics "
+                                              "pass over the dense model)."),
+    compensate: str = typer.Option("none", help="Residual path after truncation: none or eora (its parameters "
+                                                "count inside --ratio)."),
+    eora_rank: int = typer.Option(32, help="EoRA: rank of the residual path of every factorized Linear."),
+    refit: bool = typer.Option(False, help="Re-solve B in closed form to match the dense model's layer outputs "
+                                           "(keeps a second, dense stream of activations: 2x activation memory)."),
+    refit_damp: float = typer.Option(1.0, help="Refit / EoRA: ridge damping of the least squares, relative to the mean input energy; shrinks the fit toward the plain truncation (1.0 chosen on held-out Austen text)."),
     calib: str = typer.Option("wikitext2", help="Calibration text: wikitext2, c4, ptb, text:PATH or "
                                                 "jsonl:PATH[:field]."),
     nsamples: int = typer.Option(256, help="Number of random calibration windows."),
@@ -56,7 +73,8 @@ def model_cmd(
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
     from compress.config import CompressConfig
     from compress.job import run_compress
-    cfg = CompressConfig(model=model, method=method, ratio=ratio, calib=calib, nsamples=nsamples, seqlen=seqlen,
+    cfg = CompressConfig(model=model, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
+                         eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
                          seed=seed, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,
                          device=device, offload=offload, trust_remote_code=trust_remote_code)
     with Bars() as bars:

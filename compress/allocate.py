@@ -111,3 +111,55 @@ def summarize(shapes: dict[str, MatrixShape], ranks: dict[str, int | None], extr
     return {"params_before": before, "params_after": after, "ratio_achieved": 1 - after / before,
             "factorized": sum(r is not None for r in ranks.values()),
             "kept_dense": sorted(n for n, r in ranks.items() if r is None)}
+
+
+def reserved_ratio(shapes: dict[str, MatrixShape], ratio: float, reserve: int) -> float:
+    """The ratio the base factorization must reach so that base + `reserve` extra parameters (an EoRA path)
+    still removes `ratio` of the targeted parameters."""
+    check_ratio(ratio)
+    dense = sum(s.dense_params for s in shapes.values())
+    eff = 1.0 - ((1.0 - ratio) * dense - reserve) / dense
+    if eff >= 1.0:
+        raise RankwiseError(f"ratio {ratio} leaves no room for the compensation path ({reserve:,} parameters): "
+                            f"lower --eora-rank or --ratio")
+    return eff
+
+
+def _welore_at(shapes, normalized, tau: float, multiple: int) -> dict[str, int | None]:
+    out = {}
+    for name, s in shapes.items():
+        k = int((normalized[name] >= tau).sum())
+        k = min(round_rank(k, multiple) if multiple > 1 else max(k, 1), min(s.out, s.inp))
+        out[name] = k if s.saves(k) else None
+    return out
+
+
+def welore_ranks(shapes: dict[str, MatrixShape], spectra: dict, ratio: float,
+                 multiple: int = 1) -> dict[str, int | None]:
+    """WeLore (Jaiswal et al. 2024, arXiv:2407.11239): one global threshold tau on each matrix's normalised
+    singular values s_hat = (s - min s) / (max s - min s); a matrix keeps the s_hat >= tau. Heavy-tailed
+    spectra lose many ranks, flat ones few. Matrices whose kept rank would not save parameters stay dense
+    (WeLore's non-low-rank components). tau is found by bisection so the kept parameters are at most
+    (1 - ratio) of the targeted ones and as close to it as the discrete ranks allow.
+    spectra: name -> 1-D tensor of singular values (any order; of the spectrum the method truncates).
+    """
+    check_ratio(ratio)
+    normalized = {}
+    for name, s in spectra.items():
+        s = s.double().flatten().sort(descending=True).values
+        span = (s[0] - s[-1]).clamp_min(1e-30)
+        normalized[name] = (s - s[-1]) / span
+    dense = sum(s.dense_params for s in shapes.values())
+    budget = (1.0 - ratio) * dense
+    lo, hi = 0.0, 1.0 + 1e-9  # kept params fall as tau grows: find the smallest tau within budget
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if total_params(shapes, _welore_at(shapes, normalized, mid, multiple)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    ranks = _welore_at(shapes, normalized, hi, multiple)
+    if total_params(shapes, ranks) > budget:
+        raise RankwiseError(f"ratio {ratio} cannot be reached by WeLore thresholds: even tau = 1 keeps "
+                            f"{total_params(shapes, ranks) / dense:.1%} of the parameters")
+    return ranks

@@ -16,7 +16,11 @@ class CompressConfig(BaseModel):
     model: str = Field(description="hub id or local path of a causal LM")
     method: str = Field("svd-llm", description="factorization method")
     ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
-    ranks: Literal["uniform"] = "uniform"
+    ranks: Literal["uniform", "welore"] = Field("uniform", description="rank allocation")
+    compensate: Literal["none", "eora"] = Field("none", description="residual low-rank path after truncation")
+    eora_rank: int = Field(32, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
+    refit: bool = Field(False, description="re-solve B by least squares on the dense layer's outputs")
+    refit_damp: float = Field(1.0, ge=0, description="ridge damping of refit / EoRA solves, relative (1.0: chosen on austen.txt)")
     calib: str = "wikitext2"
     nsamples: int = Field(256, ge=1)
     seqlen: int = Field(2048, ge=2)

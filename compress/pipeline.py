@@ -1,13 +1,22 @@
 """The block-sequential compression pipeline (llm-compressor style; memory = one block + activations).
 
-    capture inputs of block 0 ──► for each block:  statistics of every Linear's input  (calib)
-                                                   factorize at the allocated ranks     (methods)
-                                                   re-run the block: compressed outputs feed the next one
-Ranks are fixed before the pass from the matrix shapes (uniform allocation), so a block never waits for
-another. The weights of blocks not being worked on stay where the model was loaded (CPU or offloaded).
+    [fisher pass]     FWSVD only: whole-model backward, per-row squared gradients         (calib.fisher)
+    [spectra pass]    WeLore only: dense model, block by block, singular values of every
+                      matrix's transformed weight; one global threshold then fixes all ranks
+    capture inputs of block 0 ──► for each block, for each group of Linears sharing an input (q/k/v, o,
+                                  gate/up, down), in forward order:
+                                     statistics of the group's input, earlier groups already compressed
+                                     factorize at the allocated rank                 (methods)
+                                     [refit B to the dense outputs] [EoRA residual path]   (correct)
+                                  re-run the block: compressed outputs feed the next one
+With --refit a dense twin of the current block is run on the dense model's hidden states (a second stream of
+activations) so every layer is fitted to what the *dense* layer outputs, correcting upstream error.
+Uniform ranks are fixed from shapes alone; WeLore's global threshold needs every spectrum first, hence the
+statistics pass over the dense model (only singular values are kept: memory = one block + the spectra).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,10 +24,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calib.capture import capture_block_inputs, collect_linear_stats, propagate
-from compress.allocate import MatrixShape, summarize, uniform_ranks
-from compress.arch import dense_weight, find_decoder_blocks, find_linears, layer_shape
+from calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
+from calib.paired import collect_group_stats, linear_groups
+from compress.allocate import MatrixShape, reserved_ratio, summarize, uniform_ranks, welore_ranks
+from compress.arch import Conv1D, dense_weight, find_decoder_blocks, find_linears, layer_shape
 from compress.config import CompressConfig
+from compress.correct import eora_factors, refit_b, target_weight
 from compress.loading import resolve_device
 from compress.lowrank import LowRankLinear, get_submodule_parent
 from compress.methods import get_method
@@ -53,6 +64,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def eora_params(shapes: dict[str, MatrixShape], rank: int) -> int:
+    return sum(min(rank, s.out, s.inp) * (s.out + s.inp) for s in shapes.values())
+
+
+def fisher_pass(model, calib_ids, device, progress=None) -> dict[str, torch.Tensor]:
+    from calib.fisher import row_fisher
+    prefix, blocks = find_decoder_blocks(model)
+    weights, transposed = {}, set()
+    for i, block in enumerate(blocks):
+        for name, lin in find_linears(block).items():
+            full = f"{prefix}.{i}.{name}"
+            weights[full] = lin.weight
+            if Conv1D and isinstance(lin, Conv1D):
+                transposed.add(full)
+    return row_fisher(model, calib_ids, weights, device, transposed, progress)
+
+
+@torch.no_grad()
+def spectra_pass(model, blocks, prefix, method, calib_ids, cfg, device, storage, fisher, progress=None) -> dict:
+    """Singular values of every matrix's transformed weight, statistics from the dense model (WeLore)."""
+    inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
+    spectra = {}
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        stats = {}
+        if method.needs & {"xtx", "abs_mean"}:
+            stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx="xtx" in method.needs,
+                                         want_abs="abs_mean" in method.needs, stats_device=storage)
+        for name, lin in linears.items():
+            full = f"{prefix}.{i}.{name}"
+            st = stats.get(name)
+            if fisher is not None:
+                st = _FisherStats(fisher[full])
+            spectra[full] = method.decompose(dense_weight(lin).to(device), st).spectrum.cpu()
+        if i + 1 < len(blocks):
+            propagate(block, inputs, i, device)
+        block.to(home)
+        if progress:
+            progress("spectra", i + 1, len(blocks))
+    return spectra
+
+
+@dataclass
+class _FisherStats:
+    fisher: torch.Tensor
+
+
+def _allocate(cfg, shapes, spectra) -> dict[str, int | None]:
+    ratio = cfg.ratio
+    if cfg.compensate == "eora":  # --ratio counts the EoRA path: the base factorization removes more
+        ratio = reserved_ratio(shapes, cfg.ratio, eora_params(shapes, cfg.eora_rank))
+    if cfg.ranks == "welore":
+        return welore_ranks(shapes, spectra, ratio, cfg.rank_multiple)
+    return uniform_ranks(shapes, ratio, cfg.rank_multiple, cfg.keep_dense)
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
                    progress: Progress | None = None) -> dict:
@@ -63,63 +132,107 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     params_before = count_params(model)
     prefix, blocks = find_decoder_blocks(model)
     shapes = target_shapes(model)
-    ranks = uniform_ranks(shapes, cfg.ratio, cfg.rank_multiple, cfg.keep_dense)
     times = StageTimes()
+
+    fisher = None
+    if "fisher" in method.needs:
+        t0 = time.perf_counter()
+        fisher = fisher_pass(model, calib_ids, device, progress)
+        times.add("fisher", t0)
+    spectra = None
+    if cfg.ranks == "welore":
+        t0 = time.perf_counter()
+        spectra = spectra_pass(model, blocks, prefix, method, calib_ids, cfg, device, storage, fisher, progress)
+        times.add("spectra", t0)
+    ranks = _allocate(cfg, shapes, spectra)
+    del spectra
 
     t0 = time.perf_counter()
     inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
+    dense_inputs = None
+    if cfg.refit:  # second stream: what each block receives in the dense model
+        dense_inputs = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.returns_tuple,
+                                   inputs.storage)
     _sync(device)
     times.add("capture", t0)
 
     modules: dict[str, dict] = {}
+    lora_params = 0
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device)
+        dense_block = copy.deepcopy(block) if dense_inputs is not None else None
         linears = find_linears(block)
-        t0 = time.perf_counter()
-        stats = {}
-        if method.needs & {"xtx", "abs_mean"}:
-            stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx="xtx" in method.needs,
-                                         want_abs="abs_mean" in method.needs,
-                                         stats_device=storage)
-        _sync(device)
-        times.add("statistics", t0)
-        t0 = time.perf_counter()
-        for name, lin in linears.items():
-            full = f"{prefix}.{i}.{name}"
-            rank = ranks[full]
-            if rank is None:
-                continue
-            weight = dense_weight(lin).to(device)
-            dec = method.decompose(weight, stats.get(name))
-            B, A = dec.factors(rank)
-            new = LowRankLinear.from_factors(B, A, getattr(lin, "bias", None), dtype=lin.weight.dtype)
-            parent, child = get_submodule_parent(block, name)
-            setattr(parent, child, new)
-            out, inp = layer_shape(lin)
-            modules[full] = {"rank": rank, "in": inp, "out": out, "bias": new.B.bias is not None, "lora_rank": 0}
-        del stats
-        _sync(device)
-        times.add("factorize", t0)
+        groups = linear_groups(block, linears, inputs, i, device)
+        for group in groups:
+            t0 = time.perf_counter()
+            stats = collect_group_stats(block, group, inputs, i, device, dense_block, dense_inputs,
+                                        want_abs="abs_mean" in method.needs, stats_device=storage)
+            _sync(device)
+            times.add("statistics", t0)
+            t0 = time.perf_counter()
+            for name in group:
+                full = f"{prefix}.{i}.{name}"
+                rank = ranks[full]
+                if rank is None:
+                    continue
+                lin = linears[name]
+                weight = dense_weight(lin).to(device)
+                if fisher is not None:
+                    stats.fisher = fisher[full]
+                if cfg.refit:
+                    # Decompose W G C^-1 (the dense layer re-expressed on compressed inputs): for SVD-LLM the
+                    # truncation is then the exact rank-k optimum of E||W' x_c - W x_d||; B is re-solved last.
+                    target = target_weight(weight, stats, cfg.refit_damp).to(weight.dtype)
+                    B, A = method.decompose(target, stats).factors(rank)
+                    B = refit_b(weight, A, stats, cfg.refit_damp, B0=B)
+                else:
+                    B, A = method.decompose(weight, stats).factors(rank)
+                new = LowRankLinear.from_factors(B, A, getattr(lin, "bias", None), dtype=lin.weight.dtype)
+                lora_rank = 0
+                if cfg.compensate == "eora":
+                    target = target_weight(weight, stats, cfg.refit_damp)
+                    lB, lA = eora_factors(target - B.double().to(target.device) @ A.double().to(target.device),
+                                          stats.covariance, cfg.eora_rank)
+                    new.add_lora(lB, lA)
+                    lora_rank = lA.shape[0]
+                    lora_params += lora_rank * (lA.shape[1] + lB.shape[0])
+                parent, child = get_submodule_parent(block, name)
+                setattr(parent, child, new)
+                out, inp = layer_shape(lin)
+                modules[full] = {"rank": rank, "in": inp, "out": out, "bias": new.B.bias is not None,
+                                 "lora_rank": lora_rank}
+            del stats
+            _sync(device)
+            times.add("factorize", t0)
         t0 = time.perf_counter()
         if i + 1 < len(blocks):  # the last block's outputs feed nothing we compress
             propagate(block, inputs, i, device)
+            if dense_block is not None:
+                propagate(dense_block, dense_inputs, i, device)
+        del dense_block
         _sync(device)
         times.add("propagate", t0)
         block.to(home)
         if progress:
             progress("compress", i + 1, len(blocks))
-    del inputs
+    del inputs, dense_inputs
 
-    summary = summarize(shapes, ranks)
+    summary = summarize(shapes, ranks, extra=lora_params)
+    base = summarize(shapes, ranks)
     params_after = count_params(model)
     return {
         "method": cfg.method,
         "method_options": cfg.method_options(),
         "ranks_allocation": cfg.ranks,
         "rank_multiple": cfg.rank_multiple,
+        "refit": cfg.refit,
+        "compensate": cfg.compensate,
+        "eora_rank": cfg.eora_rank if cfg.compensate == "eora" else 0,
         "ratio_requested": cfg.ratio,
         "ratio_achieved": summary["ratio_achieved"],
+        "ratio_achieved_without_compensation": base["ratio_achieved"],
+        "compensation_params": lora_params,
         "targeted_params_before": summary["params_before"],
         "targeted_params_after": summary["params_after"],
         "model_params_before": params_before,

@@ -1,0 +1,36 @@
+"""`compress compensate`: EoRA residual paths for a model compressed by anything (same layer names)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cli.common import Bars, app, out_console, user_errors
+
+
+@app.command("compensate")
+@user_errors
+def compensate_cmd(
+    original: str = typer.Argument(..., help="The dense model the compressed one was made from (hub id or folder)."),
+    compressed: str = typer.Argument(..., help="The compressed model (Rankwise checkpoint, pruned or other "
+                                               "dense-weight model with the same layer names)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (a Rankwise checkpoint)."),
+    eora_rank: int = typer.Option(64, help="Rank of the residual path of every compensated Linear."),
+    calib: str = typer.Option("wikitext2", help="Calibration text: wikitext2, c4, ptb, text:PATH or "
+                                                "jsonl:PATH[:field]."),
+    nsamples: int = typer.Option(64, help="Number of random calibration windows (EoRA's recipe: 64)."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
+    seed: int = typer.Option(0, help="Seed of the window sampling."),
+    batch_size: int = typer.Option(4, help="Calibration windows per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+):
+    """EoRA: add to every layer of COMPRESSED a low-rank path fitted to ORIGINAL's layer on ORIGINAL's inputs."""
+    from compress.compensate import run_compensate
+    with Bars() as bars:
+        meta = run_compensate(original, compressed, output, eora_rank, calib, nsamples, seqlen, seed, batch_size,
+                              device, overwrite, bars)
+    out_console.print(f"compensated {sum(1 for m in meta['modules'].values() if m.get('lora_rank'))} Linears "
+                      f"(rank {eora_rank}, +{meta['compensation_params']:,} parameters); ratio "
+                      f"{meta['ratio_achieved_without_compensation']:.2%} -> {meta['ratio_achieved']:.2%}")
+    out_console.print(f"wrote {output}")

@@ -1,0 +1,128 @@
+"""EoRA compensation of a model compressed by anything (Liu et al. 2024, arXiv:2410.21271).
+
+`compress compensate ORIGINAL COMPRESSED`: for every decoder Linear of ORIGINAL, the layer of the same name in
+COMPRESSED (low-rank, pruned, or any dense-weight layer) gets a residual path B' A' of rank r fitted to
+R = W - W_c in the norm of ORIGINAL's inputs to that layer: statistics come from a block-sequential pass over
+the dense model (memory = one block + the calibration activations), the factors from compress.correct.
+The result is a Rankwise checkpoint: low-rank layers keep their A, B and gain lora_A / lora_B; other layers
+become LoraLinear(base + path). Quantized layer types whose weight is not a plain tensor are not supported.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from calib.capture import capture_block_inputs, collect_linear_stats, propagate
+from calib.errors import RankwiseError
+from compress.arch import dense_weight, find_decoder_blocks, find_linears
+from compress.correct import eora_factors
+from compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
+
+
+def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
+    try:
+        layer = compressed.get_submodule(name)
+    except AttributeError:
+        raise RankwiseError(f"the compressed model has no layer {name!r} (layer names must match the original)")
+    if isinstance(layer, LoraLinear):
+        raise RankwiseError(f"layer {name!r} of the compressed model already has a compensation path")
+    if isinstance(layer, LowRankLinear) and layer.lora_rank:
+        raise RankwiseError(f"layer {name!r} of the compressed model already has a compensation path")
+    return layer
+
+
+@torch.no_grad()
+def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torch.Tensor, rank: int,
+                     batch_size: int, device: torch.device, progress=None) -> dict:
+    """Add EoRA paths to `compressed` in place. Returns name -> {"in","out","rank","lora_rank","bias"}."""
+    prefix, blocks = find_decoder_blocks(original)
+    inputs = capture_block_inputs(original, blocks, calib_ids, batch_size, device, device)
+    modules = {}
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx=True)
+        for name, lin in linears.items():
+            full = f"{prefix}.{i}.{name}"
+            layer = _compressed_layer(compressed, full)
+            W = dense_weight(lin).to(device).double()
+            Wc = layer.weight.detach().to(device).double()
+            if Wc.shape != W.shape:
+                raise RankwiseError(f"layer {full!r}: shape {tuple(Wc.shape)} in the compressed model, "
+                                    f"{tuple(W.shape)} in the original")
+            if torch.equal(Wc, W):
+                continue  # identical layer: nothing to compensate
+            lB, lA = eora_factors(W - Wc, stats[name].covariance, rank)
+            if isinstance(layer, LowRankLinear):
+                layer.add_lora(lB.to(layer.A.weight.dtype), lA.to(layer.A.weight.dtype))
+                modules[full] = {"rank": layer.rank, "in": layer.in_features, "out": layer.out_features,
+                                 "bias": layer.B.bias is not None, "lora_rank": lA.shape[0]}
+            else:
+                wrapped = LoraLinear(layer, lA.shape[0])
+                wrapped.lora_A.weight.copy_(lA)
+                wrapped.lora_B.weight.copy_(lB)
+                parent, child = get_submodule_parent(compressed, full)
+                setattr(parent, child, wrapped)
+                modules[full] = {"rank": None, "in": W.shape[1], "out": W.shape[0],
+                                 "bias": getattr(layer, "bias", None) is not None, "lora_rank": lA.shape[0]}
+        del stats
+        if i + 1 < len(blocks):
+            propagate(block, inputs, i, device)
+        block.to(home)
+        if progress:
+            progress("compensate", i + 1, len(blocks))
+    return modules
+
+
+def run_compensate(original: str, compressed: str, output, rank: int, calib: str, nsamples: int, seqlen: int,
+                   seed: int = 0, batch_size: int = 4, device: str = "auto", overwrite: bool = False,
+                   progress=None) -> dict:
+    from calib.data import calibration_set, validate_source
+    from compress.checkpoint import check_output_dir, read_meta, save_checkpoint
+    from compress.job import peak_memory
+    from compress.loading import load_model, resolve_device
+    t0 = time.perf_counter()
+    if rank < 1:
+        raise RankwiseError(f"--eora-rank must be at least 1, got {rank}")
+    check_output_dir(output, overwrite)
+    validate_source(calib)
+    dev = resolve_device(device)
+    orig, tokenizer, _ = load_model(original, "fp32", device, place_on_device=False)
+    comp, comp_tok, _ = load_model(compressed, "fp32", device, place_on_device=False)
+    ids = calibration_set(tokenizer, calib, nsamples, seqlen, seed).input_ids
+    params_comp = sum(p.numel() for p in comp.parameters())
+    modules = compensate_model(orig, comp, ids, rank, batch_size, dev, progress)
+    if not modules:
+        raise RankwiseError("the compressed model's layers are identical to the original's: nothing to compensate")
+    meta = dict(read_meta(compressed) or {})
+    all_modules = dict(meta.get("modules", {}))
+    all_modules.update(modules)
+    before = sum(p.numel() for p in orig.parameters())
+    after = sum(p.numel() for p in comp.parameters())
+    lora = sum(m["lora_rank"] * (m["in"] + m["out"]) for m in modules.values())
+    meta.update({
+        "method": meta.get("method", "external"), "ranks_allocation": meta.get("ranks_allocation", "external"),
+        "source_model": meta.get("source_model", original), "compressed_model": compressed,
+        "compensate": "eora", "eora_rank": rank, "compensation_params": lora,
+        "model_params_before": before, "model_params_after": after,
+        "model_ratio_achieved": 1 - after / before,
+        "modules": all_modules, "kept_dense": meta.get("kept_dense", []),
+        "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+    })
+    if "targeted_params_before" in meta:  # our own checkpoint: the EoRA path counts in the targeted ratio
+        meta["targeted_params_after"] = meta["targeted_params_after"] + lora
+        meta["ratio_achieved_without_compensation"] = meta["ratio_achieved"]
+        meta["ratio_achieved"] = 1 - meta["targeted_params_after"] / meta["targeted_params_before"]
+    else:
+        meta.update({"targeted_params_before": before, "targeted_params_after": after,
+                     "ratio_requested": 1 - params_comp / before, "ratio_achieved": 1 - after / before,
+                     "ratio_achieved_without_compensation": 1 - params_comp / before})
+    meta.setdefault("ratio_requested", meta["ratio_achieved"])
+    meta["compress_seconds"] = round(time.perf_counter() - t0, 2)
+    meta.update(peak_memory(dev))
+    save_checkpoint(comp, comp_tok, output, meta, overwrite)
+    meta["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    return meta

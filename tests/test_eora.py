@@ -1,0 +1,112 @@
+import copy
+
+import torch
+
+from compress.lowrank import LoraLinear, LowRankLinear, load_rankwise_model
+from compress.pipeline import compress_model
+from helpers_methods import calib_ids, config, model
+
+RANK = 4
+
+
+def _inputs_of(m, ids, kinds) -> dict:
+    xs, handles = {}, []
+    for name, mod in m.named_modules():
+        if isinstance(mod, kinds):
+            handles.append(mod.register_forward_pre_hook(lambda mod, a, name=name: xs.setdefault(name, a[0])))
+    with torch.no_grad():
+        m(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return xs
+
+
+def _compressed(ratio=0.5, **kw):
+    dense = model("llama")
+    m = copy.deepcopy(dense)
+    ids = calib_ids()
+    meta = compress_model(m, ids, config(ratio=ratio, compensate="eora", eora_rank=RANK, **kw))
+    return dense, m, ids, meta
+
+
+def test_compensation_lowers_every_layer_output_error_and_counts_exactly():
+    dense, m, ids, meta = _compressed()
+    xs = _inputs_of(m, ids, LowRankLinear)
+    assert len(xs) == len(meta["modules"]) > 0
+    lora_total = 0
+    for name, x in xs.items():
+        layer = m.get_submodule(name)
+        W = dense.get_submodule(name).weight
+        with torch.no_grad():
+            target = x @ W.T
+            base = layer.B(layer.A(x)) - (layer.B.bias if layer.B.bias is not None else 0)
+            with_path = base + layer.lora_B(layer.lora_A(x))
+        assert (with_path - target).norm() < (base - target).norm(), name
+        m_out, n_in = W.shape
+        assert layer.lora_A.weight.numel() + layer.lora_B.weight.numel() == RANK * (m_out + n_in)
+        lora_total += RANK * (m_out + n_in)
+    assert meta["compensation_params"] == lora_total
+    before = meta["targeted_params_before"]
+    assert abs(meta["ratio_achieved"] - (1 - meta["targeted_params_after"] / before)) < 1e-12
+    without = 1 - (meta["targeted_params_after"] - lora_total) / before
+    assert abs(meta["ratio_achieved_without_compensation"] - without) < 1e-12
+    assert meta["ratio_achieved"] >= 0.5 - 1e-9  # the EoRA path is paid for inside --ratio
+
+
+def test_checkpoint_and_peft_adapter_reproduce_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compress.checkpoint import save_checkpoint
+    from compress.peft_export import export_eora_adapter, load_eora_adapter, strip_compensation
+    from tiny import tiny_tokenizer
+    _, m, ids, meta = _compressed()
+    meta.update(source_model="tiny")
+    save_checkpoint(m, tiny_tokenizer(), tmp_path / "ck", meta)
+    probe = ids[:2, :24]
+    with torch.no_grad():
+        ref = m(input_ids=probe).logits
+        ours = load_rankwise_model(str(tmp_path / "ck"))(input_ids=probe).logits
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", trust_remote_code=True)(input_ids=probe).logits
+    assert torch.equal(ours, hf) and torch.allclose(ours, ref, atol=1e-5)
+
+    export_eora_adapter(load_rankwise_model(str(tmp_path / "ck")), tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    base = load_rankwise_model(str(tmp_path / "ck"))
+    strip_compensation(base)
+    with torch.no_grad():
+        without = base(input_ids=probe).logits
+    peft_model = load_eora_adapter(base, tmp_path / "adapter")
+    with torch.no_grad():
+        got = peft_model(input_ids=probe).logits
+    assert not torch.allclose(without, ref, atol=1e-3)  # the adapter is what restores the logits
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_compensate_command_on_a_pruned_model(tmp_path, tiny_dirs, austen_file, cli):
+    from compress.arch import named_target_linears
+    from tiny import tiny_tokenizer
+    orig_dir = tiny_dirs["llama"]
+    pruned = model("llama")
+    with torch.no_grad():  # 50% magnitude pruning of every decoder Linear: "compressed elsewhere"
+        for lin in named_target_linears(pruned).values():
+            w = lin.weight
+            w.mul_(w.abs() >= w.abs().flatten().median())
+    pruned.save_pretrained(tmp_path / "pruned")
+    tiny_tokenizer().save_pretrained(tmp_path / "pruned")
+    r = cli("compensate", orig_dir, tmp_path / "pruned", "-o", tmp_path / "comp", "--eora-rank", 4,
+            "--calib", f"text:{austen_file}", "--nsamples", 4, "--seqlen", 48, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    comp = load_rankwise_model(str(tmp_path / "comp"))
+    layers = [m for m in comp.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == len(named_target_linears(pruned)) and all(m.lora_rank == 4 for m in layers)
+    dense = model("llama")
+    ids = calib_ids(nsamples=2)
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        err_pruned = (pruned(input_ids=ids).logits - ref).norm()
+        err_comp = (comp(input_ids=ids).logits - ref).norm()
+    assert err_comp < err_pruned
+    r = cli("compensate", orig_dir, tmp_path / "comp", "-o", tmp_path / "again", "--eora-rank", 4,
+            "--calib", f"text:{austen_file}", "--nsamples", 2, "--seqlen", 48, "--device", "cpu")
+    assert r.exit_code == 2 and "already has a compensation path" in r.output
+    assert not (tmp_path / "again").exists()
