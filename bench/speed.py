@@ -119,9 +119,9 @@ class StageRecorder:
 
     def run(self, model, calib_ids, cfg):
         originals = {name: getattr(pipeline, name) for name in
-                     ("capture_block_inputs", "collect_linear_stats", "propagate")}
+                     ("capture_block_inputs", "collect_group_stats", "propagate")}
         pipeline.capture_block_inputs = self.wrap("capture", originals["capture_block_inputs"])
-        pipeline.collect_linear_stats = self.wrap("statistics", originals["collect_linear_stats"])
+        pipeline.collect_group_stats = self.wrap("statistics", originals["collect_group_stats"])
         pipeline.propagate = self.wrap("propagate", originals["propagate"])
         self.mem.reset()
         try:
