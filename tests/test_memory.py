@@ -66,13 +66,13 @@ def pipeline_peak(layers: int, leak_stats: bool = False) -> tuple[int, int]:
     tracker = LiveBytes()
     tracker.exclude([*model.parameters(), *model.buffers(), calib])
     kept = []
-    original = pipeline.collect_linear_stats
+    original = pipeline.collect_group_stats
     if leak_stats:  # a pipeline that forgot to free each block's statistics
         def leaky(*args, **kwargs):
             stats = original(*args, **kwargs)
             kept.append(stats)
             return stats
-        pipeline.collect_linear_stats = leaky
+        pipeline.collect_group_stats = leaky
 
     def progress(phase, done, total):  # a finished block's factors go back home (off the device)
         tracker.exclude(model.parameters())
@@ -80,7 +80,7 @@ def pipeline_peak(layers: int, leak_stats: bool = False) -> tuple[int, int]:
         with tracker:
             pipeline.compress_model(model, calib, cfg, progress)
     finally:
-        pipeline.collect_linear_stats = original
+        pipeline.collect_group_stats = original
     return tracker.peak, block_bytes
 
 
