@@ -64,6 +64,8 @@ def model_cmd(
     batch_size: int = typer.Option(4, help="Calibration windows per forward pass."),
     alpha: float = typer.Option(0.5, help="ASVD: exponent on mean |x| in the channel scaling."),
     rank_multiple: int = typer.Option(1, help="Round every rank down to a multiple of this (GPU-friendly shapes)."),
+    keep_dense: str = typer.Option("", help="Comma-separated Linear names or suffixes to leave dense (e.g. k_proj,v_proj "
+                                            "where factorized layers run slower); the others give up more."),
     dtype: str = typer.Option("auto", help="Weights dtype: auto (checkpoint's on GPU, fp32 on CPU), fp32, fp16, bf16."),
     device: str = typer.Option("auto", help="Where blocks are calibrated and factorized: auto, cpu, cuda, cuda:N."),
     offload: bool = typer.Option(False, help="Keep calibration activations and statistics on CPU (saves GPU memory)."),
@@ -76,7 +78,8 @@ def model_cmd(
     cfg = CompressConfig(model=model, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
                          eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
                          seed=seed, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,
-                         device=device, offload=offload, trust_remote_code=trust_remote_code)
+                         device=device, offload=offload, trust_remote_code=trust_remote_code,
+                         keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
     with Bars() as bars:
         meta = run_compress(cfg, output, overwrite, bars)
     out_console.print(summary_table(meta))

@@ -1,7 +1,8 @@
 """`compress`: the Rankwise command line (typer + rich). One module per command; commands are thin."""
 import sys
 
-from cli import cmd_compensate, cmd_evaluate, cmd_model, cmd_report, cmd_run  # noqa: F401  (each registers its command on the app)
+from cli import (  # noqa: F401  (each module registers its command on the app)
+    cmd_compensate, cmd_evaluate, cmd_export, cmd_model, cmd_report, cmd_run)
 from cli.common import app
 
 

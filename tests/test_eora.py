@@ -110,3 +110,30 @@ def test_compensate_command_on_a_pruned_model(tmp_path, tiny_dirs, austen_file, 
             "--calib", f"text:{austen_file}", "--nsamples", 2, "--seqlen", 48, "--device", "cpu")
     assert r.exit_code == 2 and "already has a compensation path" in r.output
     assert not (tmp_path / "again").exists()
+
+
+def test_cli_compress_with_eora_then_export_peft(tmp_path, tiny_dirs, austen_file, cli):
+    """The user's path: `compress model --compensate eora`, then `compress export-peft`, then PEFT loads it."""
+    import json
+
+    from compress.peft_export import load_eora_adapter, strip_compensation
+    ck, adapter = tmp_path / "ck", tmp_path / "adapter"
+    res = cli("model", tiny_dirs["llama"], "-o", ck, "--ratio", "0.3", "--compensate", "eora", "--eora-rank", "4",
+              "--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    mods = json.loads((ck / "config.json").read_text())["rankwise"]["modules"]
+    assert all(m["lora_rank"] == 4 for m in mods.values())
+    res = cli("export-peft", ck, "-o", adapter)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(cfg["rank_pattern"]) == set(mods) and set(cfg["rank_pattern"].values()) == {4}
+    probe = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = load_rankwise_model(str(ck))
+    with torch.no_grad():
+        ref = base(input_ids=probe).logits
+    strip_compensation(base)
+    with torch.no_grad():
+        got = load_eora_adapter(base, adapter)(input_ids=probe).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+    res = cli("export-peft", tiny_dirs["llama"], "-o", tmp_path / "a2")  # a dense model has nothing to export
+    assert res.exit_code == 2 and not (tmp_path / "a2").exists()

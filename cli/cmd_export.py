@@ -1,0 +1,47 @@
+"""`compress export-peft`: write a checkpoint's EoRA residual paths as a PEFT LoRA adapter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from calib.errors import RankwiseError
+from cli.common import app, out_console, user_errors
+
+
+@app.command("export-peft")
+@user_errors
+def export_peft_cmd(
+    checkpoint: str = typer.Argument(..., help="A Rankwise checkpoint made with --compensate eora (or by "
+                                               "`compress compensate`)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Adapter folder (adapter_model.safetensors + "
+                                                            "adapter_config.json with per-module ranks)."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+):
+    """Export the EoRA paths as a PEFT adapter for the compressed base (the checkpoint without its paths).
+
+    Load it back with compress.peft_export.load_eora_adapter(base, ADAPTER), where base is the checkpoint
+    loaded and stripped of its paths (compress.peft_export.strip_compensation).
+    """
+    import shutil
+    import tempfile
+
+    from compress.checkpoint import check_output_dir
+    from compress.loading import is_rankwise_checkpoint
+    from compress.lowrank import load_rankwise_model
+    from compress.peft_export import export_eora_adapter
+    out = check_output_dir(output, overwrite)
+    if not is_rankwise_checkpoint(checkpoint):
+        raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")
+    model = load_rankwise_model(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        export_eora_adapter(model, tmp, base_model_name=str(checkpoint))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out_console.print(f"wrote {out}")
