@@ -19,7 +19,7 @@ from calib.errors import RankwiseError
 # name -> (dataset path, config name, {split: data_files or split name}, text field)
 HUB_SOURCES = {
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}, "text"),
-    "ptb": ("ptb_text_only", "penn_treebank", {"train": "train", "test": "test"}, "sentence"),
+    "ptb": ("ptb-text-only/ptb_text_only", "penn_treebank", {"train": "train", "test": "test"}, "sentence"),
     "c4": ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
                                 "test": "en/c4-validation.00000-of-00008.json.gz"}, "text"),
 }
