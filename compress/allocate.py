@@ -91,18 +91,24 @@ def uniform_ranks(shapes: dict[str, MatrixShape], ratio: float, multiple: int = 
     ranks = _ranks_at(shapes, 1.0 - ratio, multiple, keep_dense)
     if all(r is not None for r in ranks.values()) and multiple == 1:
         return ranks
-    lo, hi = 0.0, 1.0  # kept params are monotone in f; find the largest f within budget
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if total_params(shapes, _ranks_at(shapes, mid, multiple, keep_dense)) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    ranks = _ranks_at(shapes, lo, multiple, keep_dense)
+    # kept params grow with f: the largest f within budget
+    f = _bisect(lambda x: total_params(shapes, _ranks_at(shapes, x, multiple, keep_dense)) <= budget, 0.0, 1.0)
+    ranks = _ranks_at(shapes, f, multiple, keep_dense)
     if total_params(shapes, ranks) > budget:
         raise RankwiseError(f"ratio {ratio} cannot be reached with rank multiple {multiple}: even the smallest "
                             f"ranks keep {total_params(shapes, ranks) / dense:.1%} of the parameters")
     return ranks
+
+
+def _bisect(fits, good: float, bad: float, steps: int = 60) -> float:
+    """The point nearest `bad` where the monotone predicate `fits` still holds (fits(good) is assumed)."""
+    for _ in range(steps):
+        mid = (good + bad) / 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
 
 
 def summarize(shapes: dict[str, MatrixShape], ranks: dict[str, int | None], extra: int = 0) -> dict:
@@ -151,14 +157,10 @@ def welore_ranks(shapes: dict[str, MatrixShape], spectra: dict, ratio: float,
         normalized[name] = (s - s[-1]) / span
     dense = sum(s.dense_params for s in shapes.values())
     budget = (1.0 - ratio) * dense
-    lo, hi = 0.0, 1.0 + 1e-9  # kept params fall as tau grows: find the smallest tau within budget
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if total_params(shapes, _welore_at(shapes, normalized, mid, multiple)) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    ranks = _welore_at(shapes, normalized, hi, multiple)
+    # kept params fall as tau grows: the smallest tau within budget
+    tau = _bisect(lambda t: total_params(shapes, _welore_at(shapes, normalized, t, multiple)) <= budget,
+                  1.0 + 1e-9, 0.0)
+    ranks = _welore_at(shapes, normalized, tau, multiple)
     if total_params(shapes, ranks) > budget:
         raise RankwiseError(f"ratio {ratio} cannot be reached by WeLore thresholds: even tau = 1 keeps "
                             f"{total_params(shapes, ranks) / dense:.1%} of the parameters")
