@@ -151,10 +151,14 @@ class LinearStats:
         self.xtx = torch.zeros(n, n, dtype=torch.float64, device=device) if want_xtx else None
         self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device) if want_abs else None
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [tokens, n] in the dtype products are formed in (float32; float64 stays float64)."""
+        x = x.reshape(-1, self.n)
+        return x if x.dtype == torch.float64 else x.float()
+
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.n)
-        x = x if x.dtype == torch.float64 else x.float()
+        x = self.rows(x)
         if self.xtx is not None:
             self.xtx += (x.T @ x).to(self.xtx.device, torch.float64)
         if self.abs_sum is not None:

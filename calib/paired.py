@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calib.capture import BlockInputs, _call_block, _in_features
+from calib.capture import BlockInputs, LinearStats, _call_block, _in_features
 
 
 class _Stop(Exception):
@@ -53,43 +53,26 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: Block
     return groups + [[n] for n in missing]  # Linears the forward never called still get compressed
 
 
-class PairStats:
+class PairStats(LinearStats):
     """Input statistics of one group: C = X_c^T X_c (compressed-model inputs), G = X_d^T X_c (dense-model
     inputs against compressed ones; None when there is no dense stream, meaning G = C), sum |x_c|.
-    Same interface as calib.capture.LinearStats (covariance, abs_mean) so methods read either."""
+    A LinearStats (covariance, abs_mean) plus the cross term, so methods read either."""
 
     def __init__(self, n: int, want_cross: bool, want_abs: bool, device):
-        self.n, self.count = n, 0
-        self.xtx = torch.zeros(n, n, dtype=torch.float64, device=device)
+        super().__init__(n, want_xtx=True, want_abs=want_abs, device=device)
         self.cross = torch.zeros(n, n, dtype=torch.float64, device=device) if want_cross else None
-        self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device) if want_abs else None
         self.fisher_rows: dict[str, torch.Tensor] = {}  # filled by the pipeline for FWSVD
 
     @torch.no_grad()
-    def update(self, xc: torch.Tensor, xd: torch.Tensor | None) -> None:
-        xc = xc.reshape(-1, self.n)
-        dt = torch.float64 if xc.device.type == "cpu" else torch.float32
-        xc = xc.to(dt)
-        self.xtx += (xc.T @ xc).to(self.xtx.device, torch.float64)
+    def update(self, xc: torch.Tensor, xd: torch.Tensor | None = None) -> None:
+        super().update(xc)
         if self.cross is not None:
-            xd = xd.reshape(-1, self.n).to(dt)
-            self.cross += (xd.T @ xc).to(self.cross.device, torch.float64)
-        if self.abs_sum is not None:
-            self.abs_sum += xc.abs().sum(0).to(self.abs_sum.device, torch.float64)
-        self.count += xc.shape[0]
-
-    @property
-    def covariance(self) -> torch.Tensor:
-        return self.xtx / max(self.count, 1)
+            self.cross += (self.rows(xd).T @ self.rows(xc)).to(self.cross.device, torch.float64)
 
     @property
     def cross_covariance(self) -> torch.Tensor:
         """Mean x_d x_c^T; equals the covariance when the dense and compressed inputs coincide."""
         return self.covariance if self.cross is None else self.cross / max(self.count, 1)
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.count, 1)
 
 
 def _input_of(block: nn.Module, name: str, hidden, kwargs, device) -> torch.Tensor:
