@@ -29,6 +29,14 @@ SHAPES = {
 INIT_STD = 0.02  # small random weights keep activations finite through many residual blocks
 
 
+def add_model_source_args(parser) -> None:
+    """--model | --shape, and --layers: how both bench scripts name the model they measure."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="hub id or local path of a (dense) causal LM")
+    src.add_argument("--shape", help="random weights of a real shape: " + ", ".join(SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+
+
 def shape_config(shape: str, layers: int | None = None):
     import transformers
     if shape not in SHAPES:

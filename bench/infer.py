@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from _shapes import calibration_ids, load_real_model, random_ids, random_model, thread_note  # noqa: I001
+from _shapes import (  # noqa: I001
+    add_model_source_args, calibration_ids, load_real_model, random_ids, random_model, thread_note)
 
 from calib.errors import RankwiseError
 from compress.config import CompressConfig
@@ -32,10 +33,7 @@ from compress.pipeline import compress_model
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="hub id or local path of the dense model")
-    src.add_argument("--shape", help="random weights of a real shape: tiny, 135m, 1b, 7b, 13b, 70b")
-    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    add_model_source_args(p)
     p.add_argument("--checkpoint", help="a Rankwise checkpoint of the same model (else compress here)")
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--ratio", type=float, default=0.4)

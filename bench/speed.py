@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from _shapes import PeakMemory, calibration_ids, load_real_model, random_model, thread_note  # noqa: I001
+from _shapes import (  # noqa: I001
+    PeakMemory, add_model_source_args, calibration_ids, load_real_model, random_model, thread_note)
 
 import compress.pipeline as pipeline
 from calib.errors import RankwiseError
@@ -42,10 +43,7 @@ STAGES = ("capture", "statistics", "factorize", "propagate", "save")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="hub id or local path of a causal LM")
-    src.add_argument("--shape", help="random weights of a real shape: tiny, 135m, 1b, 7b, 13b, 70b")
-    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    add_model_source_args(p)
     p.add_argument("--lazy", action="store_true", help="create random blocks one at a time (--shape only)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; unknown ones are reported "
                                                               "as not available")
