@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from calib.errors import RankwiseError
+from calib.errors import RankwiseError, first_line
 
 # name -> (dataset path, config name, {split: data_files or split name}, text field)
 HUB_SOURCES = {
@@ -62,9 +62,8 @@ def _load_hub_text(name: str, split: str) -> str:
         else:
             ds = datasets.load_dataset(path, config, split=splits[split])
     except Exception as e:  # network, offline mode, missing script: one clear line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RankwiseError(
-            f"could not load dataset {name!r} ({path}, split {split}) from the hub: {first[:200]}. "
+            f"could not load dataset {name!r} ({path}, split {split}) from the hub: {first_line(e, 200)}. "
             f"Offline? Use a local file instead: text:PATH or jsonl:PATH[:field]") from None
     sep = " " if name == "ptb" else "\n\n"
     return sep.join(ds[field])

@@ -36,7 +36,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from calib.errors import RankwiseError
+from calib.errors import RankwiseError, first_line
 
 DENSE = "none"  # method name of the uncompressed baseline job
 # Where a job runs does not change what it computes: these keys stay out of the job's hash, so a run can be
@@ -353,7 +353,7 @@ def run_job(job: Job, progress=None) -> dict:
 
 
 def record_failure(job: Job, exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    msg = first_line(exc)
     if not isinstance(exc, RankwiseError):
         msg = f"{type(exc).__name__}: {msg}"
     job.dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from calib.errors import RankwiseError
+from calib.errors import RankwiseError, first_line
 from compress.lowrank import RANKWISE_KEY, load_rankwise_model
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,11 +47,6 @@ def is_rankwise_checkpoint(path: str) -> bool:
         return False
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 def load_config(ref: str, trust_remote_code: bool = False):
     import transformers
     if looks_local(ref) and not os.path.isdir(ref):
@@ -59,7 +54,7 @@ def load_config(ref: str, trust_remote_code: bool = False):
     try:
         return transformers.AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise RankwiseError(f"cannot load model {ref!r}: {_first_line(e)}") from None
+        raise RankwiseError(f"cannot load model {ref!r}: {first_line(e, 300)}") from None
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
@@ -67,7 +62,7 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     try:
         return transformers.AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise RankwiseError(f"cannot load the tokenizer of {ref!r}: {_first_line(e)}") from None
+        raise RankwiseError(f"cannot load the tokenizer of {ref!r}: {first_line(e, 300)}") from None
 
 
 def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
@@ -90,9 +85,9 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
     except RankwiseError:
         raise
     except ValueError as e:
-        raise RankwiseError(f"unsupported model {ref!r}: {_first_line(e)}") from None
+        raise RankwiseError(f"unsupported model {ref!r}: {first_line(e, 300)}") from None
     except Exception as e:
-        raise RankwiseError(f"cannot load model {ref!r}: {_first_line(e)}") from None
+        raise RankwiseError(f"cannot load model {ref!r}: {first_line(e, 300)}") from None
     model.eval()
     return model, tokenizer, config
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from calib.data import load_text, tokenize, validate_source
-from calib.errors import RankwiseError
+from calib.errors import RankwiseError, first_line
 from compress.checkpoint import package_versions, read_meta
 from compress.loading import load_config, load_model, max_context, resolve_device, resolve_dtype
 from eval.ppl import perplexity
@@ -78,8 +78,7 @@ def load_for_eval(model_ref: str, dtype: str = "auto", device: str = "auto", tru
             model_ref, gguf_file=gguf_file, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
             device_map=str(dev))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RankwiseError(f"cannot load GGUF {gguf_file!r} from {model_ref!r}: {first[:300]}") from None
+        raise RankwiseError(f"cannot load GGUF {gguf_file!r} from {model_ref!r}: {first_line(e, 300)}") from None
     model.eval()
     return model, tokenizer, model.config
 

@@ -15,16 +15,11 @@ import os
 import time
 from pathlib import Path
 
-from calib.errors import RankwiseError
+from calib.errors import RankwiseError, first_line
 
 LOCAL_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LOCAL_HELP = ("use a local task instead: a YAML with `dataset_path: json` and `dataset_kwargs: {data_files: "
               "...}` (see configs/tasks/austen_mc.yaml), passed as --tasks PATH.yaml")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def _quiet_lm_eval():
@@ -58,7 +53,7 @@ def load_local_task_config(yaml_path: str | Path) -> dict:
     try:
         cfg = load_yaml(path)
     except Exception as e:
-        raise RankwiseError(f"cannot read task file {str(path)!r}: {_first_line(e)}") from None
+        raise RankwiseError(f"cannot read task file {str(path)!r}: {first_line(e, 300)}") from None
     if "task" not in cfg:
         raise RankwiseError(f"task file {str(path)!r} has no `task:` name (groups are not supported here)")
     kwargs = dict(cfg.get("dataset_kwargs") or {})
@@ -141,7 +136,7 @@ class TaskSet:
                 else ""
             raise RankwiseError(
                 f"task {name!r}: could not load its data{f' ({where})' if where else ''}{offline}: "
-                f"{_first_line(e)}. Offline? {LOCAL_HELP}") from None
+                f"{first_line(e, 300)}. Offline? {LOCAL_HELP}") from None
         return loaded, tm
 
 
