@@ -23,25 +23,14 @@ def export_peft_cmd(
     Load it back with compress.peft_export.load_eora_adapter(base, ADAPTER), where base is the checkpoint
     loaded and stripped of its paths (compress.peft_export.strip_compensation).
     """
-    import shutil
-    import tempfile
-
-    from compress.checkpoint import check_output_dir
+    from compress.checkpoint import atomic_output_dir, check_output_dir
     from compress.loading import is_rankwise_checkpoint
     from compress.lowrank import load_rankwise_model
     from compress.peft_export import export_eora_adapter
-    out = check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite)  # before loading anything
     if not is_rankwise_checkpoint(checkpoint):
         raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")
     model = load_rankwise_model(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(output, overwrite) as tmp:
         export_eora_adapter(model, tmp, base_model_name=str(checkpoint))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    out_console.print(f"wrote {out}")
+    out_console.print(f"wrote {output}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import typer
@@ -73,11 +72,3 @@ class Bars:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
-
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    return str(o)
-
-

@@ -306,10 +306,8 @@ def load_plan(path: str | Path) -> Plan:
 # ---------------------------------------------------------------- running
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    from cli.common import _json_default
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    from eval.results import write_text_atomic
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def run_job(job: Job, progress=None) -> dict:

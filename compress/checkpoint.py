@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from calib.errors import RankwiseError
@@ -76,12 +77,30 @@ model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)
 """
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: dict, overwrite: bool = False,
-                    max_shard_size: str = "2GB") -> Path:
+@contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling folder to write into; on success it replaces `out_dir` (swapped in, then the
+    old one dropped, with --overwrite), on any failure it is removed: never a half-written output."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: dict, overwrite: bool = False,
+                    max_shard_size: str = "2GB") -> Path:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
@@ -92,17 +111,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: dict, overwrite
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(meta))
-        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def read_meta(path: str | Path) -> dict | None:

@@ -153,9 +153,13 @@ def write_results(result: dict, json_path: str | Path) -> tuple[Path, Path]:
     json_path = Path(json_path)
     md_path = json_path.with_suffix(".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((json_path, json.dumps(_clean(result), indent=2, default=_json_default) + "\n"),
-                       (md_path, markdown(result))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    write_text_atomic(json_path, json.dumps(_clean(result), indent=2, default=_json_default) + "\n")
+    write_text_atomic(md_path, markdown(result))
     return json_path, md_path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temporary sibling, then rename it over `path`: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
