@@ -14,11 +14,11 @@ import time
 import torch
 from torch import nn
 
-from calib.capture import capture_block_inputs, collect_linear_stats, propagate
 from calib.errors import RankwiseError
-from compress.arch import dense_weight, find_decoder_blocks, find_linears
+from compress.arch import dense_weight
 from compress.correct import eora_factors
 from compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
+from compress.pipeline import unchanged_block_stats
 
 
 def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
@@ -26,9 +26,7 @@ def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
         layer = compressed.get_submodule(name)
     except AttributeError:
         raise RankwiseError(f"the compressed model has no layer {name!r} (layer names must match the original)")
-    if isinstance(layer, LoraLinear):
-        raise RankwiseError(f"layer {name!r} of the compressed model already has a compensation path")
-    if isinstance(layer, LowRankLinear) and layer.lora_rank:
+    if isinstance(layer, LoraLinear) or (isinstance(layer, LowRankLinear) and layer.lora_rank):
         raise RankwiseError(f"layer {name!r} of the compressed model already has a compensation path")
     return layer
 
@@ -37,16 +35,12 @@ def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
 def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torch.Tensor, rank: int,
                      batch_size: int, device: torch.device, progress=None) -> dict:
     """Add EoRA paths to `compressed` in place. Returns name -> {"in","out","rank","lora_rank","bias"}."""
-    prefix, blocks = find_decoder_blocks(original)
-    inputs = capture_block_inputs(original, blocks, calib_ids, batch_size, device, device)
     modules = {}
-    for i, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
-        linears = find_linears(block)
-        stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx=True)
+    for block_prefix, linears, stats in unchanged_block_stats(original, calib_ids, batch_size, device, device,
+                                                              want_xtx=True, want_abs=False, progress=progress,
+                                                              stage="compensate"):
         for name, lin in linears.items():
-            full = f"{prefix}.{i}.{name}"
+            full = f"{block_prefix}.{name}"
             layer = _compressed_layer(compressed, full)
             W = dense_weight(lin).to(device).double()
             Wc = layer.weight.detach().to(device).double()
@@ -68,12 +62,6 @@ def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torc
                 setattr(parent, child, wrapped)
                 modules[full] = {"rank": None, "in": W.shape[1], "out": W.shape[0],
                                  "bias": getattr(layer, "bias", None) is not None, "lora_rank": lA.shape[0]}
-        del stats
-        if i + 1 < len(blocks):
-            propagate(block, inputs, i, device)
-        block.to(home)
-        if progress:
-            progress("compensate", i + 1, len(blocks))
     return modules
 
 

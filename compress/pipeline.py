@@ -81,30 +81,41 @@ def fisher_pass(model, calib_ids, device, progress=None) -> dict[str, torch.Tens
     return row_fisher(model, calib_ids, weights, device, transposed, progress)
 
 
-@torch.no_grad()
-def spectra_pass(model, blocks, prefix, method, calib_ids, cfg, device, storage, fisher, progress=None) -> dict:
-    """Singular values of every matrix's transformed weight, statistics from the dense model (WeLore)."""
-    inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
-    spectra = {}
+@torch.no_grad()  # torch applies it to each resumption of the generator
+def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, want_xtx: bool, want_abs: bool,
+                          progress: Progress | None = None, stage: str = "statistics"):
+    """For each decoder block of a model that is *not* being changed: yields (block prefix, its Linears by
+    local name, their input statistics) with the block on `device`, then runs the block forward for the next
+    one and moves it back. One block and the calibration activations on the device at a time."""
+    prefix, blocks = find_decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, device, storage)
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
         stats = {}
-        if method.needs & {"xtx", "abs_mean"}:
-            stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx="xtx" in method.needs,
-                                         want_abs="abs_mean" in method.needs, stats_device=storage)
-        for name, lin in linears.items():
-            full = f"{prefix}.{i}.{name}"
-            st = stats.get(name)
-            if fisher is not None:
-                st = _FisherStats(fisher[full])
-            spectra[full] = method.decompose(dense_weight(lin).to(device), st).spectrum.cpu()
+        if want_xtx or want_abs:
+            stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx=want_xtx, want_abs=want_abs,
+                                         stats_device=storage)
+        yield f"{prefix}.{i}", linears, stats
+        del stats
         if i + 1 < len(blocks):
             propagate(block, inputs, i, device)
         block.to(home)
         if progress:
-            progress("spectra", i + 1, len(blocks))
+            progress(stage, i + 1, len(blocks))
+
+
+def spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progress=None) -> dict:
+    """Singular values of every matrix's transformed weight, statistics from the dense model (WeLore)."""
+    spectra = {}
+    for block_prefix, linears, stats in unchanged_block_stats(
+            model, calib_ids, cfg.batch_size, device, storage, want_xtx="xtx" in method.needs,
+            want_abs="abs_mean" in method.needs, progress=progress, stage="spectra"):
+        for name, lin in linears.items():
+            full = f"{block_prefix}.{name}"
+            st = _FisherStats(fisher[full]) if fisher is not None else stats.get(name)
+            spectra[full] = method.decompose(dense_weight(lin).to(device), st).spectrum.cpu()
     return spectra
 
 
@@ -142,7 +153,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     spectra = None
     if cfg.ranks == "welore":
         t0 = time.perf_counter()
-        spectra = spectra_pass(model, blocks, prefix, method, calib_ids, cfg, device, storage, fisher, progress)
+        spectra = spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progress)
         times.add("spectra", t0)
     ranks = _allocate(cfg, shapes, spectra)
     del spectra
