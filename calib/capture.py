@@ -138,12 +138,31 @@ def _call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) ->
     return out[0] if isinstance(out, tuple) else out
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b for [tokens, n] activations, in float32 (float64 inputs stay float64).
+
+    bf16/fp16 activations have at most 11 significant bits, so each product is exact in float32: on a GPU a
+    half-precision GEMM that accumulates and writes float32 (tensor cores) then equals the float32 GEMM of
+    the upcast inputs, at several times its speed and without the upcast copies.
+    """
+    if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
+        try:
+            return torch.mm(a.T, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch or GPU without the mixed-output GEMM: upcast below
+            pass
+    lift = (lambda t: t) if a.dtype == torch.float64 else (lambda t: t.float())
+    return lift(a).T @ lift(b)
+
+
 class LinearStats:
     """Running statistics of one Linear's input x (n features), accumulated over calibration tokens.
 
     xtx: sum of x x^T (SVD-LLM / EoRA covariance), abs_sum: sum of |x| (ASVD). Each batch's product is
-    formed in float32 (fast; a batch is a few thousand tokens) and accumulated in float64, so long
-    calibration runs do not lose precision. float64 inputs (tests) stay float64.
+    formed in float32 (fast; a batch is a few thousand tokens; see `gram`) and accumulated in float64, so
+    long calibration runs do not lose precision. float64 inputs (tests) stay float64.
     """
 
     def __init__(self, n: int, want_xtx: bool, want_abs: bool, device):
@@ -152,17 +171,17 @@ class LinearStats:
         self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device) if want_abs else None
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x as [tokens, n] in the dtype products are formed in (float32; float64 stays float64)."""
-        x = x.reshape(-1, self.n)
-        return x if x.dtype == torch.float64 else x.float()
+        """x as [tokens, n], in its own dtype."""
+        return x.reshape(-1, self.n)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = self.rows(x)
         if self.xtx is not None:
-            self.xtx += (x.T @ x).to(self.xtx.device, torch.float64)
+            self.xtx += gram(x, x).to(self.xtx.device, torch.float64)
         if self.abs_sum is not None:
-            self.abs_sum += x.abs().sum(0).to(self.abs_sum.device, torch.float64)
+            lifted = x if x.dtype == torch.float64 else x.float()
+            self.abs_sum += lifted.abs().sum(0).to(self.abs_sum.device, torch.float64)
         self.count += x.shape[0]
 
     @property

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calib.capture import BlockInputs, LinearStats, _call_block, _in_features
+from calib.capture import BlockInputs, LinearStats, _call_block, _in_features, gram
 
 
 class _Stop(Exception):
@@ -67,7 +67,7 @@ class PairStats(LinearStats):
     def update(self, xc: torch.Tensor, xd: torch.Tensor | None = None) -> None:
         super().update(xc)
         if self.cross is not None:
-            self.cross += (self.rows(xd).T @ self.rows(xc)).to(self.cross.device, torch.float64)
+            self.cross += gram(self.rows(xd), self.rows(xc)).to(self.cross.device, torch.float64)
 
     @property
     def cross_covariance(self) -> torch.Tensor:

@@ -49,7 +49,7 @@ def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torc
                                     f"{tuple(W.shape)} in the original")
             if torch.equal(Wc, W):
                 continue  # identical layer: nothing to compensate
-            lB, lA = eora_factors(W - Wc, stats[name].covariance, rank)
+            lB, lA = eora_factors(W - Wc, stats[name], rank)
             if isinstance(layer, LowRankLinear):
                 layer.add_lora(lB.to(layer.A.weight.dtype), lA.to(layer.A.weight.dtype))
                 modules[full] = {"rank": layer.rank, "in": layer.in_features, "out": layer.out_features,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from compress.methods.base import Decomposition, derived
+
 
 def _ridge(M: torch.Tensor, damp: float) -> torch.Tensor:
     lam = damp * M.diagonal().mean().clamp_min(1e-12)
@@ -48,22 +50,27 @@ def target_weight(weight: torch.Tensor, stats, damp: float = 1e-4) -> torch.Tens
     W = weight.double()
     if getattr(stats, "cross", None) is None:
         return W
-    C = stats.covariance.to(W.device)
-    G = stats.cross_covariance.to(W.device)
-    return W + torch.linalg.solve(_ridge(C, damp), (W @ (G - C)).T).T   # C symmetric
+    dev = W.device
+    C = stats.covariance.to(dev)
+    G = stats.cross_covariance.to(dev)
+    ridged = derived(stats, ("ridge_cholesky", damp, dev), lambda: torch.linalg.cholesky_ex(_ridge(C, damp)))
+    L, info = ridged
+    if int(info) != 0:  # numerically indefinite despite the ridge: a general solve still works
+        return W + torch.linalg.solve(_ridge(C, damp), (W @ (G - C)).T).T
+    return W + torch.cholesky_solve((W @ (G - C)).T, L).T   # C symmetric
 
 
-def eora_factors(residual: torch.Tensor, covariance: torch.Tensor, rank: int,
-                 eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """EoRA: best rank-r B' A' for E||(R - B'A') x||^2 via the eigendecomposition of C = E[x x^T]."""
+def covariance_eigh(covariance: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """C = Q diag(lam) Q^T (float64), null and negative eigenvalues clamped to eps * lam_max."""
+    lam, Q = torch.linalg.eigh(covariance.double())
+    return lam.clamp_min(eps * lam.max().clamp_min(1e-12)), Q
+
+
+def eora_factors(residual: torch.Tensor, stats, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EoRA: best rank-r B' A' for E||(R - B'A') x||^2 via the eigendecomposition of C = E[x x^T]
+    (computed once per statistics object: q/k/v share it)."""
     R = residual.double()
-    C = covariance.double().to(R.device)
-    lam, Q = torch.linalg.eigh(C)
-    lam = lam.clamp_min(eps * lam.max().clamp_min(1e-12))   # clamp negative / null eigenvalues
+    lam, Q = derived(stats, ("eigh", R.device), lambda: covariance_eigh(stats.covariance.to(R.device)))
     sq = lam.sqrt()
-    U, S, Vh = torch.linalg.svd(R @ (Q * sq[None, :]), full_matrices=False)
-    r = min(rank, S.shape[0])
-    s = S[:r].sqrt()
-    B = U[:, :r] * s
-    A = (s[:, None] * Vh[:r]) / sq[None, :] @ Q.T
-    return B, A
+    whitened = Decomposition(R @ (Q * sq[None, :]), undo_right=lambda A: (A / sq[None, :]) @ Q.T)
+    return whitened.factors(min(rank, *R.shape))

@@ -191,20 +191,21 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
                 weight = dense_weight(lin).to(device)
                 if fisher is not None:
                     stats.fisher = fisher[full]
+                target = None
+                if cfg.refit or cfg.compensate == "eora":
+                    target = target_weight(weight, stats, cfg.refit_damp)
                 if cfg.refit:
                     # Decompose W G C^-1 (the dense layer re-expressed on compressed inputs): for SVD-LLM the
                     # truncation is then the exact rank-k optimum of E||W' x_c - W x_d||; B is re-solved last.
-                    target = target_weight(weight, stats, cfg.refit_damp).to(weight.dtype)
-                    B, A = method.decompose(target, stats).factors(rank)
+                    B, A = method.decompose(target.to(weight.dtype), stats).factors(rank)
                     B = refit_b(weight, A, stats, cfg.refit_damp, B0=B)
                 else:
                     B, A = method.decompose(weight, stats).factors(rank)
                 new = LowRankLinear.from_factors(B, A, getattr(lin, "bias", None), dtype=lin.weight.dtype)
                 lora_rank = 0
                 if cfg.compensate == "eora":
-                    target = target_weight(weight, stats, cfg.refit_damp)
                     lB, lA = eora_factors(target - B.double().to(target.device) @ A.double().to(target.device),
-                                          stats.covariance, cfg.eora_rank)
+                                          stats, cfg.eora_rank)
                     new.add_lora(lB, lA)
                     lora_rank = lA.shape[0]
                     lora_params += lora_rank * (lA.shape[1] + lB.shape[0])

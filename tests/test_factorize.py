@@ -46,7 +46,7 @@ def test_svd_llm_truncation_error_equals_dropped_singular_values():
     B, A = dec.factors(k)
     # covariance is X^T X / tokens, so the output error is measured per token in the same normalisation
     err = ((x @ (W - B @ A).T) ** 2).sum() / stats.count
-    dropped = (dec.S[k:] ** 2).sum()
+    dropped = (dec.spectrum[k:] ** 2).sum()
     assert torch.isclose(err, dropped, rtol=1e-8)
 
 
@@ -76,3 +76,59 @@ def test_svd_llm_survives_a_singular_covariance():
     live = [j for j in range(12) if j not in (3, 7)]
     assert torch.allclose((x @ (B @ A).T), x @ W.T, atol=1e-5)
     assert torch.isfinite(A[:, live]).all()
+
+
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30), (40, 40)])
+def test_gram_decomposition_matches_lapack_svd(shape):
+    """The eigh-of-the-Gram SVD gives LAPACK's singular values, balanced factors built on orthonormal
+    singular vectors (B^T B = A A^T = diag S_k) and the Eckart-Young truncation error at every rank,
+    for wide, tall and square matrices."""
+    from compress.methods.base import Decomposition
+    g = torch.Generator().manual_seed(3)
+    m, n = shape
+    M = torch.randn(m, n, generator=g, dtype=torch.float64) * torch.logspace(0, -3, n, dtype=torch.float64)
+    ref = torch.linalg.svdvals(M)
+    assert torch.allclose(Decomposition(M).spectrum, ref, rtol=1e-8, atol=1e-12 * ref[0])  # eigvalsh only
+    dec = Decomposition(M)
+    for k in (1, min(m, n) // 3, min(m, n)):
+        B, A = dec.factors(k)
+        assert torch.allclose(B.T @ B, torch.diag(ref[:k]), atol=1e-8 * ref[0])
+        assert torch.allclose(A @ A.T, torch.diag(ref[:k]), atol=1e-8 * ref[0])
+        err = torch.linalg.matrix_norm(M - B @ A)
+        assert torch.isclose(err, ref[k:].square().sum().sqrt(), rtol=1e-6, atol=1e-10 * ref[0])
+    assert torch.allclose(dec.spectrum, ref, rtol=1e-8, atol=1e-12 * ref[0])
+
+
+def test_gram_decomposition_of_rank_deficient_and_zero_matrices_stays_finite():
+    from compress.methods.base import Decomposition
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 12, generator=g, dtype=torch.float64)
+    B, A = Decomposition(M).factors(12)   # every rank, including the 9 null directions
+    assert torch.isfinite(B).all() and torch.isfinite(A).all()
+    assert torch.allclose(B @ A, M, atol=1e-10 * M.abs().max())
+    B0, A0 = Decomposition(torch.zeros(5, 7)).factors(5)
+    assert torch.isfinite(B0).all() and torch.isfinite(A0).all() and (B0 @ A0).abs().max() == 0
+
+
+def test_one_cholesky_serves_a_group_sharing_its_input(monkeypatch):
+    """q/k/v share one statistics object: SVD-LLM factors its covariance once, not once per Linear."""
+    import compress.methods.svd_llm as svd_llm
+    calls = []
+    real = svd_llm.cholesky_with_fallback
+    monkeypatch.setattr(svd_llm, "cholesky_with_fallback", lambda C: calls.append(1) or real(C))
+    stats = stats_of(correlated_inputs(16, 200))
+    method = get_method("svd-llm")
+    for seed in range(3):
+        W = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        method.decompose(W, stats)
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision Gram path is GPU-only")
+def test_half_precision_gram_on_gpu_equals_the_float32_gram():
+    from calib.capture import gram
+    x = torch.randn(4096, 256, device="cuda").to(torch.bfloat16)
+    ref = x.double().T @ x.double()
+    out = gram(x, x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -6,7 +6,7 @@ activations (outliers) get their columns preserved first.
 from dataclasses import dataclass
 
 
-from compress.methods.base import Decomposition, Method, register, svd
+from compress.methods.base import Decomposition, Method, register
 
 
 @register("asvd")
@@ -19,5 +19,4 @@ class ASVD(Method):
         s = stats.abs_mean.to(weight.device)
         # A dead channel (always zero) would make the scale singular; its column does not matter for the data.
         s = s.clamp_min(s.max() * 1e-6 + 1e-12) ** self.alpha
-        U, S, Vh = svd(weight.to(s.dtype) * s[None, :])
-        return Decomposition(U, S, Vh, undo_right=lambda A: A / s[None, :].to(A.dtype))
+        return Decomposition(weight.to(s.dtype) * s[None, :], undo_right=lambda A: A / s[None, :].to(A.dtype))

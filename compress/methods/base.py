@@ -5,10 +5,13 @@ top k singular triplets, and undoes the transform on the factors:
     B = L^-1 U_k sqrt(S_k),  A = sqrt(S_k) V_k^T R^-1,   W ~ B A.
 Truncating sigma_i then costs exactly sigma_i in the norm the transform defines (Frobenius for plain SVD,
 data-weighted output error for SVD-LLM's whitening). A method is one small module registered by name.
+
+The SVD itself is taken through the eigendecomposition of the smaller Gram matrix, in float64 (see
+`Decomposition`), and only as far as it is used: singular values alone for WeLore's spectra, k vectors for a
+rank-k cut.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -24,24 +27,53 @@ def register(name: str):
     return deco
 
 
-@dataclass
 class Decomposition:
-    """SVD of the transformed weight, with the maps that undo the transform on B (left) and A (right)."""
-    U: torch.Tensor        # [m, r]
-    S: torch.Tensor        # [r], descending
-    Vh: torch.Tensor       # [r, n]
-    undo_left: Callable[[torch.Tensor], torch.Tensor] | None = None
-    undo_right: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """SVD of the transformed weight M, with the maps that undo the transform on B (left) and A (right).
+
+    Why not torch.linalg.svd: the symmetric eigensolver (LAPACK/cuSOLVER syevd) on the smaller Gram matrix
+    G = M M^T (or M^T M) is 2-4x faster than the SVD drivers at these shapes (one CPU thread, 2048 x 5632:
+    20.3 s -> 4.7 s), and singular values alone (eigvalsh) are cheaper still. Forming G squares the
+    condition number, hence float64: sigma_i comes out with an absolute error of about
+    eps64 * sigma_max^2 / sigma_i, better than a float32 SVD for every sigma_i > 1e-4 sigma_max.
+    The other side of a kept triplet is M^T u_i / sigma_i; B A is then u_i u_i^T M, the exact projection,
+    whatever the accuracy of sigma_i (triplets below 1e-12 sigma_max, which carry nothing, are damped).
+    """
+
+    def __init__(self, matrix: torch.Tensor, undo_left: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 undo_right: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.M = matrix.double()
+        self.undo_left, self.undo_right = undo_left, undo_right
+        self.wide = self.M.shape[0] <= self.M.shape[1]
+        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _gram(self) -> torch.Tensor:
+        return self.M @ self.M.T if self.wide else self.M.T @ self.M
+
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S descending, Q): Q's columns are the left (wide M) or right (tall M) singular vectors."""
+        if self._eig is None:
+            evals, Q = torch.linalg.eigh(self._gram())                 # ascending
+            self._eig = evals.flip(0).clamp_min(0).sqrt(), Q.flip(1)
+        return self._eig
 
     @property
     def spectrum(self) -> torch.Tensor:
-        """The singular values a rank cut drops from (what WeLore thresholds)."""
-        return self.S
+        """The singular values a rank cut drops from, descending (what WeLore thresholds)."""
+        if self._eig is not None:
+            return self._eig[0]
+        return torch.linalg.eigvalsh(self._gram()).flip(0).clamp_min(0).sqrt()
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sq = self.S[:k].sqrt()
-        B = self.U[:, :k] * sq
-        A = sq[:, None] * self.Vh[:k]
+        """Balanced rank-k factors: B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T, then the transform undone."""
+        S, Q = self._eigh()
+        sq = S[:k].sqrt()
+        floor = max(S[0].item() if S.numel() else 0.0, 1e-150) * 1e-12
+        inv_sq = 1.0 / S[:k].clamp_min(floor).sqrt()
+        Qk = Q[:, :k]
+        if self.wide:   # U_k = Q_k,  S_k V_k^T = Q_k^T M
+            B, A = Qk * sq, (Qk.T @ self.M) * inv_sq[:, None]
+        else:           # V_k = Q_k,  U_k S_k = M Q_k
+            B, A = (self.M @ Qk) * inv_sq, sq[:, None] * Qk.T
         if self.undo_left is not None:
             B = self.undo_left(B)
         if self.undo_right is not None:
@@ -58,10 +90,13 @@ class Method:
         raise NotImplementedError
 
 
-def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD. float64 on CPU (cheap at these sizes, exact), float32 on an accelerator (fast)."""
-    dtype = torch.float64 if matrix.device.type == "cpu" else torch.float32
-    return torch.linalg.svd(matrix.to(dtype), full_matrices=False)
+def derived(stats, key, compute: Callable[[], torch.Tensor]):
+    """A quantity derived from one statistics object, computed once: q/k/v (and gate/up) share their input
+    statistics, so one Cholesky or eigendecomposition serves the whole group."""
+    cache = stats.__dict__.setdefault("_derived", {})
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def get_method(name: str, **options) -> Method:

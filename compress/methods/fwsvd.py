@@ -5,7 +5,7 @@ B = diag(d)^-1 U_k sqrt(S_k): rows the loss is sensitive to are reconstructed fi
 Memory: the Fisher pass runs the whole model forward and backward, one calibration sequence at a time with
 gradient checkpointing: about the model's weights + one sequence's hidden states per layer + its logits.
 """
-from compress.methods.base import Decomposition, Method, register, svd
+from compress.methods.base import Decomposition, Method, register
 
 
 @register("fwsvd")
@@ -15,5 +15,4 @@ class FWSVD(Method):
     def decompose(self, weight, stats) -> Decomposition:
         d = stats.fisher.to(weight.device).double().sqrt()
         d = d.clamp_min(d.max() * 1e-6 + 1e-30)  # a row with zero gradient would make the weighting singular
-        U, S, Vh = svd(weight.double() * d[:, None])
-        return Decomposition(U, S, Vh, undo_left=lambda B: B / d[:, None].to(B.dtype))
+        return Decomposition(weight.double() * d[:, None], undo_left=lambda B: B / d[:, None].to(B.dtype))

@@ -1,5 +1,5 @@
 """Plain truncated SVD: minimises ||W - BA||_F and ignores the data (a baseline, catastrophic on LLMs)."""
-from compress.methods.base import Decomposition, Method, register, svd
+from compress.methods.base import Decomposition, Method, register
 
 
 @register("svd")
@@ -7,4 +7,4 @@ class PlainSVD(Method):
     needs = frozenset()
 
     def decompose(self, weight, stats) -> Decomposition:
-        return Decomposition(*svd(weight))
+        return Decomposition(weight)

@@ -6,7 +6,7 @@ computed by a triangular solve, never by forming L^-1.
 """
 import torch
 
-from compress.methods.base import Decomposition, Method, register, svd
+from compress.methods.base import Decomposition, Method, derived, register
 
 
 def cholesky_with_fallback(C: torch.Tensor) -> torch.Tensor:
@@ -32,9 +32,9 @@ class SVDLLM(Method):
     needs = frozenset({"xtx"})
 
     def decompose(self, weight, stats) -> Decomposition:
-        L = cholesky_with_fallback(stats.covariance.to(weight.device))
-        U, S, Vh = svd(weight.to(L.dtype) @ L)
+        dev = weight.device
+        L = derived(stats, ("cholesky", dev), lambda: cholesky_with_fallback(stats.covariance.to(dev)))
 
         def undo_right(A):  # A L^-1: solve X L = A, in float64 (L may be ill-conditioned)
             return torch.linalg.solve_triangular(L, A.to(L.dtype), upper=False, left=False).to(A.dtype)
-        return Decomposition(U, S, Vh, undo_right=undo_right)
+        return Decomposition(weight.to(L.dtype) @ L, undo_right=undo_right)
