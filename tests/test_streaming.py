@@ -145,3 +145,17 @@ def test_stream_refusals_are_one_line_and_exit_2(case, tiny_dirs, austen_file, t
     if make is bin_checkpoint:  # the same checkpoint compresses the normal way
         res = cli("model", src, "-o", out, *calib_args(austen_file), *extra)
         assert res.exit_code == 0, res.output
+
+
+def test_sweep_accepts_stream_weights_and_keeps_job_names(tiny_dirs, austen_file, tmp_path):
+    """A sweep can turn streaming on; how weights are read does not change a job's result, so not its name."""
+    from cli.sweep import load_plan
+    from test_sweep import write_run
+    names = {}
+    for flag in ("", "stream_weights: true"):
+        where = tmp_path / ("stream" if flag else "plain")
+        where.mkdir()
+        plan = load_plan(write_run(where, tiny_dirs["llama"], austen_file, extra=flag))
+        assert [job.compress["stream_weights"] for job in plan.jobs] == [bool(flag)] * 2
+        names[flag] = [job.name for job in plan.jobs]
+    assert names[""] == names["stream_weights: true"]
