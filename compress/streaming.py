@@ -126,8 +126,10 @@ class BlockWeightStream:
         return any(p.device.type == "meta" for p in self.blocks[i].parameters())
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors from disk, cast to their model dtype. Each file is opened for this read only:
-        a mapping kept open would keep every page read so far resident (and counted in RSS)."""
+        """The named tensors from disk, copied out of the file and cast to their model dtype. safetensors
+        hands out views of a memory map, read from disk only when first touched: the copy does the reading
+        here (in the prefetch thread), and lets each read's mapping go at once, so no page of the file stays
+        resident (and counted in RSS) after its block is compressed."""
         from safetensors import safe_open
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -137,7 +139,7 @@ class BlockWeightStream:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in file_names:
                     t = f.get_tensor(name)
-                    out[name] = t.to(self.dtypes[name]) if t.is_floating_point() else t
+                    out[name] = t.to(self.dtypes[name] if t.is_floating_point() else t.dtype, copy=True)
         return out
 
     def read_block(self, i: int) -> dict[str, torch.Tensor]:
