@@ -159,3 +159,23 @@ def test_sweep_accepts_stream_weights_and_keeps_job_names(tiny_dirs, austen_file
         assert [job.compress["stream_weights"] for job in plan.jobs] == [bool(flag)] * 2
         names[flag] = [job.name for job in plan.jobs]
     assert names[""] == names["stream_weights: true"]
+
+
+
+def test_hub_id_streams_from_the_local_cache(tiny_dirs, austen_file, tmp_path, monkeypatch):
+    """A hub id resolves through the hub cache (offline here): a cache laid out as huggingface_hub does."""
+    import huggingface_hub.constants
+    repo = tmp_path / "hub" / "models--rankwise-test--tiny-llama"
+    shutil.copytree(tiny_dirs["llama"], repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub, _, _ = compress_in_memory(CompressConfig(model="rankwise-test/tiny-llama", method="svd", ratio=0.3,
+                                                  calib=f"text:{austen_file}", nsamples=2, seqlen=16, device="cpu",
+                                                  stream_weights=True), torch.device("cpu"))
+    local, _, _ = compress_in_memory(CompressConfig(model=str(tiny_dirs["llama"]), method="svd", ratio=0.3,
+                                                    calib=f"text:{austen_file}", nsamples=2, seqlen=16, device="cpu"),
+                                     torch.device("cpu"))
+    want, got = local.state_dict(), hub.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
