@@ -100,7 +100,7 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
     """For each decoder block of a model that is *not* being changed: yields (block prefix, its Linears by
     local name, their input statistics) with the block on `device`, then runs the block forward for the next
     one and moves it back. One block and the calibration activations on the device at a time; with a
-    block_source, one block in host memory too (each is released once read)."""
+    block_source, in host memory too (plus the next block being read): each is released once read."""
     prefix, blocks = find_decoder_blocks(model)
     if block_source is not None:
         block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
