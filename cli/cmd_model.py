@@ -69,6 +69,11 @@ def model_cmd(
     dtype: str = typer.Option("auto", help="Weights dtype: auto (checkpoint's on GPU, fp32 on CPU), fp32, fp16, bf16."),
     device: str = typer.Option("auto", help="Where blocks are calibrated and factorized: auto, cpu, cuda, cuda:N."),
     offload: bool = typer.Option(False, help="Keep calibration activations and statistics on CPU (saves GPU memory)."),
+    stream_weights: bool = typer.Option(False, help="Read each decoder block from the checkpoint's safetensors files "
+                                                    "only when it is compressed (the next one in the background): "
+                                                    "host memory holds the compressed blocks and two dense ones, not "
+                                                    "the dense model. Dense safetensors checkpoints whose tensor "
+                                                    "names are the model's; not with --method fwsvd."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own modeling code from the hub."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
 ):
@@ -78,7 +83,8 @@ def model_cmd(
     cfg = CompressConfig(model=model, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
                          eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
                          seed=seed, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,
-                         device=device, offload=offload, trust_remote_code=trust_remote_code,
+                         device=device, offload=offload, stream_weights=stream_weights,
+                         trust_remote_code=trust_remote_code,
                          keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
     with Bars() as bars:
         meta = run_compress(cfg, output, overwrite, bars)

@@ -39,9 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from calib.errors import RankwiseError, first_line
 
 DENSE = "none"  # method name of the uncompressed baseline job
-# Where a job runs does not change what it computes: these keys stay out of the job's hash, so a run can be
-# resumed on another device.
-UNHASHED = {"device", "offload"}
+# Where and how a job runs does not change what it computes: these keys stay out of the job's hash, so a run
+# can be resumed on another device (or with --stream-weights turned on).
+UNHASHED = {"device", "offload", "stream_weights"}
 
 
 # ---------------------------------------------------------------- YAML with line numbers

@@ -33,6 +33,8 @@ class CompressConfig(BaseModel):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: str = "auto"
     offload: bool = Field(False, description="keep calibration activations and statistics on CPU")
+    stream_weights: bool = Field(False, description="read each decoder block from the checkpoint's safetensors "
+                                 "only when it is compressed (models larger than host memory)")
     trust_remote_code: bool = False
 
     @field_validator("ratio")

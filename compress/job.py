@@ -12,7 +12,9 @@ from calib.errors import RankwiseError
 from compress.checkpoint import check_output_dir, save_checkpoint
 from compress.config import CompressConfig
 from compress.loading import load_config, load_model, max_context, resolve_device
+from compress.methods import REGISTRY
 from compress.pipeline import Progress, compress_model
+from compress.streaming import FWSVD_UNSUPPORTED, open_streaming_model
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -28,6 +30,8 @@ def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
     check_output_dir(output, overwrite)
     validate_source(cfg.calib)
     device = resolve_device(cfg.device)
+    if cfg.stream_weights and "fisher" in REGISTRY[cfg.method].needs:
+        raise RankwiseError(FWSVD_UNSUPPORTED)
     config = load_config(cfg.model, cfg.trust_remote_code)
     ctx = max_context(config)
     if ctx is not None and cfg.seqlen > ctx:
@@ -40,12 +44,20 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
-                                     place_on_device=False)
+    stream = None
+    if cfg.stream_weights:  # decoder blocks stay on meta until the pipeline reads them from the checkpoint
+        model, tokenizer, stream = open_streaming_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    else:
+        model, tokenizer, _ = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
+                                         place_on_device=False)
     if progress:
         progress("load", 1, 1)
-    calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
-    meta = compress_model(model, calib.input_ids, cfg, progress)
+    try:
+        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        meta = compress_model(model, calib.input_ids, cfg, progress, block_source=stream)
+    finally:
+        if stream is not None:
+            stream.close()
     meta["source_model"] = cfg.model
     meta["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     meta["compress_seconds"] = round(time.perf_counter() - t_start, 2)

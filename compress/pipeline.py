@@ -13,18 +13,21 @@ With --refit a dense twin of the current block is run on the dense model's hidde
 activations) so every layer is fitted to what the *dense* layer outputs, correcting upstream error.
 Uniform ranks are fixed from shapes alone; WeLore's global threshold needs every spectrum first, hence the
 statistics pass over the dense model (only singular values are kept: memory = one block + the spectra).
+With a `block_source` (--stream-weights, compress.streaming) the blocks start on `meta` and the source reads
+each one from the checkpoint just before it is used (and prefetches the next).
 """
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
+from calib.errors import RankwiseError
 from calib.paired import collect_group_stats, linear_groups
 from compress.allocate import MatrixShape, reserved_ratio, summarize, uniform_ranks, welore_ranks
 from compress.arch import Conv1D, dense_weight, find_decoder_blocks, find_linears, layer_shape
@@ -33,8 +36,17 @@ from compress.correct import eora_factors, refit_b, target_weight
 from compress.loading import resolve_device
 from compress.lowrank import LowRankLinear, get_submodule_parent
 from compress.methods import get_method
+from compress.streaming import FWSVD_UNSUPPORTED
 
 Progress = Callable[[str, int, int], None]
+
+
+class BlockSource(Protocol):
+    """Fills in decoder blocks that start on `meta` (compress.streaming.BlockWeightStream)."""
+
+    def ensure(self, i: int) -> None: ...   # block i's weights on CPU; may start reading block i+1
+
+    def release(self, i: int) -> None: ...  # block i back on meta (it was only read, not changed)
 
 
 @dataclass
@@ -83,13 +95,19 @@ def fisher_pass(model, calib_ids, device, progress=None) -> dict[str, torch.Tens
 
 @torch.no_grad()  # torch applies it to each resumption of the generator
 def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, want_xtx: bool, want_abs: bool,
-                          progress: Progress | None = None, stage: str = "statistics"):
+                          progress: Progress | None = None, stage: str = "statistics",
+                          block_source: BlockSource | None = None):
     """For each decoder block of a model that is *not* being changed: yields (block prefix, its Linears by
     local name, their input statistics) with the block on `device`, then runs the block forward for the next
-    one and moves it back. One block and the calibration activations on the device at a time."""
+    one and moves it back. One block and the calibration activations on the device at a time; with a
+    block_source, in host memory too (plus the next block being read): each is released once read."""
     prefix, blocks = find_decoder_blocks(model)
+    if block_source is not None:
+        block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
     inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, device, storage)
     for i, block in enumerate(blocks):
+        if block_source is not None:
+            block_source.ensure(i)
         home = next(block.parameters()).device
         block.to(device)
         linears = find_linears(block)
@@ -102,16 +120,18 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
         if i + 1 < len(blocks):
             propagate(block, inputs, i, device)
         block.to(home)
+        if block_source is not None:
+            block_source.release(i)
         if progress:
             progress(stage, i + 1, len(blocks))
 
 
-def spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progress=None) -> dict:
+def spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progress=None, block_source=None) -> dict:
     """Singular values of every matrix's transformed weight, statistics from the dense model (WeLore)."""
     spectra = {}
     for block_prefix, linears, stats in unchanged_block_stats(
             model, calib_ids, cfg.batch_size, device, storage, want_xtx="xtx" in method.needs,
-            want_abs="abs_mean" in method.needs, progress=progress, stage="spectra"):
+            want_abs="abs_mean" in method.needs, progress=progress, stage="spectra", block_source=block_source):
         for name, lin in linears.items():
             full = f"{block_prefix}.{name}"
             st = _FisherStats(fisher[full]) if fisher is not None else stats.get(name)
@@ -135,11 +155,14 @@ def _allocate(cfg, shapes, spectra) -> dict[str, int | None]:
 
 @torch.no_grad()
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
-                   progress: Progress | None = None) -> dict:
-    """Factorize every decoder Linear of `model` in place. Returns the checkpoint's `rankwise` metadata."""
+                   progress: Progress | None = None, block_source: BlockSource | None = None) -> dict:
+    """Factorize every decoder Linear of `model` in place. Returns the checkpoint's `rankwise` metadata.
+    With a block_source the blocks may start on `meta`: each is filled in just before it is compressed."""
     device = resolve_device(cfg.device)
     storage = torch.device("cpu") if cfg.offload else device
     method = get_method(cfg.method, **cfg.method_options())
+    if block_source is not None and "fisher" in method.needs:
+        raise RankwiseError(FWSVD_UNSUPPORTED)
     params_before = count_params(model)
     prefix, blocks = find_decoder_blocks(model)
     shapes = target_shapes(model)
@@ -153,12 +176,14 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     spectra = None
     if cfg.ranks == "welore":
         t0 = time.perf_counter()
-        spectra = spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progress)
+        spectra = spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progress, block_source)
         times.add("spectra", t0)
     ranks = _allocate(cfg, shapes, spectra)
     del spectra
 
     t0 = time.perf_counter()
+    if block_source is not None:
+        block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
     inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
     dense_inputs = None
     if cfg.refit:  # second stream: what each block receives in the dense model
@@ -170,6 +195,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     modules: dict[str, dict] = {}
     lora_params = 0
     for i, block in enumerate(blocks):
+        if block_source is not None:
+            block_source.ensure(i)  # reads block i (or waits for its prefetch), starts reading block i+1
         home = next(block.parameters()).device
         block.to(device)
         dense_block = copy.deepcopy(block) if dense_inputs is not None else None
