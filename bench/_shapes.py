@@ -63,22 +63,62 @@ def _init_random(module: torch.nn.Module, seed: int) -> None:
 
 
 class BlockMaterializer:
-    """Turns meta decoder blocks into random CPU blocks: block i with seed `seed + i` (reproducible)."""
+    """Turns meta decoder blocks into random CPU blocks: block i with seed `seed + 1000 + i` (reproducible).
+
+    Also a pipeline block source (the interface of compress.streaming.BlockWeightStream): `ensure(i)` fills
+    block i in (waiting for its prefetch) and starts making block i+1's tensors in a worker thread, so a lazy
+    shape is measured with the same overlap as `--stream-weights` reading a real checkpoint.
+    """
 
     def __init__(self, blocks, dtype: torch.dtype, seed: int):
         self.blocks, self.dtype, self.seed = blocks, dtype, seed
+        self.pending: dict = {}
+        self.pool = None
 
     def is_meta(self, i: int) -> bool:
         return next(self.blocks[i].parameters()).device.type == "meta"
 
-    def materialize(self, i: int) -> None:
+    def random_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's parameters as new tensors (no module is touched: safe in a worker thread)."""
+        gen = torch.Generator().manual_seed(self.seed + 1000 + i)
+        out = {}
+        for name, p in self.blocks[i].named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm"):
+                out[name] = torch.ones(p.shape, dtype=self.dtype)
+            elif p.dim() >= 2:
+                out[name] = (torch.randn(p.shape, generator=gen) * INIT_STD).to(self.dtype)
+            else:
+                out[name] = torch.zeros(p.shape, dtype=self.dtype)
+        return out
+
+    def materialize(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
         if i < len(self.blocks) and self.is_meta(i):
+            tensors = tensors if tensors is not None else self.random_tensors(i)
             block = self.blocks[i].to_empty(device="cpu").to(self.dtype)
-            _init_random(block, self.seed + 1000 + i)
+            with torch.no_grad():
+                for name, p in block.named_parameters():
+                    p.copy_(tensors[name])
 
     def materialize_all(self) -> None:
         for i in range(len(self.blocks)):
             self.materialize(i)
+
+    def ensure(self, i: int) -> None:
+        future = self.pending.pop(i, None)
+        self.materialize(i, future.result() if future is not None else None)
+        if i + 1 < len(self.blocks) and self.is_meta(i + 1) and i + 1 not in self.pending:
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-prefetch")
+            self.pending[i + 1] = self.pool.submit(self.random_tensors, i + 1)
+
+    def release(self, i: int) -> None:
+        """A block only read (WeLore's spectra pass) goes back to meta."""
+        self.blocks[i].to("meta")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def random_model(shape: str, layers: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,

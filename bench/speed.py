@@ -13,8 +13,10 @@ pipeline itself is timed unmodified. Memory: peak GPU allocation (torch) and pea
 every stage window (host via /proc/self/clear_refs on Linux).
 
 A model given by --shape has random weights; with --lazy its blocks are created one at a time just before the
-pipeline reaches them (a 70B shape then never holds its dense weights in host memory all at once; its
-compressed blocks still accumulate on the host, and --no-save avoids writing ~80 GB to disk).
+pipeline reaches them, the next one in a background thread while this one is compressed (a 70B shape then
+never holds its dense weights in host memory all at once; its compressed blocks still accumulate on the host,
+and --no-save avoids writing ~80 GB to disk). A real model streams the same way with --stream-weights (the
+product's option: each block read from the checkpoint's safetensors just in time).
 """
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ STAGES = ("capture", "statistics", "factorize", "propagate", "save")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_args(p)
-    p.add_argument("--lazy", action="store_true", help="create random blocks one at a time (--shape only)")
+    p.add_argument("--lazy", action="store_true", help="create random blocks one at a time, the next one in a "
+                                                       "background thread (--shape only)")
+    p.add_argument("--stream-weights", action="store_true", help="read each block from the checkpoint's "
+                                                                 "safetensors just in time (--model only)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; unknown ones are reported "
                                                               "as not available")
     p.add_argument("--ratio", type=float, default=0.4)
@@ -67,8 +72,8 @@ def parse_args(argv=None):
 class StageRecorder:
     """Wraps the pipeline's stage functions and progress callback to time every stage of every block."""
 
-    def __init__(self, device: torch.device, materializer=None):
-        self.device, self.materializer = device, materializer
+    def __init__(self, device: torch.device):
+        self.device = device
         self.mem = PeakMemory(device)
         self.blocks: list[dict] = []
         self.capture: dict = {}
@@ -111,11 +116,9 @@ class StageRecorder:
                             "propagate": cur["propagate"],
                             "factorize": max(wall - cur["statistics"] - cur["propagate"], 0.0),
                             "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib})
-        if self.materializer is not None and done < total:
-            self.materializer.materialize(done)  # the next block, outside the timed window
         self._start_block()
 
-    def run(self, model, calib_ids, cfg):
+    def run(self, model, calib_ids, cfg, block_source=None):
         originals = {name: getattr(pipeline, name) for name in
                      ("capture_block_inputs", "collect_group_stats", "propagate")}
         pipeline.capture_block_inputs = self.wrap("capture", originals["capture_block_inputs"])
@@ -123,7 +126,7 @@ class StageRecorder:
         pipeline.propagate = self.wrap("propagate", originals["propagate"])
         self.mem.reset()
         try:
-            return pipeline.compress_model(model, calib_ids, cfg, self.progress)
+            return pipeline.compress_model(model, calib_ids, cfg, self.progress, block_source=block_source)
         finally:
             for name, fn in originals.items():
                 setattr(pipeline, name, fn)
@@ -136,29 +139,39 @@ def _dtype_for(args, device: torch.device) -> torch.dtype:
 
 
 def build(args, device):
-    """(model, tokenizer, materializer, description) for one run; a fresh model every call."""
+    """(model, tokenizer, block source or None, description) for one run; a fresh model every call.
+    A block source fills the decoder blocks in just before the pipeline reaches each one (next one prefetched
+    in a thread): random blocks with --lazy, blocks read from safetensors with --stream-weights."""
     if args.shape:
+        if args.stream_weights:
+            raise RankwiseError("--stream-weights applies to --model; a --shape model streams with --lazy")
         model, mat = random_model(args.shape, args.layers, _dtype_for(args, device), args.seed, lazy=args.lazy)
-        if args.lazy:
-            mat.materialize(0)
-        return model, None, mat, f"shape:{args.shape}"
+        return model, None, mat if args.lazy else None, f"shape:{args.shape}"
     if args.lazy or args.layers:
         raise RankwiseError("--lazy and --layers apply to --shape models only")
+    if args.stream_weights:
+        from compress.streaming import open_streaming_model
+        model, tokenizer, stream = open_streaming_model(args.model, args.dtype, args.device)
+        return model, tokenizer, stream, args.model
     model, tokenizer = load_real_model(args.model, args.dtype, args.device)
     return model, tokenizer, None, args.model
 
 
 def run_method(args, method: str, device: torch.device) -> dict:
-    model, tokenizer, mat, desc = build(args, device)
+    model, tokenizer, source, desc = build(args, device)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     vocab = model.get_input_embeddings().weight.shape[0]
     calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
     cfg = CompressConfig(model=desc, method=method, ratio=args.ratio, calib=args.calib, nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                          rank_multiple=args.rank_multiple, device=args.device, offload=args.offload)
-    rec = StageRecorder(device, mat if args.lazy else None)
+    rec = StageRecorder(device)
     t0 = time.perf_counter()
-    meta = rec.run(model, calib, cfg)
+    try:
+        meta = rec.run(model, calib, cfg, block_source=source)
+    finally:
+        if source is not None:
+            source.close()
     compress_seconds = time.perf_counter() - t0
     save = {"seconds": None, "gpu_peak_gib": None, "host_peak_gib": None}
     if not args.no_save:
@@ -246,7 +259,7 @@ def main(argv=None) -> dict:
                 "ratio": args.ratio, "rank_multiple": args.rank_multiple, "calib": args.calib,
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
                 "device": str(device), "dtype": args.dtype,
-                "offload": args.offload, "lazy": args.lazy, "threads": thread_note(),
+                "offload": args.offload, "lazy": args.lazy, "stream_weights": args.stream_weights, "threads": thread_note(),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     runs = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:

@@ -62,6 +62,32 @@ def test_speed_runs_a_local_model_with_text_calibration(tiny_dirs, austen_file, 
     assert len(run["blocks"]) == 2 and run["stages"]["save"]["seconds"] is None
 
 
+def test_speed_streams_a_local_model_with_stream_weights(tiny_dirs, capsys):
+    argv = ["--model", str(tiny_dirs["llama"]), "--nsamples", "2", "--seqlen", "16", "--device", "cpu",
+            "--methods", "svd-llm", "--no-save"]
+    streamed = _run_json(speed, [*argv, "--stream-weights"], capsys)["runs"][0]
+    loaded = _run_json(speed, argv, capsys)["runs"][0]
+    assert [b["block"] for b in streamed["blocks"]] == [0, 1]
+    assert streamed["ratio_achieved"] == loaded["ratio_achieved"]
+
+
+def test_lazy_shape_blocks_equal_eager_ones_and_the_next_is_prefetched():
+    from _shapes import random_model
+    eager, _ = random_model("tiny", 3, seed=5)
+    lazy, source = random_model("tiny", 3, seed=5, lazy=True)
+    try:
+        source.ensure(0)
+        assert not source.is_meta(0) and source.is_meta(2) and 1 in source.pending  # block 1 being made
+        source.ensure(1)
+        source.ensure(2)
+    finally:
+        source.close()
+    for (name, a), (_, b) in zip(eager.named_parameters(), lazy.named_parameters()):
+        assert torch.equal(a, b), name
+    source.release(0)
+    assert source.is_meta(0)
+
+
 def test_infer_json_reports_prefill_and_decode(capsys):
     out = _run_json(infer, ["--shape", "tiny", "--layers", "2", "--batch-sizes", "1,3", "--prompt-len", "8",
                             "--new-tokens", "2", "--reps", "1", "--nsamples", "2", "--seqlen", "16",
