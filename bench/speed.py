@@ -39,7 +39,20 @@ from compress.config import CompressConfig
 from compress.loading import DTYPE_NAMES, resolve_device
 from compress.methods import REGISTRY
 
-DEFAULT_METHODS = "svd,asvd,svd-llm,fwsvd,eora"
+DEFAULT_METHODS = "svd,asvd,svd-llm,fwsvd,svd-llm+eora"
+# a method name may carry pipeline options: svd-llm+eora, svd-llm+refit+eora, svd-llm+welore
+VARIANTS = {"eora": {"compensate": "eora"}, "refit": {"refit": True}, "welore": {"ranks": "welore"}}
+
+
+def parse_variant(name: str) -> tuple[str, dict] | None:
+    """'svd-llm+refit+eora' -> ('svd-llm', {...config fields}); None if a part is unknown."""
+    base, *extras = name.split("+")
+    if base not in REGISTRY or any(e not in VARIANTS for e in extras):
+        return None
+    options = {}
+    for e in extras:
+        options.update(VARIANTS[e])
+    return base, options
 STAGES = ("capture", "statistics", "factorize", "propagate", "save")
 
 
@@ -50,8 +63,9 @@ def parse_args(argv=None):
                                                        "background thread (--shape only)")
     p.add_argument("--stream-weights", action="store_true", help="read each block from the checkpoint's "
                                                                  "safetensors just in time (--model only)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; unknown ones are reported "
-                                                              "as not available")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; a method may carry "
+                   "+eora, +refit, +welore (e.g. svd-llm+refit+eora); unknown ones are reported as skipped")
+    p.add_argument("--eora-rank", type=int, default=32, help="rank of the EoRA path for +eora")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--rank-multiple", type=int, default=1)
     p.add_argument("--calib", default="random", help="'random' token ids, or a calibration source")
@@ -162,7 +176,10 @@ def run_method(args, method: str, device: torch.device) -> dict:
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     vocab = model.get_input_embeddings().weight.shape[0]
     calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
-    cfg = CompressConfig(model=desc, method=method, ratio=args.ratio, calib=args.calib, nsamples=args.nsamples,
+    base, options = parse_variant(method)
+    if options.get("compensate") == "eora":
+        options["eora_rank"] = args.eora_rank
+    cfg = CompressConfig(model=desc, method=base, **options, ratio=args.ratio, calib=args.calib, nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                          rank_multiple=args.rank_multiple, device=args.device, offload=args.offload)
     rec = StageRecorder(device)
@@ -256,15 +273,17 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     settings = {"model": args.model or f"shape:{args.shape}" + (f" ({args.layers} layers)" if args.layers else ""),
-                "ratio": args.ratio, "rank_multiple": args.rank_multiple, "calib": args.calib,
+                "ratio": args.ratio, "rank_multiple": args.rank_multiple, "eora_rank": args.eora_rank, "calib": args.calib,
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
                 "device": str(device), "dtype": args.dtype,
-                "offload": args.offload, "lazy": args.lazy, "stream_weights": args.stream_weights, "threads": thread_note(),
+                "offload": args.offload, "lazy": args.lazy, "stream_weights": args.stream_weights,
+                "threads": thread_note(),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     runs = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if method not in REGISTRY:
-            runs.append({"method": method, "skipped": "not available in this build"})
+        if parse_variant(method) is None:
+            runs.append({"method": method, "skipped": f"unknown (methods: {', '.join(REGISTRY)}; "
+                                                      f"add +{'/+'.join(VARIANTS)})"})
             continue
         runs.append(run_method(args, method, device))
     result = {"settings": settings, "runs": runs}
