@@ -12,8 +12,8 @@ prefill: one forward of batch x prompt_len tokens (logits of the last position o
 decode: greedy steps of batch x 1 token with the KV cache, after a prefill that is not timed.
 --compile: none (eager, dynamic cache), static (eager, static cache) or compile (static cache and
 torch.compile mode reduce-overhead: CUDA graphs on GPU, inductor C++ kernels on CPU); both models run the same.
-Each figure is the median of --reps timed runs after one warm-up run (two with compile; their wall time,
-mostly compilation, is reported as compile_s).
+Each figure is the median of --reps timed runs, alternating dense and compressed, after one warm-up run (two
+with compile; their wall time, mostly compilation, is reported as compile_s).
 """
 from __future__ import annotations
 
@@ -120,7 +120,6 @@ class Caller:
             # tensors are marked as static addresses (transformers skips that while tracing; CUDA graphs need it)
             model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         if mode == "compile":
-            torch._dynamo.reset()  # fresh compile cache for each model and batch: only its two graphs count
             self.forward = compile_forward(model)
 
     def reset(self) -> None:
@@ -159,49 +158,69 @@ def _seconds(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+class _Timer:
+    """Untimed warm-up and timed runs of one Caller; a static cache is reset before every prompt (untimed)."""
+
+    def __init__(self, caller: Caller, device):
+        self.caller, self.device = caller, device
+
+    def prefill_s(self) -> float:
+        self.caller.reset()
+        return _seconds(self.caller.prefill, self.device)
+
+    def decode_s(self) -> float:
+        """Only the new-token steps are timed, not the prompt prefill before them."""
+        self.caller.reset()
+        cache, nxt = self.caller.prefill()
+        return _seconds(lambda: self.caller.decode(cache, nxt), self.device)
+
+
 @torch.no_grad()
-def measure_batch(model, ids: torch.Tensor, args, device) -> dict:
-    """prefill and decode tokens/s of one model at one batch size; the prompt prefill before decoding and every
-    cache reset are not timed. Warm-up runs come first (two in compile mode: CUDA graphs are recorded on the
-    second call of a graph); their wall time is the compile time reported in compile mode."""
+def measure_batch(models: dict, ids: torch.Tensor, args, device) -> dict:
+    """{name: prefill and decode tokens/s} of each model at one batch size, all in the same --compile mode.
+
+    Each model is warmed up first (two runs in compile mode: CUDA graphs are recorded on the second call of a
+    graph), and the wall time of its warm-up, nearly all compilation, is its compile_s. The timed runs then
+    alternate between the models, so that a change of load on a shared machine hits them alike; each figure
+    is the median of --reps runs.
+    """
     mode = args.compile
-    caller = Caller(model, ids, args.new_tokens, mode)
-    state = {}
-
-    def prefill_untimed():
-        caller.reset()
-        state["cache"], state["next"] = caller.prefill()
-
-    def prefill_timed():
-        caller.reset()
-        return _seconds(caller.prefill, device)
-
-    def decode_timed():
-        prefill_untimed()
-        return _seconds(lambda: caller.decode(state["cache"], state["next"]), device)
-
-    graphs, t0 = graphs_compiled(), time.perf_counter()
-    try:
-        for _ in range(2 if mode == "compile" else 1):
-            prefill_timed()
-            decode_timed()
-    except torch._dynamo.exc.TorchDynamoException as e:  # inductor errors too (no C++ compiler on CPU, ...)
-        raise RankwiseError(f"--compile compile: torch.compile failed on {device.type} ({first_line(e, 300)}); "
-                            "--compile static runs the same static cache without compiling") from None
-    warmup_s = time.perf_counter() - t0
-    warmup_graphs, graphs = graphs_compiled() - graphs, graphs_compiled()
-    prefill_s = statistics.median(prefill_timed() for _ in range(args.reps))
-    decode_s = statistics.median(decode_timed() for _ in range(args.reps))
-    return {"prefill_tok_s": ids.numel() / prefill_s, "decode_tok_s": ids.shape[0] * args.new_tokens / decode_s,
-            "compile_s": warmup_s if mode == "compile" else None, "graphs_compiled": warmup_graphs,
-            "graphs_compiled_while_timing": graphs_compiled() - graphs}
+    if mode == "compile":
+        torch._dynamo.reset()  # fresh compile cache for each batch size: only its graphs count
+    out, timers = {}, {}
+    for name, model in models.items():
+        timer = timers[name] = _Timer(Caller(model, ids, args.new_tokens, mode), device)
+        graphs, t0 = graphs_compiled(), time.perf_counter()
+        try:
+            for _ in range(2 if mode == "compile" else 1):
+                timer.prefill_s()
+                timer.decode_s()
+        except torch._dynamo.exc.TorchDynamoException as e:  # inductor errors too (no C++ compiler on CPU, ...)
+            raise RankwiseError(f"--compile compile: torch.compile failed on {device.type} ({first_line(e, 300)}); "
+                                "--compile static runs the same static cache without compiling") from None
+        out[name] = {"compile_s": time.perf_counter() - t0 if mode == "compile" else None,
+                     "graphs_compiled": graphs_compiled() - graphs}
+    graphs = graphs_compiled()
+    runs = {name: {"prefill": [], "decode": []} for name in models}
+    for _ in range(args.reps):
+        for name, timer in timers.items():
+            runs[name]["prefill"].append(timer.prefill_s())
+        for name, timer in timers.items():
+            runs[name]["decode"].append(timer.decode_s())
+    for name in models:
+        out[name]["prefill_tok_s"] = ids.numel() / statistics.median(runs[name]["prefill"])
+        out[name]["decode_tok_s"] = ids.shape[0] * args.new_tokens / statistics.median(runs[name]["decode"])
+    # must be 0: a graph compiled inside a timed run (a recompile every decode step) would be timed
+    out["graphs_compiled_while_timing"] = graphs_compiled() - graphs
+    return out
 
 
-def measure(model, vocab: int, args, device) -> dict:
+def measure(models: dict, vocab: int, args, device) -> dict:
+    """{batch: measure_batch(...)}"""
     out = {}
     for bs in _batches(args):
         ids = random_ids(vocab, bs, args.prompt_len, args.seed + 1).to(device)
-        out[bs] = measure_batch(model, ids, args, device)
+        out[bs] = measure_batch(models, ids, args, device)
     return out
 
 
@@ -273,10 +292,11 @@ def main(argv=None) -> dict:
     dense, compressed, meta = build_models(args, device)
     vocab = dense.get_input_embeddings().weight.shape[0]
     factorized = sum(isinstance(m, LowRankLinear) for m in compressed.modules())
-    results = {"dense": measure(dense, vocab, args, device), "compressed": measure(compressed, vocab, args, device)}
+    models = {"dense": dense, "compressed": compressed}
+    results = measure(models, vocab, args, device)
     rows = []
-    for bs in results["dense"]:
-        d, c = results["dense"][bs], results["compressed"][bs]
+    for bs, r in results.items():
+        d, c = r["dense"], r["compressed"]
         rows.append({"batch": bs, "dense_prefill_tok_s": d["prefill_tok_s"], "compressed_prefill_tok_s":
                      c["prefill_tok_s"], "prefill_speedup": c["prefill_tok_s"] / d["prefill_tok_s"],
                      "dense_decode_tok_s": d["decode_tok_s"], "compressed_decode_tok_s": c["decode_tok_s"],
@@ -295,11 +315,9 @@ def main(argv=None) -> dict:
                          "compressed": sum(p.numel() for p in compressed.parameters()),
                          "factorized_layers": factorized, "kept_dense": len(meta.get("kept_dense", []))},
               "rows": rows,
-              # compile: 2 per model and batch (prefill and decode shapes), all in the warm-up runs; a graph
-              # compiled inside a timed run (a recompile every decode step) would be timed
-              "graphs_compiled": sum(r["graphs_compiled"] for m in results.values() for r in m.values()),
-              "graphs_compiled_while_timing": sum(r["graphs_compiled_while_timing"] for m in results.values()
-                                                  for r in m.values())}
+              # compile: 2 per model and batch (prefill and decode shapes), all in the warm-up runs
+              "graphs_compiled": sum(r[m]["graphs_compiled"] for r in results.values() for m in models),
+              "graphs_compiled_while_timing": sum(r["graphs_compiled_while_timing"] for r in results.values())}
     if args.layer_table:
         result["layers"] = layer_table(compressed, args, device)
         result["slower_factorized_at_batch1"] = sorted(

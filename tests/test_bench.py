@@ -82,10 +82,10 @@ def test_infer_json_reports_prefill_and_decode(capsys):
     assert all(r["b1_dense_us"] > 0 and r["prefill_factorized_us"] > 0 for r in out["layers"])
 
 
-def _tiny_compressed(scale: float = 1.0):
-    """A 2-block tiny llama with its Linears factorized (svd 0.3); `scale` enlarges the weights so that greedy
+def _tiny_compressed(scale: float = 1.0, layers: int = 2):
+    """A tiny llama with its Linears factorized (svd 0.3); `scale` enlarges the weights so that greedy
     decoding does not repeat one token."""
-    model = tiny_model("llama", layers=2)
+    model = tiny_model("llama", layers=layers)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -123,19 +123,20 @@ def test_infer_static_cache_decodes_the_same_tokens():
 
 
 def test_infer_compile_traces_one_graph_per_shape(monkeypatch):
-    """--compile compile captures the whole forward (fullgraph, LowRankLinear included) once for the prefill
-    shape and once for the decode step, all during warm-up: no recompile while timing. The real inductor
-    backend takes about a minute to compile even this model on a 2-core CPU, so the test traces with dynamo's
-    eager backend (same graph capture and guards, no code generation)."""
+    """--compile compile captures each model's whole forward (fullgraph, LowRankLinear included) once for the
+    prefill shape and once for the decode step, all during warm-up: no recompile while the timed runs alternate
+    between the models. The real inductor backend takes about a minute to compile even these models on a 2-core
+    CPU, so the test traces with dynamo's eager backend (same graph capture and guards, no code generation)."""
     monkeypatch.setattr(infer, "compile_forward", lambda model: torch.compile(
         model.forward, backend="eager", fullgraph=True, dynamic=False))
-    model = _tiny_compressed()
-    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    models = {"dense": tiny_model("llama", layers=1), "compressed": _tiny_compressed(layers=1)}
+    ids = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(1))
     args = infer.parse_args(["--shape", "tiny", "--new-tokens", "4", "--reps", "2", "--compile", "compile"])
-    out = infer.measure_batch(model, ids, args, torch.device("cpu"))
-    assert out["graphs_compiled"] == 2  # a recompile per decode step (position as a Python int) would add more
+    out = infer.measure_batch(models, ids, args, torch.device("cpu"))
+    for name in models:
+        assert out[name]["graphs_compiled"] == 2  # a recompile per decode step (position as a Python int) adds more
+        assert out[name]["compile_s"] > 0 and out[name]["prefill_tok_s"] > 0 and out[name]["decode_tok_s"] > 0
     assert out["graphs_compiled_while_timing"] == 0
-    assert out["compile_s"] > 0 and out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0
 
 
 def test_infer_compile_failure_is_one_error(monkeypatch):
