@@ -159,7 +159,7 @@ def _seconds(fn, device) -> float:
 
 
 class _Timer:
-    """Untimed warm-up and timed runs of one Caller; a static cache is reset before every prompt (untimed)."""
+    """Timed prefill and decode runs of one Caller; a static cache is reset before every prompt (untimed)."""
 
     def __init__(self, caller: Caller, device):
         self.caller, self.device = caller, device
