@@ -1,6 +1,7 @@
 """Inference speed of a compressed model against its dense original: prefill and decode tokens/s.
 
     python bench/infer.py --shape 7b --ratio 0.4 --device cuda --dtype bf16          # target: decode >= 1.2x
+    python bench/infer.py --shape 7b --layers 4 --ratio 0.4 --device cuda --compile compile   # CUDA graphs
     python bench/infer.py --model /path/to/smollm2-135m --ratio 0.4 --threads 2
     python bench/infer.py --model /path/to/dense --checkpoint /path/to/compressed --json
 
@@ -9,7 +10,10 @@ block-sequential pipeline (--method, --ratio, --rank-multiple; random or real ca
 only the ranks matter, not the quality).
 prefill: one forward of batch x prompt_len tokens (logits of the last position only, as a server would).
 decode: greedy steps of batch x 1 token with the KV cache, after a prefill that is not timed.
-Each figure is the median of --reps timed runs after one warm-up run.
+--compile: none (eager, dynamic cache), static (eager, static cache) or compile (static cache and
+torch.compile mode reduce-overhead: CUDA graphs on GPU, inductor C++ kernels on CPU); both models run the same.
+Each figure is the median of --reps timed runs, alternating dense and compressed, after one warm-up run (two
+with compile; their wall time, mostly compilation, is reported as compile_s).
 """
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ import torch
 from _shapes import (  # noqa: I001
     add_model_source_args, calibration_ids, load_real_model, random_ids, random_model, thread_note)
 
-from calib.errors import RankwiseError
+from calib.errors import RankwiseError, first_line
 from compress.config import CompressConfig
 from compress.loading import DTYPE_NAMES, load_model, resolve_device
 from compress.lowrank import LowRankLinear
 from compress.pipeline import compress_model
+
+COMPILE_MODES = ("none", "static", "compile")
 
 
 def parse_args(argv=None):
@@ -48,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="none: eager, dynamic KV cache; static: eager, static KV cache; compile: static cache + "
+                        "torch.compile(mode='reduce-overhead'), i.e. CUDA graphs on GPU (same mode for both models)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -79,46 +88,139 @@ def _median_seconds(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
-def prefill_tokens_per_s(model, ids: torch.Tensor, device, reps: int) -> float:
-    seconds = _median_seconds(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device, reps)
-    return ids.numel() / seconds
+def compile_forward(model):
+    """The transformers recipe: the whole forward as one graph (fullgraph) with CUDA graphs on GPU
+    (reduce-overhead); dynamic=False specializes on the prefill and decode shapes instead of making the
+    sequence length symbolic after the second shape."""
+    return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+class Caller:
+    """One model fed one batch of prompts the way --compile says.
+
+    none: eager, a new DynamicCache for every prompt (the default of `model(...)`).
+    static: eager, one StaticCache of prompt_len + new_tokens positions for all runs, reset (zeroed in place,
+        same tensors) before each prompt: fixed shapes, what CUDA graphs need.
+    compile: the static cache and `compile_forward`, one graph for the prefill shape and one for the decode
+        step (what `generate` does with cache_implementation="static" and a compiled forward).
+    """
+
+    def __init__(self, model, ids: torch.Tensor, new_tokens: int, mode: str):
+        self.ids, self.new_tokens, self.mode = ids, new_tokens, mode
+        self.forward, self.cache = model, None
+        if mode != "none":
+            from transformers import StaticCache
+            self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
+            # the first update allocates the cache: do it eagerly, outside any compiled region, so that its
+            # tensors are marked as static addresses (transformers skips that while tracing; CUDA graphs need it)
+            model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        if mode == "compile":
+            self.forward = compile_forward(model)
+
+    def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.reset()
+
+    def _step(self, input_ids: torch.Tensor, cache):
+        if self.mode == "compile":
+            torch.compiler.cudagraph_mark_step_begin()  # each call a new CUDA-graph step (no-op on CPU)
+        out = self.forward(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def prefill(self):
+        """(cache, next token) after the prompt; a static cache must be reset first."""
+        return self._step(self.ids, self.cache)
+
+    def decode(self, cache, nxt) -> list[torch.Tensor]:
+        tokens = []  # a Python list: no extra kernel inside the timed loop
+        for _ in range(self.new_tokens):
+            cache, nxt = self._step(nxt, cache)
+            tokens.append(nxt)
+        return tokens
+
+    def generate(self) -> torch.Tensor:
+        """Greedy new tokens [batch, new_tokens + 1] (untimed; for checking that the modes agree)."""
+        self.reset()
+        cache, nxt = self.prefill()
+        return torch.cat([nxt] + self.decode(cache, nxt), dim=1)
+
+
+def _seconds(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class _Timer:
+    """Timed prefill and decode runs of one Caller; a static cache is reset before every prompt (untimed)."""
+
+    def __init__(self, caller: Caller, device):
+        self.caller, self.device = caller, device
+
+    def prefill_s(self) -> float:
+        self.caller.reset()
+        return _seconds(self.caller.prefill, self.device)
+
+    def decode_s(self) -> float:
+        """Only the new-token steps are timed, not the prompt prefill before them."""
+        self.caller.reset()
+        cache, nxt = self.caller.prefill()
+        return _seconds(lambda: self.caller.decode(cache, nxt), self.device)
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, device, reps: int) -> float:
-    """Greedy decoding with the KV cache; only the new-token steps are timed (the prompt prefill is not)."""
-    state = {}
+def measure_batch(models: dict, ids: torch.Tensor, args, device) -> dict:
+    """{name: prefill and decode tokens/s} of each model at one batch size, all in the same --compile mode.
 
-    def prefill():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        state["cache"], state["next"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    Each model is warmed up first (two runs in compile mode: CUDA graphs are recorded on the second call of a
+    graph), and the wall time of its warm-up, nearly all compilation, is its compile_s. The timed runs then
+    alternate between the models, so that a change of load on a shared machine hits them alike; each figure
+    is the median of --reps runs.
+    """
+    mode = args.compile
+    if mode == "compile":
+        torch._dynamo.reset()  # fresh compile cache for each batch size: only its graphs count
+    out, timers = {}, {}
+    for name, model in models.items():
+        timer = timers[name] = _Timer(Caller(model, ids, args.new_tokens, mode), device)
+        graphs, t0 = graphs_compiled(), time.perf_counter()
+        try:
+            for _ in range(2 if mode == "compile" else 1):
+                timer.prefill_s()
+                timer.decode_s()
+        except torch._dynamo.exc.TorchDynamoException as e:  # inductor errors too (no C++ compiler on CPU, ...)
+            raise RankwiseError(f"--compile compile: torch.compile failed on {device.type} ({first_line(e, 300)}); "
+                                "--compile static runs the same static cache without compiling") from None
+        out[name] = {"compile_s": time.perf_counter() - t0 if mode == "compile" else None,
+                     "graphs_compiled": graphs_compiled() - graphs}
+    graphs = graphs_compiled()
+    runs = {name: {"prefill": [], "decode": []} for name in models}
+    for _ in range(args.reps):
+        for name, timer in timers.items():
+            runs[name]["prefill"].append(timer.prefill_s())
+        for name, timer in timers.items():
+            runs[name]["decode"].append(timer.decode_s())
+    for name in models:
+        out[name]["prefill_tok_s"] = ids.numel() / statistics.median(runs[name]["prefill"])
+        out[name]["decode_tok_s"] = ids.shape[0] * args.new_tokens / statistics.median(runs[name]["decode"])
+    # must be 0: a graph compiled inside a timed run (a recompile every decode step) would be timed
+    out["graphs_compiled_while_timing"] = graphs_compiled() - graphs
+    return out
 
-    def steps():
-        cache, nxt = state["cache"], state["next"]
-        for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    def timed_once():
-        prefill()
-        _sync(device)
-        t0 = time.perf_counter()
-        steps()
-        _sync(device)
-        return time.perf_counter() - t0
-
-    timed_once()  # warm-up
-    seconds = statistics.median(timed_once() for _ in range(reps))
-    return ids.shape[0] * new_tokens / seconds
-
-
-def measure(model, vocab: int, args, device) -> dict:
+def measure(models: dict, vocab: int, args, device) -> dict:
+    """{batch: measure_batch(...)}"""
     out = {}
     for bs in _batches(args):
         ids = random_ids(vocab, bs, args.prompt_len, args.seed + 1).to(device)
-        out[bs] = {"prefill_tok_s": prefill_tokens_per_s(model, ids, device, args.reps),
-                   "decode_tok_s": decode_tokens_per_s(model, ids, args.new_tokens, device, args.reps)}
+        out[bs] = measure_batch(models, ids, args, device)
     return out
 
 
@@ -190,26 +292,32 @@ def main(argv=None) -> dict:
     dense, compressed, meta = build_models(args, device)
     vocab = dense.get_input_embeddings().weight.shape[0]
     factorized = sum(isinstance(m, LowRankLinear) for m in compressed.modules())
-    results = {"dense": measure(dense, vocab, args, device), "compressed": measure(compressed, vocab, args, device)}
+    models = {"dense": dense, "compressed": compressed}
+    results = measure(models, vocab, args, device)
     rows = []
-    for bs in results["dense"]:
-        d, c = results["dense"][bs], results["compressed"][bs]
+    for bs, r in results.items():
+        d, c = r["dense"], r["compressed"]
         rows.append({"batch": bs, "dense_prefill_tok_s": d["prefill_tok_s"], "compressed_prefill_tok_s":
                      c["prefill_tok_s"], "prefill_speedup": c["prefill_tok_s"] / d["prefill_tok_s"],
                      "dense_decode_tok_s": d["decode_tok_s"], "compressed_decode_tok_s": c["decode_tok_s"],
-                     "decode_speedup": c["decode_tok_s"] / d["decode_tok_s"]})
+                     "decode_speedup": c["decode_tok_s"] / d["decode_tok_s"],
+                     "dense_compile_s": d["compile_s"], "compressed_compile_s": c["compile_s"]})
     result = {"settings": {"model": args.model or f"shape:{args.shape}" + (f" ({args.layers} layers)"
                                                                              if args.layers else ""),
                            "compressed": args.checkpoint or f"{args.method} ratio {args.ratio} (made here)",
                            "device": str(device),
                            "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+                           "compile": args.compile,
                            "threads": thread_note(),
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
               "params": {"dense": sum(p.numel() for p in dense.parameters()),
                          "compressed": sum(p.numel() for p in compressed.parameters()),
                          "factorized_layers": factorized, "kept_dense": len(meta.get("kept_dense", []))},
-              "rows": rows}
+              "rows": rows,
+              # compile: 2 per model and batch (prefill and decode shapes), all in the warm-up runs
+              "graphs_compiled": sum(r[m]["graphs_compiled"] for r in results.values() for m in models),
+              "graphs_compiled_while_timing": sum(r["graphs_compiled_while_timing"] for r in results.values())}
     if args.layer_table:
         result["layers"] = layer_table(compressed, args, device)
         result["slower_factorized_at_batch1"] = sorted(
@@ -226,7 +334,8 @@ def print_table(result: dict) -> None:
     from rich.table import Table
     s, p = result["settings"], result["params"]
     table = Table(title=f"{s['model']} dense ({p['dense']:,} params) vs {s['compressed']} ({p['compressed']:,})  "
-                        f"{s['device']} {s['dtype']}  prompt {s['prompt_len']}, {s['new_tokens']} new tokens  "
+                        f"{s['device']} {s['dtype']}  --compile {s['compile']}  "
+                        f"prompt {s['prompt_len']}, {s['new_tokens']} new tokens  "
                         f"({s['threads']})")
     for col in ("batch", "prefill tok/s dense", "compressed", "speedup", "decode tok/s dense", "compressed",
                 "speedup"):
@@ -237,6 +346,12 @@ def print_table(result: dict) -> None:
                       f"{r['compressed_decode_tok_s']:.1f}", f"{r['decode_speedup']:.2f}x")
     console = Console(width=None if Console().is_terminal else 200)
     console.print(table)
+    if s["compile"] == "compile":
+        console.print("compile s (warm-up runs) dense / compressed: " + ", ".join(
+            f"batch {r['batch']} {r['dense_compile_s']:.1f} / {r['compressed_compile_s']:.1f}" for r in result["rows"]))
+    if result["graphs_compiled_while_timing"]:
+        console.print(f"[red]warning: {result['graphs_compiled_while_timing']} graphs compiled inside timed runs "
+                      "(recompiles): the compile figures include compilation[/red]")
     if "layers" not in result:
         return
     lt = Table(title="distinct factorized shapes alone (microseconds per call; speedup = dense / factorized)")

@@ -109,6 +109,81 @@ def test_infer_json_reports_prefill_and_decode(capsys):
     assert all(r["b1_dense_us"] > 0 and r["prefill_factorized_us"] > 0 for r in out["layers"])
 
 
+def _tiny_compressed(scale: float = 1.0, layers: int = 2):
+    """A tiny llama with its Linears factorized (svd 0.3); `scale` enlarges the weights so that greedy
+    decoding does not repeat one token."""
+    model = tiny_model("llama", layers=layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
+    calib = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    compress_model(model, calib, CompressConfig(model="tiny", method="svd", ratio=0.3, nsamples=2, seqlen=16,
+                                                device="cpu"))
+    return model
+
+
+def test_infer_static_cache_reports_every_field(capsys):
+    out = _run_json(infer, ["--shape", "tiny", "--layers", "2", "--batch-sizes", "1,3", "--prompt-len", "8",
+                            "--new-tokens", "3", "--reps", "1", "--nsamples", "2", "--seqlen", "16",
+                            "--device", "cpu", "--compile", "static"], capsys)
+    assert out["settings"]["compile"] == "static"
+    assert [r["batch"] for r in out["rows"]] == [1, 3]
+    for r in out["rows"]:
+        for key in ("dense_prefill_tok_s", "compressed_prefill_tok_s", "prefill_speedup", "dense_decode_tok_s",
+                    "compressed_decode_tok_s", "decode_speedup"):
+            assert r[key] > 0
+        assert r["dense_compile_s"] is None and r["compressed_compile_s"] is None  # nothing compiled
+    assert out["graphs_compiled"] == 0 and out["graphs_compiled_while_timing"] == 0
+
+
+def test_infer_static_cache_decodes_the_same_tokens():
+    """The static cache, reset and reused, gives the greedy tokens of the default dynamic cache."""
+    model = _tiny_compressed(scale=20)
+    ids = torch.randint(0, model.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dynamic = infer.Caller(model, ids, 5, "none").generate()
+        static = infer.Caller(model, ids, 5, "static")
+        first, again = static.generate(), static.generate()
+    assert dynamic.shape == (3, 6) and len(set(dynamic.flatten().tolist())) > 3  # not one repeated token
+    assert torch.equal(first, dynamic) and torch.equal(again, dynamic)
+
+
+def test_infer_compile_traces_one_graph_per_shape(monkeypatch):
+    """--compile compile captures each model's whole forward (fullgraph, LowRankLinear included) once for the
+    prefill shape and once for the decode step, all during warm-up: no recompile while the timed runs alternate
+    between the models. The real inductor backend takes about a minute to compile even these models on a 2-core
+    CPU, so the test traces with dynamo's eager backend (same graph capture and guards, no code generation)."""
+    monkeypatch.setattr(infer, "compile_forward", lambda model: torch.compile(
+        model.forward, backend="eager", fullgraph=True, dynamic=False))
+    models = {"dense": tiny_model("llama", layers=1), "compressed": _tiny_compressed(layers=1)}
+    ids = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+    args = infer.parse_args(["--shape", "tiny", "--new-tokens", "4", "--reps", "2", "--compile", "compile"])
+    out = infer.measure_batch(models, ids, args, torch.device("cpu"))
+    for name in models:
+        assert out[name]["graphs_compiled"] == 2  # a recompile per decode step (position as a Python int) adds more
+        assert out[name]["compile_s"] > 0 and out[name]["prefill_tok_s"] > 0 and out[name]["decode_tok_s"] > 0
+    assert out["graphs_compiled_while_timing"] == 0
+
+
+def test_infer_compile_failure_is_one_error(monkeypatch):
+    """What inductor raises on a CPU without a working C++ compiler (seen with CXX=/nonexistent/g++) becomes
+    one RankwiseError line, not a traceback."""
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    def broken(model):
+        def forward(**kwargs):
+            raise InductorError(InvalidCxxCompiler(), None)
+        return forward
+
+    monkeypatch.setattr(infer, "compile_forward", broken)
+    with pytest.raises(RankwiseError, match=r"torch.compile failed on cpu \(InvalidCxxCompiler: No working C\+\+ "
+                                            r"compiler found in .*\); --compile static"):
+        infer.main(["--shape", "tiny", "--layers", "1", "--batch-sizes", "1", "--prompt-len", "4",
+                    "--new-tokens", "2", "--reps", "1", "--nsamples", "2", "--seqlen", "8", "--device", "cpu",
+                    "--compile", "compile", "--json"])
+
+
 def _one_step_slack(shapes: dict[str, MatrixShape], ranks: dict, multiple: int) -> float:
     """Ratio a bump of every factorized matrix by one rank step would cost (the allocator's tolerance)."""
     dense = sum(s.dense_params for s in shapes.values())
