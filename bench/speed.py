@@ -90,7 +90,8 @@ class StageRecorder:
         self.device = device
         self.mem = PeakMemory(device)
         self.blocks: list[dict] = []
-        self.capture: dict = {}
+        # a data-free method (plain svd) captures nothing: its capture stage stays at zero
+        self.capture: dict = {"seconds": 0.0, "gpu_peak_gib": None, "host_peak_gib": None}
         self._current: dict = {}
         self._block_start = 0.0
 
@@ -139,6 +140,7 @@ class StageRecorder:
         pipeline.collect_group_stats = self.wrap("statistics", originals["collect_group_stats"])
         pipeline.propagate = self.wrap("propagate", originals["propagate"])
         self.mem.reset()
+        self._start_block()  # the capture restarts it; a data-free run has none
         try:
             return pipeline.compress_model(model, calib_ids, cfg, self.progress, block_source=block_source)
         finally:

@@ -58,8 +58,8 @@ class PairStats(LinearStats):
     inputs against compressed ones; None when there is no dense stream, meaning G = C), sum |x_c|.
     A LinearStats (covariance, abs_mean) plus the cross term, so methods read either."""
 
-    def __init__(self, n: int, want_cross: bool, want_abs: bool, device):
-        super().__init__(n, want_xtx=True, want_abs=want_abs, device=device)
+    def __init__(self, n: int, want_cross: bool, want_abs: bool, device, want_xtx: bool = True):
+        super().__init__(n, want_xtx=want_xtx or want_cross, want_abs=want_abs, device=device)
         self.cross = torch.zeros(n, n, dtype=torch.float64, device=device) if want_cross else None
         self.fisher_rows: dict[str, torch.Tensor] = {}  # filled by the pipeline for FWSVD
 
@@ -97,10 +97,10 @@ def _input_of(block: nn.Module, name: str, hidden, kwargs, device) -> torch.Tens
 @torch.no_grad()
 def collect_group_stats(block: nn.Module, group: list[str], inputs: BlockInputs, block_index: int, device,
                         dense_block: nn.Module | None = None, dense_inputs: BlockInputs | None = None,
-                        want_abs: bool = False, stats_device=None) -> PairStats:
+                        want_abs: bool = False, stats_device=None, want_xtx: bool = True) -> PairStats:
     """Statistics of the input shared by the Linears of `group`, over all calibration batches."""
     n = _in_features(block.get_submodule(group[0]))
-    stats = PairStats(n, dense_block is not None, want_abs, stats_device or device)
+    stats = PairStats(n, dense_block is not None, want_abs, stats_device or device, want_xtx)
     for b, hidden in enumerate(inputs.hidden):
         kw = inputs.kwargs[block_index][b]
         xc = _input_of(block, group[0], hidden, kw, device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -181,10 +182,16 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     ranks = _allocate(cfg, shapes, spectra)
     del spectra
 
+    # Plain SVD (and FWSVD, whose Fisher rows are already known) read no activations unless refit or EoRA
+    # asks for them: the block walk then only factorizes, with no capture, statistics or propagation.
+    needs_xtx = "xtx" in method.needs or cfg.refit or cfg.compensate == "eora"
+    needs_activations = needs_xtx or "abs_mean" in method.needs
     t0 = time.perf_counter()
     if block_source is not None:
         block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
-    inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
+    inputs = None
+    if needs_activations:
+        inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
     dense_inputs = None
     if cfg.refit:  # second stream: what each block receives in the dense model
         dense_inputs = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.returns_tuple,
@@ -201,11 +208,14 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
         block.to(device)
         dense_block = copy.deepcopy(block) if dense_inputs is not None else None
         linears = find_linears(block)
-        groups = linear_groups(block, linears, inputs, i, device)
+        groups = linear_groups(block, linears, inputs, i, device) if needs_activations else [list(linears)]
         for group in groups:
             t0 = time.perf_counter()
-            stats = collect_group_stats(block, group, inputs, i, device, dense_block, dense_inputs,
-                                        want_abs="abs_mean" in method.needs, stats_device=storage)
+            stats = SimpleNamespace()  # what a data-free method reads: only the Fisher rows, set below
+            if needs_activations:
+                stats = collect_group_stats(block, group, inputs, i, device, dense_block, dense_inputs,
+                                            want_abs="abs_mean" in method.needs, stats_device=storage,
+                                            want_xtx=needs_xtx)
             _sync(device)
             times.add("statistics", t0)
             t0 = time.perf_counter()
@@ -245,7 +255,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             _sync(device)
             times.add("factorize", t0)
         t0 = time.perf_counter()
-        if i + 1 < len(blocks):  # the last block's outputs feed nothing we compress
+        if needs_activations and i + 1 < len(blocks):  # the last block's outputs feed nothing we compress
             propagate(block, inputs, i, device)
             if dense_block is not None:
                 propagate(dense_block, dense_inputs, i, device)

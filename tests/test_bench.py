@@ -48,8 +48,9 @@ def test_speed_json_reports_every_stage_and_block(capsys, lazy):
         # the bench's timers sit inside the pipeline's own: they can only measure less (meta rounds to 1 ms)
         for stage in ("statistics", "propagate"):
             assert run["stages"][stage]["seconds"] <= run["pipeline_stage_seconds"][stage] + 1e-3
-        # ...but they must measure something: every method runs its block forwards through these stages
-        assert run["stages"]["statistics"]["seconds"] > 0 and run["stages"]["propagate"]["seconds"] > 0
+        # ...but they must measure something where the method reads activations; plain svd reads none
+        forwards = [run["stages"][s]["seconds"] for s in ("capture", "statistics", "propagate")]
+        assert all(t == 0 for t in forwards) if name == "svd" else all(t > 0 for t in forwards)
         stage_sum = sum(run["stages"][s]["seconds"] for s in speed.STAGES)
         assert stage_sum <= run["total_seconds"] + 1e-6
         assert 0.4 <= run["ratio_achieved"] < 0.5

@@ -132,3 +132,29 @@ def test_half_precision_gram_on_gpu_equals_the_float32_gram():
     out = gram(x, x)
     assert out.dtype == torch.float32
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_plain_svd_runs_no_block_forward_and_ignores_the_calibration_tokens(monkeypatch):
+    """svd reads no activations: its block walk never runs a block, and any calibration set gives the same
+    factors (the truncated SVD of each weight)."""
+    import compress.pipeline as pipeline
+    from compress.config import CompressConfig
+    from tiny import tiny_model
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("plain svd ran a calibration forward")
+    for name in ("capture_block_inputs", "collect_group_stats", "propagate", "linear_groups"):
+        monkeypatch.setattr(pipeline, name, no_forward)
+    cfg = CompressConfig(model="tiny", method="svd", ratio=0.3, nsamples=2, seqlen=8, device="cpu")
+    results = []
+    for seed in (0, 1):
+        model = tiny_model("llama", seed=0)
+        W = model.model.layers[0].mlp.up_proj.weight.detach().double().clone()
+        ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(seed))
+        meta = pipeline.compress_model(model, ids, cfg)
+        layer = model.model.layers[0].mlp.up_proj
+        results.append(layer.B.weight.detach() @ layer.A.weight.detach())
+    k = meta["modules"]["model.layers.0.mlp.up_proj"]["rank"]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    assert torch.equal(results[0], results[1])
+    assert torch.allclose(results[0].double(), (U[:, :k] * S[:k]) @ Vh[:k], atol=1e-5)
