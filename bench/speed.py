@@ -5,7 +5,8 @@
     python bench/speed.py --shape 70b --lazy --no-save --methods svd-llm --nsamples 256 --seqlen 2048
     python bench/speed.py --model /path/to/smollm2-135m --calib text:wiki.txt --json
 
-Stages: capture (calibration forward up to block 0), statistics (per-Linear input statistics), factorize
+Stages: fisher (FWSVD's whole-model Fisher pass), spectra (WeLore's pass over the dense blocks), capture
+(calibration forward up to block 0), statistics (per-Linear input statistics), factorize
 (decompositions + new layers, including moving the block to and from the device), propagate (re-running the
 compressed block for the next one), save (checkpoint written to a temporary folder). Stage times are measured
 from the outside, by wrapping the pipeline's stage functions and its per-block progress callback, so the
@@ -53,7 +54,8 @@ def parse_variant(name: str) -> tuple[str, dict] | None:
     for e in extras:
         options.update(VARIANTS[e])
     return base, options
-STAGES = ("capture", "statistics", "factorize", "propagate", "save")
+STAGES = ("fisher", "spectra", "capture", "statistics", "factorize", "propagate", "save")
+WHOLE_MODEL_STAGES = ("fisher", "spectra", "capture")  # once per run, before the block walk
 
 
 def parse_args(argv=None):
@@ -90,9 +92,10 @@ class StageRecorder:
         self.device = device
         self.mem = PeakMemory(device)
         self.blocks: list[dict] = []
-        # a data-free method (plain svd) captures nothing: its capture stage stays at zero
-        self.capture: dict = {"seconds": 0.0, "gpu_peak_gib": None, "host_peak_gib": None}
+        # stages a run does not have (plain svd captures nothing; only fwsvd has a Fisher pass) stay at zero
+        self.whole = {s: {"seconds": 0.0, "gpu_peak_gib": None, "host_peak_gib": None} for s in WHOLE_MODEL_STAGES}
         self._current: dict = {}
+        self._inside: str | None = None  # a whole-model stage in progress: its inner calls are its own time
         self._block_start = 0.0
 
     def _sync(self):
@@ -106,14 +109,23 @@ class StageRecorder:
 
     def wrap(self, stage: str, fn):
         def timed(*args, **kwargs):
+            if self._inside is not None:  # e.g. the spectra pass's own capture and propagation
+                return fn(*args, **kwargs)
+            whole = stage in WHOLE_MODEL_STAGES
+            if whole:
+                self._inside = stage
+                self.mem.reset()
             self._sync()
             t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self._inside = None
             self._sync()
             dt = time.perf_counter() - t0
-            if stage == "capture":
+            if whole:
                 peaks = self.mem.read()
-                self.capture = {"seconds": dt, "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib}
+                self.whole[stage] = {"seconds": dt, "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib}
                 self._start_block()
             else:
                 self._current[stage] += dt
@@ -134,11 +146,11 @@ class StageRecorder:
         self._start_block()
 
     def run(self, model, calib_ids, cfg, block_source=None):
-        originals = {name: getattr(pipeline, name) for name in
-                     ("capture_block_inputs", "collect_group_stats", "propagate")}
-        pipeline.capture_block_inputs = self.wrap("capture", originals["capture_block_inputs"])
-        pipeline.collect_group_stats = self.wrap("statistics", originals["collect_group_stats"])
-        pipeline.propagate = self.wrap("propagate", originals["propagate"])
+        wrapped = {"fisher_pass": "fisher", "spectra_pass": "spectra", "capture_block_inputs": "capture",
+                   "collect_group_stats": "statistics", "propagate": "propagate"}
+        originals = {name: getattr(pipeline, name) for name in wrapped}
+        for name, stage in wrapped.items():
+            setattr(pipeline, name, self.wrap(stage, originals[name]))
         self.mem.reset()
         self._start_block()  # the capture restarts it; a data-free run has none
         try:
@@ -204,7 +216,7 @@ def run_method(args, method: str, device: torch.device) -> dict:
                     "host_peak_gib": peaks.host_gib}
         finally:
             shutil.rmtree(out_root, ignore_errors=True)
-    stages = {"capture": rec.capture,
+    stages = {**rec.whole,
               **{s: {"seconds": sum(b[s] for b in rec.blocks),
                      "gpu_peak_gib": _max(b["gpu_peak_gib"] for b in rec.blocks),
                      "host_peak_gib": _max(b["host_peak_gib"] for b in rec.blocks)}
@@ -287,7 +299,10 @@ def main(argv=None) -> dict:
             runs.append({"method": method, "skipped": f"unknown (methods: {', '.join(REGISTRY)}; "
                                                       f"add +{'/+'.join(VARIANTS)})"})
             continue
-        runs.append(run_method(args, method, device))
+        try:
+            runs.append(run_method(args, method, device))
+        except RankwiseError as e:  # e.g. fwsvd on a streamed model: the others still run
+            runs.append({"method": method, "skipped": str(e)})
     result = {"settings": settings, "runs": runs}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -31,15 +31,23 @@ def _run_json(module, argv, capsys) -> dict:
 
 @pytest.mark.parametrize("lazy", [False, True])
 def test_speed_json_reports_every_stage_and_block(capsys, lazy):
-    methods = ["svd", "svd-llm", "svd-llm+refit+eora", "no-such-method"]
+    methods = ["svd", "svd-llm", "svd-llm+refit+eora", "fwsvd", "svd-llm+welore", "no-such-method"]
     argv = ["--shape", "tiny", "--layers", "3", "--nsamples", "4", "--seqlen", "16", "--batch-size", "2",
             "--device", "cpu", "--methods", ",".join(methods), "--eora-rank", "2"] + (["--lazy"] if lazy else [])
     out = _run_json(speed, argv, capsys)
     runs = {r["method"]: r for r in out["runs"]}
     assert set(runs) == set(methods)
     assert "skipped" in runs["no-such-method"]
+    if lazy:  # a streamed model cannot run FWSVD's whole-model backward: reported, the others still run
+        assert "Fisher" in runs.pop("fwsvd")["skipped"]
+        methods.remove("fwsvd")
     assert runs["svd-llm+refit+eora"]["pipeline_stage_seconds"]["factorize"] > 0
-    for name in ("svd", "svd-llm", "svd-llm+refit+eora"):
+    # whole-model passes are stages of their own, only where the method has one
+    for name, run in runs.items():
+        if "stages" in run:
+            assert (run["stages"]["fisher"]["seconds"] > 0) == (name == "fwsvd")
+            assert (run["stages"]["spectra"]["seconds"] > 0) == (name == "svd-llm+welore")
+    for name in ("svd", "svd-llm", "svd-llm+refit+eora", "svd-llm+welore"):
         run = runs[name]
         assert set(run["stages"]) == set(speed.STAGES)
         assert all(run["stages"][s]["seconds"] >= 0 for s in speed.STAGES)
