@@ -103,9 +103,12 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
     one and moves it back. One block and the calibration activations on the device at a time; with a
     block_source, in host memory too (plus the next block being read): each is released once read."""
     prefix, blocks = find_decoder_blocks(model)
-    if block_source is not None:
-        block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
-    inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, device, storage)
+    needs_inputs = want_xtx or want_abs  # else (plain svd's spectra) no calibration forward at all
+    inputs = None
+    if needs_inputs:
+        if block_source is not None:
+            block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
+        inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, device, storage)
     for i, block in enumerate(blocks):
         if block_source is not None:
             block_source.ensure(i)
@@ -113,12 +116,12 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
         block.to(device)
         linears = find_linears(block)
         stats = {}
-        if want_xtx or want_abs:
+        if needs_inputs:
             stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx=want_xtx, want_abs=want_abs,
                                          stats_device=storage)
         yield f"{prefix}.{i}", linears, stats
         del stats
-        if i + 1 < len(blocks):
+        if needs_inputs and i + 1 < len(blocks):
             propagate(block, inputs, i, device)
         block.to(home)
         if block_source is not None:
