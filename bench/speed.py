@@ -287,7 +287,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     settings = {"model": args.model or f"shape:{args.shape}" + (f" ({args.layers} layers)" if args.layers else ""),
-                "ratio": args.ratio, "rank_multiple": args.rank_multiple, "eora_rank": args.eora_rank, "calib": args.calib,
+                "ratio": args.ratio, "rank_multiple": args.rank_multiple, "eora_rank": args.eora_rank,
+                "calib": args.calib,
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
                 "device": str(device), "dtype": args.dtype,
                 "offload": args.offload, "lazy": args.lazy, "stream_weights": args.stream_weights,
