@@ -61,7 +61,6 @@ class PairStats(LinearStats):
     def __init__(self, n: int, want_cross: bool, want_abs: bool, device, want_xtx: bool = True):
         super().__init__(n, want_xtx=want_xtx or want_cross, want_abs=want_abs, device=device)
         self.cross = torch.zeros(n, n, dtype=torch.float64, device=device) if want_cross else None
-        self.fisher_rows: dict[str, torch.Tensor] = {}  # filled by the pipeline for FWSVD
 
     @torch.no_grad()
     def update(self, xc: torch.Tensor, xd: torch.Tensor | None = None) -> None:

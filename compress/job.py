@@ -13,8 +13,8 @@ from compress.checkpoint import check_output_dir, save_checkpoint
 from compress.config import CompressConfig
 from compress.loading import load_config, load_model, max_context, resolve_device
 from compress.methods import REGISTRY
-from compress.pipeline import Progress, compress_model
-from compress.streaming import FWSVD_UNSUPPORTED, open_streaming_model
+from compress.pipeline import FWSVD_UNSUPPORTED, Progress, compress_model
+from compress.streaming import open_streaming_model
 
 
 def peak_memory(device: torch.device) -> dict:

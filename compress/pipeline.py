@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import time
-from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -37,9 +36,9 @@ from compress.correct import eora_factors, refit_b, target_weight
 from compress.loading import resolve_device
 from compress.lowrank import LowRankLinear, get_submodule_parent
 from compress.methods import get_method
-from compress.streaming import FWSVD_UNSUPPORTED
 
 Progress = Callable[[str, int, int], None]
+FWSVD_UNSUPPORTED = "--stream-weights does not support fwsvd: its Fisher pass needs every block at once"
 
 
 class BlockSource(Protocol):
@@ -145,7 +144,8 @@ def spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progres
 
 @dataclass
 class _FisherStats:
-    fisher: torch.Tensor
+    """What a method that reads no activations gets as statistics: FWSVD's Fisher rows, if any."""
+    fisher: torch.Tensor | None = None
 
 
 def _allocate(cfg, shapes, spectra) -> dict[str, int | None]:
@@ -190,10 +190,10 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     needs_xtx = "xtx" in method.needs or cfg.refit or cfg.compensate == "eora"
     needs_activations = needs_xtx or "abs_mean" in method.needs
     t0 = time.perf_counter()
-    if block_source is not None:
-        block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
     inputs = None
     if needs_activations:
+        if block_source is not None:
+            block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
         inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
     dense_inputs = None
     if cfg.refit:  # second stream: what each block receives in the dense model
@@ -214,7 +214,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
         groups = linear_groups(block, linears, inputs, i, device) if needs_activations else [list(linears)]
         for group in groups:
             t0 = time.perf_counter()
-            stats = SimpleNamespace()  # what a data-free method reads: only the Fisher rows, set below
+            stats = _FisherStats()  # a data-free method reads only the Fisher rows, set below
             if needs_activations:
                 stats = collect_group_stats(block, group, inputs, i, device, dense_block, dense_inputs,
                                             want_abs="abs_mean" in method.needs, stats_device=storage,

@@ -28,7 +28,6 @@ from compress.loading import (is_rankwise_checkpoint, load_config, load_tokenize
                               resolve_dtype)
 from compress.lowrank import RANKWISE_KEY
 
-FWSVD_UNSUPPORTED = "--stream-weights does not support fwsvd: its Fisher pass needs every block at once"
 DROP = "drop --stream-weights to load it the normal way"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Checkpoint names a normal load drops silently (transformers' own exceptions, modeling_utils.py).
