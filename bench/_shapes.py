@@ -49,17 +49,25 @@ def shape_config(shape: str, layers: int | None = None):
         tie_word_embeddings=False)
 
 
-@torch.no_grad()
-def _init_random(module: torch.nn.Module, seed: int) -> None:
+def random_parameters(module: torch.nn.Module, seed: int):
+    """(name, new float32 CPU tensor) for each parameter of `module`: norms 1, matrices N(0, INIT_STD), other
+    vectors 0. Generated in float32 on CPU (same numbers whatever the dtype); no module is touched, so a
+    worker thread may call it (meta modules too: only shapes are read)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
         if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm"):
-            p.fill_(1.0)
+            yield name, torch.ones(p.shape)
         elif p.dim() >= 2:
-            # generate in float32 on CPU (same numbers whatever the dtype), then cast
-            p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
+            yield name, torch.randn(p.shape, generator=gen) * INIT_STD
         else:
-            p.zero_()
+            yield name, torch.zeros(p.shape)
+
+
+@torch.no_grad()
+def _init_random(module: torch.nn.Module, seed: int) -> None:
+    params = dict(module.named_parameters())
+    for name, value in random_parameters(module, seed):
+        params[name].copy_(value)
 
 
 class BlockMaterializer:
@@ -79,17 +87,8 @@ class BlockMaterializer:
         return next(self.blocks[i].parameters()).device.type == "meta"
 
     def random_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's parameters as new tensors (no module is touched: safe in a worker thread)."""
-        gen = torch.Generator().manual_seed(self.seed + 1000 + i)
-        out = {}
-        for name, p in self.blocks[i].named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm"):
-                out[name] = torch.ones(p.shape, dtype=self.dtype)
-            elif p.dim() >= 2:
-                out[name] = (torch.randn(p.shape, generator=gen) * INIT_STD).to(self.dtype)
-            else:
-                out[name] = torch.zeros(p.shape, dtype=self.dtype)
-        return out
+        """Block i's parameters as new tensors in the model dtype (safe in a worker thread)."""
+        return {name: t.to(self.dtype) for name, t in random_parameters(self.blocks[i], self.seed + 1000 + i)}
 
     def materialize(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
         if i < len(self.blocks) and self.is_meta(i):
