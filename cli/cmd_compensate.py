@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from cli.common import Bars, app, out_console, user_errors
+from cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
 
 
 @app.command("compensate")
@@ -16,12 +16,11 @@ def compensate_cmd(
                                                "dense-weight model with the same layer names)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (a Rankwise checkpoint)."),
     eora_rank: int = typer.Option(64, help="Rank of the residual path of every compensated Linear."),
-    calib: str = typer.Option("wikitext2", help="Calibration text: wikitext2, c4, ptb, text:PATH or "
-                                                "jsonl:PATH[:field]."),
+    calib: str = calib_source_option(),
     nsamples: int = typer.Option(64, help="Number of random calibration windows (EoRA's recipe: 64)."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     seed: int = typer.Option(0, help="Seed of the window sampling."),
-    batch_size: int = typer.Option(4, help="Calibration windows per forward pass."),
+    batch_size: int = calib_batch_option(),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
 ):

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import Bars, app, out_console, user_errors
+from cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
 
 
 def _fmt(n) -> str:
@@ -56,12 +56,11 @@ def model_cmd(
     refit: bool = typer.Option(False, help="Re-solve B in closed form to match the dense model's layer outputs "
                                            "(keeps a second, dense stream of activations: 2x activation memory)."),
     refit_damp: float = typer.Option(1.0, help="Refit / EoRA: ridge damping of the least squares, relative to the mean input energy; shrinks the fit toward the plain truncation (1.0 chosen on held-out Austen text)."),
-    calib: str = typer.Option("wikitext2", help="Calibration text: wikitext2, c4, ptb, text:PATH or "
-                                                "jsonl:PATH[:field]."),
+    calib: str = calib_source_option(),
     nsamples: int = typer.Option(256, help="Number of random calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window (at most the model's context)."),
     seed: int = typer.Option(0, help="Seed of the window sampling (same seed, same windows)."),
-    batch_size: int = typer.Option(4, help="Calibration windows per forward pass."),
+    batch_size: int = calib_batch_option(),
     alpha: float = typer.Option(0.5, help="ASVD: exponent on mean |x| in the channel scaling."),
     rank_multiple: int = typer.Option(1, help="Round every rank down to a multiple of this (GPU-friendly shapes)."),
     keep_dense: str = typer.Option("", help="Comma-separated Linear names or suffixes to leave dense (e.g. k_proj,v_proj "

@@ -21,6 +21,15 @@ console = Console(stderr=True)
 out_console = Console()
 
 
+def calib_source_option():
+    """--calib, declared once for every command that calibrates (same default, same help)."""
+    return typer.Option("wikitext2", help="Calibration text: wikitext2, c4, ptb, text:PATH or jsonl:PATH[:field].")
+
+
+def calib_batch_option():
+    return typer.Option(4, help="Calibration windows per forward pass.")
+
+
 def fail(message: str, code: int = 2):
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
