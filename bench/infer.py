@@ -76,16 +76,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _seconds(fn, device) -> float:
+    """Wall time of one call, the device's queued work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _median_seconds(fn, device: torch.device, reps: int) -> float:
     fn()  # warm-up (kernel selection, allocator)
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_seconds(fn, device) for _ in range(reps))
 
 
 def compile_forward(model):
@@ -148,14 +150,6 @@ class Caller:
         self.reset()
         cache, nxt = self.prefill()
         return torch.cat([nxt] + self.decode(cache, nxt), dim=1)
-
-
-def _seconds(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 class _Timer:
