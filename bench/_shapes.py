@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/x.py` from the repo root
 
 # name -> LlamaConfig fields (hidden, intermediate, heads, kv heads, layers, vocab)
 SHAPES = {
@@ -40,7 +39,7 @@ def add_model_source_args(parser) -> None:
 def shape_config(shape: str, layers: int | None = None):
     import transformers
     if shape not in SHAPES:
-        from calib.errors import RankwiseError
+        from rankwise.errors import RankwiseError
         raise RankwiseError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
     hidden, inter, heads, kv, n_layers, vocab = SHAPES[shape]
     return transformers.LlamaConfig(
@@ -148,7 +147,7 @@ def random_model(shape: str, layers: int | None = None, dtype: torch.dtype = tor
 
 def load_real_model(ref: str, dtype: str = "auto", device: str = "auto"):
     """(model, tokenizer) of a hub id / local dense checkpoint, weights on CPU (the pipeline moves blocks)."""
-    from compress.loading import load_model
+    from rankwise.compress.loading import load_model
     model, tokenizer, _ = load_model(ref, dtype, device, place_on_device=False)
     return model, tokenizer
 
@@ -163,9 +162,9 @@ def calibration_ids(tokenizer, vocab: int, source: str, nsamples: int, seqlen: i
     if source == "random":
         return random_ids(vocab, nsamples, seqlen, seed)
     if tokenizer is None:
-        from calib.errors import RankwiseError
+        from rankwise.errors import RankwiseError
         raise RankwiseError("a model given by --shape has no tokenizer: use --calib random")
-    from calib.data import calibration_set
+    from rankwise.calib.data import calibration_set
     return calibration_set(tokenizer, source, nsamples, seqlen, seed).input_ids
 
 

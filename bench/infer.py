@@ -28,11 +28,11 @@ import torch
 from _shapes import (  # noqa: I001
     add_model_source_args, calibration_ids, load_real_model, random_ids, random_model, thread_note)
 
-from calib.errors import RankwiseError, first_line
-from compress.config import CompressConfig
-from compress.loading import DTYPE_NAMES, load_model, resolve_device
-from compress.lowrank import LowRankLinear
-from compress.pipeline import compress_model
+from rankwise.errors import RankwiseError, first_line
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.loading import DTYPE_NAMES, load_model, resolve_device
+from rankwise.compress.lowrank import LowRankLinear
+from rankwise.compress.pipeline import compress_model
 
 COMPILE_MODES = ("none", "static", "compile")
 

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from calib.data import load_text, tokenize  # noqa: E402
-from compress.config import CompressConfig  # noqa: E402
-from compress.job import compress_in_memory, peak_memory  # noqa: E402
-from compress.loading import load_model  # noqa: E402
-from eval.ppl import perplexity  # noqa: E402
+from rankwise.calib.data import load_text, tokenize
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.job import compress_in_memory, peak_memory
+from rankwise.compress.loading import load_model
+from rankwise.eval.ppl import perplexity
 
 ASSETS = Path(os.environ.get("RANKWISE_ASSETS", Path.home() / ".cache" / "rankwise-assets"))
 

@@ -33,12 +33,12 @@ import torch
 from _shapes import (  # noqa: I001
     PeakMemory, add_model_source_args, calibration_ids, load_real_model, random_model, thread_note)
 
-import compress.pipeline as pipeline
-from calib.errors import RankwiseError
-from compress.checkpoint import save_checkpoint
-from compress.config import CompressConfig
-from compress.loading import DTYPE_NAMES, resolve_device
-from compress.methods import REGISTRY
+import rankwise.compress.pipeline as pipeline
+from rankwise.errors import RankwiseError
+from rankwise.compress.checkpoint import save_checkpoint
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.loading import DTYPE_NAMES, resolve_device
+from rankwise.compress.methods import REGISTRY
 
 DEFAULT_METHODS = "svd,asvd,svd-llm,fwsvd,svd-llm+eora"
 # a method name may carry pipeline options: svd-llm+eora, svd-llm+refit+eora, svd-llm+welore
@@ -178,7 +178,7 @@ def build(args, device):
     if args.lazy or args.layers:
         raise RankwiseError("--lazy and --layers apply to --shape models only")
     if args.stream_weights:
-        from compress.streaming import open_streaming_model
+        from rankwise.compress.streaming import open_streaming_model
         model, tokenizer, stream = open_streaming_model(args.model, args.dtype, args.device)
         return model, tokenizer, stream, args.model
     model, tokenizer = load_real_model(args.model, args.dtype, args.device)

@@ -1,4 +1,1 @@
 """Calibration: text sources, token windows, block inputs and per-Linear statistics. Knows no method."""
-from calib.errors import RankwiseError
-
-__all__ = ["RankwiseError"]

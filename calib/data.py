@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from calib.errors import RankwiseError, first_line
+from rankwise.errors import RankwiseError, first_line
 
 # name -> (dataset path, config name, {split: data_files or split name}, text field)
 HUB_SOURCES = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calib.capture import BlockInputs, LinearStats, _call_block, _in_features, gram
+from rankwise.calib.capture import BlockInputs, LinearStats, _call_block, _in_features, gram
 
 
 class _Stop(Exception):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
+from rankwise.cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
 
 
 @app.command("compensate")
@@ -25,7 +25,7 @@ def compensate_cmd(
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
 ):
     """EoRA: add to every layer of COMPRESSED a low-rank path fitted to ORIGINAL's layer on ORIGINAL's inputs."""
-    from compress.compensate import run_compensate
+    from rankwise.compress.compensate import run_compensate
     with Bars() as bars:
         meta = run_compensate(original, compressed, output, eora_rank, calib, nsamples, seqlen, seed, batch_size,
                               device, overwrite, bars)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from calib.errors import RankwiseError
-from cli.common import Bars, app, out_console, user_errors
+from rankwise.errors import RankwiseError
+from rankwise.cli.common import Bars, app, out_console, user_errors
 
 # lm-eval's and datasets' own tqdm bars (ours are the rich ones); tqdm reads this when first imported
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -46,8 +46,8 @@ def evaluate_cmd(
                                                        "columns; with no --ppl/--tasks, repeats its evaluations."),
 ):
     """Token perplexity by the papers' protocol and lm-eval zero-shot accuracy, one JSON + Markdown per run."""
-    from eval.evaluate import evaluate_model
-    from eval.results import add_deltas, load_baseline, markdown, write_results
+    from rankwise.eval.evaluate import evaluate_model
+    from rankwise.eval.results import add_deltas, load_baseline, markdown, write_results
     if json_path is not None and json_path.suffix == ".md":
         raise RankwiseError(f"--json {str(json_path)!r} ends in .md; the Markdown table is written beside the JSON")
     sources, task_list = _split(ppl), _split(tasks)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import typer
 
-from calib.errors import RankwiseError
-from cli.common import app, out_console, user_errors
+from rankwise.errors import RankwiseError
+from rankwise.cli.common import app, out_console, user_errors
 
 
 @app.command("export-peft")
@@ -20,13 +20,13 @@ def export_peft_cmd(
 ):
     """Export the EoRA paths as a PEFT adapter for the compressed base (the checkpoint without its paths).
 
-    Load it back with compress.peft_export.load_eora_adapter(base, ADAPTER), where base is the checkpoint
-    loaded and stripped of its paths (compress.peft_export.strip_compensation).
+    Load it back with rankwise.compress.peft_export.load_eora_adapter(base, ADAPTER), where base is the checkpoint
+    loaded and stripped of its paths (rankwise.compress.peft_export.strip_compensation).
     """
-    from compress.checkpoint import atomic_output_dir, check_output_dir
-    from compress.loading import is_rankwise_checkpoint
-    from compress.lowrank import load_rankwise_model
-    from compress.peft_export import export_eora_adapter
+    from rankwise.compress.checkpoint import atomic_output_dir, check_output_dir
+    from rankwise.compress.loading import is_rankwise_checkpoint
+    from rankwise.compress.lowrank import load_rankwise_model
+    from rankwise.compress.peft_export import export_eora_adapter
     check_output_dir(output, overwrite)  # before loading anything
     if not is_rankwise_checkpoint(checkpoint):
         raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
+from rankwise.cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
 
 
 def _fmt(n) -> str:
@@ -77,8 +77,8 @@ def model_cmd(
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
 ):
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
-    from compress.config import CompressConfig
-    from compress.job import run_compress
+    from rankwise.compress.config import CompressConfig
+    from rankwise.compress.job import run_compress
     cfg = CompressConfig(model=model, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
                          eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
                          seed=seed, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import typer
 
-from calib.errors import RankwiseError
-from cli.common import app, out_console, user_errors
+from rankwise.errors import RankwiseError
+from rankwise.cli.common import app, out_console, user_errors
 
 
 @app.command("report")
 @user_errors
 def report_cmd(run_dir: Path = typer.Argument(..., help="The output_dir of a `compress run`.")):
     """Tabulate and plot every finished (and failed) job of a run folder."""
-    from eval.report import describe_files, write_report
+    from rankwise.eval.report import describe_files, write_report
     if not (run_dir / "jobs").is_dir():
         raise RankwiseError(f"{str(run_dir)!r} is not a run folder (it has no jobs/ folder)")
     report = write_report(run_dir)

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from calib.errors import RankwiseError
-from cli.common import Bars, app, console, out_console, user_errors
+from rankwise.errors import RankwiseError
+from rankwise.cli.common import Bars, app, console, out_console, user_errors
 
 
 def plan_table(plan, statuses: dict) -> Table:
@@ -31,8 +31,8 @@ def run_cmd(
                                                       "(1: one after another in this process)."),
 ):
     """Run every job of a sweep (skipping finished ones), then write results.csv, results.md and plots."""
-    from cli.sweep import gpu_slots, load_plan, run_in_process, run_in_subprocesses, visible_gpus
-    from eval.report import describe_files, write_report
+    from rankwise.cli.sweep import gpu_slots, load_plan, run_in_process, run_in_subprocesses, visible_gpus
+    from rankwise.eval.report import describe_files, write_report
     if jobs < 1:
         raise RankwiseError(f"--jobs must be at least 1, got {jobs}")
     plan = load_plan(config)

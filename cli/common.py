@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from calib.errors import RankwiseError
+from rankwise.errors import RankwiseError
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and messages only
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,9 +1,9 @@
 """`compress`: the Rankwise command line (typer + rich). One module per command; commands are thin."""
 import sys
 
-from cli import (  # noqa: F401  (each module registers its command on the app)
+from rankwise.cli import (  # noqa: F401  (each module registers its command on the app)
     cmd_compensate, cmd_evaluate, cmd_export, cmd_model, cmd_report, cmd_run)
-from cli.common import app
+from rankwise.cli.common import app
 
 
 def main():  # console-script entry point

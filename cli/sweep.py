@@ -36,7 +36,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from calib.errors import RankwiseError, first_line
+from rankwise.errors import RankwiseError, first_line
 
 DENSE = "none"  # method name of the uncompressed baseline job
 # Where and how a job runs does not change what it computes: these keys stay out of the job's hash, so a run
@@ -217,7 +217,7 @@ def _job_name(model: str, compress: dict | None, ev: dict) -> str:
 
 
 def _resolve(options: dict, origin: dict, ev: EvalBlock, keep: bool, path: Path, lines: dict) -> Job:
-    from compress.config import CompressConfig
+    from rankwise.compress.config import CompressConfig
     dense = options.get("method") == DENSE or options.get("ratio") in (0, 0.0)
     probe = dict(options)
     if dense:  # still check every key and the model-level options, with placeholder compression settings
@@ -306,7 +306,7 @@ def load_plan(path: str | Path) -> Plan:
 # ---------------------------------------------------------------- running
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    from eval.results import write_text_atomic
+    from rankwise.eval.results import write_text_atomic
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
@@ -314,10 +314,10 @@ def run_job(job: Job, progress=None) -> dict:
     """Compress (unless dense or already compressed by an earlier attempt), evaluate, write result.json."""
     import torch
 
-    from compress.checkpoint import read_meta
-    from compress.config import CompressConfig
-    from compress.job import run_compress
-    from eval.evaluate import evaluate_model
+    from rankwise.compress.checkpoint import read_meta
+    from rankwise.compress.config import CompressConfig
+    from rankwise.compress.job import run_compress
+    from rankwise.eval.evaluate import evaluate_model
     t0 = time.perf_counter()
     job.dir.mkdir(parents=True, exist_ok=True)
     _atomic_json(job.dir / "job.json", job.to_json())
@@ -408,7 +408,7 @@ def gpu_slots(jobs: list[Job], n: int, gpus: list[str]) -> list[str | None]:
 
 
 def run_in_subprocesses(jobs: list[Job], slots: list[str | None], on_done) -> None:
-    """Run the jobs on len(slots) worker subprocesses (each: `python -m cli.sweep JOB_DIR`, its log in
+    """Run the jobs on len(slots) worker subprocesses (each: `python -m rankwise.cli.sweep JOB_DIR`, its log in
     JOB_DIR/log.txt); on_done(job, error_or_None) is called as each finishes."""
     free: Queue = Queue()
     for s in slots:
@@ -424,7 +424,7 @@ def run_in_subprocesses(jobs: list[Job], slots: list[str | None], on_done) -> No
                 env["CUDA_VISIBLE_DEVICES"] = slot
                 env["RANKWISE_ONE_GPU"] = "1"
             with open(job.dir / "log.txt", "w") as log:
-                rc = subprocess.call([sys.executable, "-m", "cli.sweep", str(job.dir)], stdout=log,
+                rc = subprocess.call([sys.executable, "-m", "rankwise.cli.sweep", str(job.dir)], stdout=log,
                                      stderr=subprocess.STDOUT, env=env)
             if rc == 0 and (job.dir / "result.json").is_file():
                 on_done(job, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calib.errors import RankwiseError
+from rankwise.errors import RankwiseError
 
 
 @dataclass(frozen=True)

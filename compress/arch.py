@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calib.errors import RankwiseError
-from compress.lowrank import LoraLinear, LowRankLinear
+from rankwise.errors import RankwiseError
+from rankwise.compress.lowrank import LoraLinear, LowRankLinear
 
 try:
     from transformers.pytorch_utils import Conv1D

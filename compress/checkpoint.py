@@ -16,9 +16,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from calib.errors import RankwiseError
-from compress import lowrank
-from compress.lowrank import RANKWISE_KEY
+from rankwise.errors import RankwiseError
+from rankwise.compress import lowrank
+from rankwise.compress.lowrank import RANKWISE_KEY
 
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
 

@@ -14,11 +14,11 @@ import time
 import torch
 from torch import nn
 
-from calib.errors import RankwiseError
-from compress.arch import dense_weight
-from compress.correct import eora_factors
-from compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
-from compress.pipeline import unchanged_block_stats
+from rankwise.errors import RankwiseError
+from rankwise.compress.arch import dense_weight
+from rankwise.compress.correct import eora_factors
+from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
+from rankwise.compress.pipeline import unchanged_block_stats
 
 
 def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
@@ -68,10 +68,10 @@ def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torc
 def run_compensate(original: str, compressed: str, output, rank: int, calib: str, nsamples: int, seqlen: int,
                    seed: int = 0, batch_size: int = 4, device: str = "auto", overwrite: bool = False,
                    progress=None) -> dict:
-    from calib.data import calibration_set, validate_source
-    from compress.checkpoint import check_output_dir, read_meta, save_checkpoint
-    from compress.job import peak_memory
-    from compress.loading import load_model, resolve_device
+    from rankwise.calib.data import calibration_set, validate_source
+    from rankwise.compress.checkpoint import check_output_dir, read_meta, save_checkpoint
+    from rankwise.compress.job import peak_memory
+    from rankwise.compress.loading import load_model, resolve_device
     t0 = time.perf_counter()
     if rank < 1:
         raise RankwiseError(f"--eora-rank must be at least 1, got {rank}")

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compress.methods import REGISTRY
+from rankwise.compress.methods import REGISTRY
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.methods.base import Decomposition, derived
+from rankwise.compress.methods.base import Decomposition, derived
 
 
 def _ridge(M: torch.Tensor, damp: float) -> torch.Tensor:

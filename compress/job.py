@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from calib.data import calibration_set, validate_source
-from calib.errors import RankwiseError
-from compress.checkpoint import check_output_dir, save_checkpoint
-from compress.config import CompressConfig
-from compress.loading import load_config, load_model, max_context, resolve_device
-from compress.methods import REGISTRY
-from compress.pipeline import FWSVD_UNSUPPORTED, Progress, compress_model
-from compress.streaming import open_streaming_model
+from rankwise.calib.data import calibration_set, validate_source
+from rankwise.errors import RankwiseError
+from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.loading import load_config, load_model, max_context, resolve_device
+from rankwise.compress.methods import REGISTRY
+from rankwise.compress.pipeline import FWSVD_UNSUPPORTED, Progress, compress_model
+from rankwise.compress.streaming import open_streaming_model
 
 
 def peak_memory(device: torch.device) -> dict:

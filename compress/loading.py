@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from calib.errors import RankwiseError, first_line
-from compress.lowrank import RANKWISE_KEY, load_rankwise_model
+from rankwise.errors import RankwiseError, first_line
+from rankwise.compress.lowrank import RANKWISE_KEY, load_rankwise_model
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

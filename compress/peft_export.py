@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
+from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
 
 
 def _lora_config(ranks: dict[str, int], base_model_name: str | None = None):
@@ -51,7 +51,7 @@ def export_eora_adapter(model: nn.Module, out_dir: str | Path, base_model_name: 
     from peft import get_peft_model
     paths = strip_compensation(model)
     if not paths:
-        from calib.errors import RankwiseError
+        from rankwise.errors import RankwiseError
         raise RankwiseError("the model has no EoRA compensation path to export")
     peft_model = get_peft_model(model, _lora_config({n: a.shape[0] for n, (b, a) in paths.items()},
                                                     base_model_name))

@@ -26,16 +26,16 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
-from calib.errors import RankwiseError
-from calib.paired import collect_group_stats, linear_groups
-from compress.allocate import MatrixShape, reserved_ratio, summarize, uniform_ranks, welore_ranks
-from compress.arch import Conv1D, dense_weight, find_decoder_blocks, find_linears, layer_shape
-from compress.config import CompressConfig
-from compress.correct import eora_factors, refit_b, target_weight
-from compress.loading import resolve_device
-from compress.lowrank import LowRankLinear, get_submodule_parent
-from compress.methods import get_method
+from rankwise.calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
+from rankwise.errors import RankwiseError
+from rankwise.calib.paired import collect_group_stats, linear_groups
+from rankwise.compress.allocate import MatrixShape, reserved_ratio, summarize, uniform_ranks, welore_ranks
+from rankwise.compress.arch import Conv1D, dense_weight, find_decoder_blocks, find_linears, layer_shape
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.correct import eora_factors, refit_b, target_weight
+from rankwise.compress.loading import resolve_device
+from rankwise.compress.lowrank import LowRankLinear, get_submodule_parent
+from rankwise.compress.methods import get_method
 
 Progress = Callable[[str, int, int], None]
 FWSVD_UNSUPPORTED = "--stream-weights does not support fwsvd: its Fisher pass needs every block at once"
@@ -81,7 +81,7 @@ def eora_params(shapes: dict[str, MatrixShape], rank: int) -> int:
 
 
 def fisher_pass(model, calib_ids, device, progress=None) -> dict[str, torch.Tensor]:
-    from calib.fisher import row_fisher
+    from rankwise.calib.fisher import row_fisher
     prefix, blocks = find_decoder_blocks(model)
     weights, transposed = {}, set()
     for i, block in enumerate(blocks):

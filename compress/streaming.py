@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calib.errors import RankwiseError, first_line
-from compress.arch import find_decoder_blocks
-from compress.loading import (is_rankwise_checkpoint, load_config, load_tokenizer, looks_local, resolve_device,
+from rankwise.errors import RankwiseError, first_line
+from rankwise.compress.arch import find_decoder_blocks
+from rankwise.compress.loading import (is_rankwise_checkpoint, load_config, load_tokenizer, looks_local, resolve_device,
                               resolve_dtype)
-from compress.lowrank import RANKWISE_KEY
+from rankwise.compress.lowrank import RANKWISE_KEY
 
 DROP = "drop --stream-weights to load it the normal way"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

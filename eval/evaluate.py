@@ -7,11 +7,11 @@ import time
 
 import torch
 
-from calib.data import load_text, tokenize, validate_source
-from calib.errors import RankwiseError, first_line
-from compress.checkpoint import package_versions, read_meta
-from compress.loading import load_config, load_model, max_context, resolve_device, resolve_dtype
-from eval.ppl import perplexity
+from rankwise.calib.data import load_text, tokenize, validate_source
+from rankwise.errors import RankwiseError, first_line
+from rankwise.compress.checkpoint import package_versions, read_meta
+from rankwise.compress.loading import load_config, load_model, max_context, resolve_device, resolve_dtype
+from rankwise.eval.ppl import perplexity
 
 
 def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: str = "auto",
@@ -107,7 +107,7 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
         load_config(model_ref, trust_remote_code)  # missing path / unknown id: fail before anything heavy
     task_set = prepared = None
     if tasks:  # unknown tasks and unreachable task data fail here, before the model is loaded
-        from eval.zeroshot import TaskSet
+        from rankwise.eval.zeroshot import TaskSet
         task_set = TaskSet()
         prepared = task_set.prepare(tasks)
     loaded = load_for_eval(model_ref, dtype, device, trust_remote_code, gguf_file)
@@ -123,7 +123,7 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
         result["ppl"] = evaluate_ppl(model_ref, ppl, seqlen, dtype, str(dev), ppl_batch, bos, max_windows,
                                      trust_remote_code, progress, loaded=loaded)["ppl"]
     if tasks:
-        from eval.zeroshot import run_tasks
+        from rankwise.eval.zeroshot import run_tasks
         result["tasks"] = run_tasks(model, tokenizer, prepared, limit,
                                     batch_size if batch_size == "auto" else int(batch_size), bos, num_fewshot,
                                     bootstrap_iters, task_set, progress)

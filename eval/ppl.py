@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from calib.errors import RankwiseError
+from rankwise.errors import RankwiseError
 
 
 def make_windows(ids: torch.Tensor, seqlen: int, bos_id: int | None = None,

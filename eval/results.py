@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from calib.errors import RankwiseError
+from rankwise.errors import RankwiseError
 
 STDERR = "_stderr"
 # bookkeeping keys in a task's result dict that are not metrics

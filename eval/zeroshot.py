@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from calib.errors import RankwiseError, first_line
+from rankwise.errors import RankwiseError, first_line
 
 LOCAL_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LOCAL_HELP = ("use a local task instead: a YAML with `dataset_path: json` and `dataset_kwargs: {data_files: "

@@ -33,7 +33,7 @@ def cli():
     """Run the `compress` CLI in-process; returns typer's Result (exit_code, output)."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from rankwise.cli.main import app
     runner = CliRunner()
 
     def run(*args):

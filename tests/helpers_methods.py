@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from calib.data import calibration_set
-from compress.config import CompressConfig
+from rankwise.calib.data import calibration_set
+from rankwise.compress.config import CompressConfig
 from tiny import austen_text, tiny_model, tiny_tokenizer
 
 

@@ -3,12 +3,12 @@ import pytest
 import torch
 import transformers
 
-from calib.capture import capture_block_inputs, propagate
-from compress.arch import find_decoder_blocks, find_linears
-from compress.checkpoint import save_checkpoint
-from compress.config import CompressConfig
-from compress.lowrank import load_rankwise_model
-from compress.pipeline import compress_model
+from rankwise.calib.capture import capture_block_inputs, propagate
+from rankwise.compress.arch import find_decoder_blocks, find_linears
+from rankwise.compress.checkpoint import save_checkpoint
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.lowrank import load_rankwise_model
+from rankwise.compress.pipeline import compress_model
 
 V = 300
 FAMILIES = {

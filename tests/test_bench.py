@@ -14,11 +14,11 @@ import infer  # noqa: E402
 import speed  # noqa: E402
 from _shapes import SHAPES  # noqa: E402
 
-from calib.errors import RankwiseError  # noqa: E402
-from compress.allocate import MatrixShape, summarize, uniform_ranks  # noqa: E402
-from compress.config import CompressConfig  # noqa: E402
-from compress.lowrank import LowRankLinear  # noqa: E402
-from compress.pipeline import compress_model, target_shapes  # noqa: E402
+from rankwise.errors import RankwiseError  # noqa: E402
+from rankwise.compress.allocate import MatrixShape, summarize, uniform_ranks  # noqa: E402
+from rankwise.compress.config import CompressConfig  # noqa: E402
+from rankwise.compress.lowrank import LowRankLinear  # noqa: E402
+from rankwise.compress.pipeline import compress_model, target_shapes  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 

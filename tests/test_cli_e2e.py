@@ -5,9 +5,9 @@ import pytest
 import torch
 import transformers
 
-from compress.config import CompressConfig
-from compress.job import compress_in_memory
-from compress.lowrank import load_rankwise_model
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.job import compress_in_memory
+from rankwise.compress.lowrank import load_rankwise_model
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

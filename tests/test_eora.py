@@ -2,8 +2,8 @@ import copy
 
 import torch
 
-from compress.lowrank import LoraLinear, LowRankLinear, load_rankwise_model
-from compress.pipeline import compress_model
+from rankwise.compress.lowrank import LoraLinear, LowRankLinear, load_rankwise_model
+from rankwise.compress.pipeline import compress_model
 from helpers_methods import calib_ids, config, model
 
 RANK = 4
@@ -56,8 +56,8 @@ def test_compensation_lowers_every_layer_output_error_and_counts_exactly():
 def test_checkpoint_and_peft_adapter_reproduce_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from compress.checkpoint import save_checkpoint
-    from compress.peft_export import export_eora_adapter, load_eora_adapter, strip_compensation
+    from rankwise.compress.checkpoint import save_checkpoint
+    from rankwise.compress.peft_export import export_eora_adapter, load_eora_adapter, strip_compensation
     from tiny import tiny_tokenizer
     _, m, ids, meta = _compressed()
     meta.update(source_model="tiny")
@@ -83,7 +83,7 @@ def test_checkpoint_and_peft_adapter_reproduce_logits(tmp_path):
 
 
 def test_compensate_command_on_a_pruned_model(tmp_path, tiny_dirs, austen_file, cli):
-    from compress.arch import named_target_linears
+    from rankwise.compress.arch import named_target_linears
     from tiny import tiny_tokenizer
     orig_dir = tiny_dirs["llama"]
     pruned = model("llama")
@@ -116,7 +116,7 @@ def test_cli_compress_with_eora_then_export_peft(tmp_path, tiny_dirs, austen_fil
     """The user's path: `compress model --compensate eora`, then `compress export-peft`, then PEFT loads it."""
     import json
 
-    from compress.peft_export import load_eora_adapter, strip_compensation
+    from rankwise.compress.peft_export import load_eora_adapter, strip_compensation
     ck, adapter = tmp_path / "ck", tmp_path / "adapter"
     res = cli("model", tiny_dirs["llama"], "-o", ck, "--ratio", "0.3", "--compensate", "eora", "--eora-rank", "4",
               "--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32", "--device", "cpu")

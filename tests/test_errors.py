@@ -87,7 +87,7 @@ def test_empty_calibration_text(tiny_dirs, tmp_path, cli):
 def test_real_process_exit_code_and_no_traceback(tiny_dirs, tmp_path):
     """The installed entry point, as a user runs it (not the in-process runner)."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "model", str(tiny_dirs["llama"]), "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "rankwise.cli.main", "model", str(tiny_dirs["llama"]), "-o", str(out),
                            "--ratio", "2"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "ratio" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.evaluate import evaluate_ppl
-from eval.zeroshot import LOCAL_TASK_DIR, load_local_task_config
+from rankwise.eval.evaluate import evaluate_ppl
+from rankwise.eval.zeroshot import LOCAL_TASK_DIR, load_local_task_config
 
 LIMIT, SEQLEN, WINDOWS = 6, 64, 4
 
@@ -66,7 +66,7 @@ def test_local_yaml_data_files_resolve_against_the_yaml(tmp_path, monkeypatch):
     cfg = load_local_task_config("mytasks/austen_mc.yaml")
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str((d / "austen_mc.jsonl").resolve())
     (d / "austen_mc.jsonl").unlink()
-    from calib.errors import RankwiseError
+    from rankwise.errors import RankwiseError
     with pytest.raises(RankwiseError, match="austen_mc.jsonl"):
         load_local_task_config(d / "austen_mc.yaml")
 
@@ -87,7 +87,7 @@ def _write(path: Path, text: str) -> Path:
 @pytest.fixture
 def small_lm_eval_index(monkeypatch):
     """The full lm-eval index (15k YAMLs, tens of seconds) replaced by the local folder only."""
-    from eval.zeroshot import TaskSet
+    from rankwise.eval.zeroshot import TaskSet
     monkeypatch.setattr(TaskSet, "task_manager", lambda self, full=False: __import__(
         "lm_eval.tasks", fromlist=["TaskManager"]).TaskManager(include_path=str(self.include_dir),
                                                                include_defaults=False))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from calib.capture import LinearStats
-from compress.lowrank import LowRankLinear
-from compress.methods import get_method
+from rankwise.calib.capture import LinearStats
+from rankwise.compress.lowrank import LowRankLinear
+from rankwise.compress.methods import get_method
 
 
 def correlated_inputs(n: int, tokens: int = 2000, seed: int = 0) -> torch.Tensor:
@@ -83,7 +83,7 @@ def test_gram_decomposition_matches_lapack_svd(shape):
     """The eigh-of-the-Gram SVD gives LAPACK's singular values, balanced factors built on orthonormal
     singular vectors (B^T B = A A^T = diag S_k) and the Eckart-Young truncation error at every rank,
     for wide, tall and square matrices."""
-    from compress.methods.base import Decomposition
+    from rankwise.compress.methods.base import Decomposition
     g = torch.Generator().manual_seed(3)
     m, n = shape
     M = torch.randn(m, n, generator=g, dtype=torch.float64) * torch.logspace(0, -3, n, dtype=torch.float64)
@@ -100,7 +100,7 @@ def test_gram_decomposition_matches_lapack_svd(shape):
 
 
 def test_gram_decomposition_of_rank_deficient_and_zero_matrices_stays_finite():
-    from compress.methods.base import Decomposition
+    from rankwise.compress.methods.base import Decomposition
     g = torch.Generator().manual_seed(4)
     M = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 12, generator=g, dtype=torch.float64)
     B, A = Decomposition(M).factors(12)   # every rank, including the 9 null directions
@@ -112,7 +112,7 @@ def test_gram_decomposition_of_rank_deficient_and_zero_matrices_stays_finite():
 
 def test_one_cholesky_serves_a_group_sharing_its_input(monkeypatch):
     """q/k/v share one statistics object: SVD-LLM factors its covariance once, not once per Linear."""
-    import compress.methods.svd_llm as svd_llm
+    import rankwise.compress.methods.svd_llm as svd_llm
     calls = []
     real = svd_llm.cholesky_with_fallback
     monkeypatch.setattr(svd_llm, "cholesky_with_fallback", lambda C: calls.append(1) or real(C))
@@ -126,7 +126,7 @@ def test_one_cholesky_serves_a_group_sharing_its_input(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision Gram path is GPU-only")
 def test_half_precision_gram_on_gpu_equals_the_float32_gram():
-    from calib.capture import gram
+    from rankwise.calib.capture import gram
     x = torch.randn(4096, 256, device="cuda").to(torch.bfloat16)
     ref = x.double().T @ x.double()
     out = gram(x, x)
@@ -137,8 +137,8 @@ def test_half_precision_gram_on_gpu_equals_the_float32_gram():
 def test_plain_svd_runs_no_block_forward_and_ignores_the_calibration_tokens(monkeypatch):
     """svd reads no activations: its block walk never runs a block, and any calibration set gives the same
     factors (the truncated SVD of each weight)."""
-    import compress.pipeline as pipeline
-    from compress.config import CompressConfig
+    import rankwise.compress.pipeline as pipeline
+    from rankwise.compress.config import CompressConfig
     from tiny import tiny_model
 
     def no_forward(*args, **kwargs):

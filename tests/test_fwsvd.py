@@ -1,7 +1,7 @@
 import torch
 
-from compress.methods import get_method
-from compress.pipeline import fisher_pass
+from rankwise.compress.methods import get_method
+from rankwise.compress.pipeline import fisher_pass
 
 
 class _Stats:

@@ -14,8 +14,8 @@ import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import compress.pipeline as pipeline
-from compress.config import CompressConfig
+import rankwise.compress.pipeline as pipeline
+from rankwise.compress.config import CompressConfig
 from tiny import tiny_model
 
 

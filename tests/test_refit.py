@@ -2,8 +2,8 @@ import copy
 
 import torch
 
-from compress.lowrank import LowRankLinear
-from compress.pipeline import compress_model
+from rankwise.compress.lowrank import LowRankLinear
+from rankwise.compress.pipeline import compress_model
 from helpers_methods import calib_ids, config, model
 
 

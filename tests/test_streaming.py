@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.config import CompressConfig
-from compress.job import compress_in_memory
-from compress.pipeline import compress_model
-from compress.streaming import open_streaming_model
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.job import compress_in_memory
+from rankwise.compress.pipeline import compress_model
+from rankwise.compress.streaming import open_streaming_model
 from tiny import save_tiny
 
 
@@ -149,7 +149,7 @@ def test_stream_refusals_are_one_line_and_exit_2(case, tiny_dirs, austen_file, t
 
 def test_sweep_accepts_stream_weights_and_keeps_job_names(tiny_dirs, austen_file, tmp_path):
     """A sweep can turn streaming on; how weights are read does not change a job's result, so not its name."""
-    from cli.sweep import load_plan
+    from rankwise.cli.sweep import load_plan
     from test_sweep import write_run
     names = {}
     for flag in ("", "stream_weights: true"):

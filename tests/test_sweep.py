@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from calib.errors import RankwiseError
+from rankwise.errors import RankwiseError
 
 
 def write_run(tmp_path: Path, model: Path, text: Path, extra: str = "", sweep: str = "ratio: [0.3, 0.6]") -> Path:
@@ -98,7 +98,7 @@ def test_unknown_key_names_key_and_line(cli, tiny_dirs, austen_file, tmp_path):
     assert "'ratoi'" in r.output and "line 7" in r.output
     nested = write_run(tmp_path, tiny_dirs["llama"], austen_file, extra="eval: {ppl: [wikitext2], windows: 3}")
     nested.write_text(nested.read_text().replace("eval: {ppl: [\"text", "#", 1))
-    from cli.sweep import load_plan
+    from rankwise.cli.sweep import load_plan
     with pytest.raises(RankwiseError, match=r"line 7: unknown key 'windows'"):
         load_plan(nested)
     swept = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="methd: [svd, asvd]")
@@ -114,7 +114,7 @@ def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monke
     monkeypatch.setenv("RW_TINY", str(tiny_dirs["llama"].parent))
     run = write_run(tmp_path, "${RW_TINY}/llama", austen_file, extra="baseline: true",
                     sweep="method: [none, svd, asvd]\n  ratio: [0.3, 0.6]")
-    from cli.sweep import gpu_slots, load_plan
+    from rankwise.cli.sweep import gpu_slots, load_plan
     plan = load_plan(run)
     # none x 2 ratios and baseline: true collapse into one dense job
     assert sorted(j.method for j in plan.jobs) == ["asvd", "asvd", "none", "svd", "svd"]
@@ -136,7 +136,7 @@ def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monke
 
 
 def test_path_expansion(monkeypatch):
-    from cli.sweep import _expand
+    from rankwise.cli.sweep import _expand
     monkeypatch.delenv("RW_NOPE", raising=False)
     monkeypatch.setenv("RW_SET", "/data")
     home = str(Path.home())

@@ -1,7 +1,7 @@
 import torch
 
-from compress.allocate import MatrixShape, welore_ranks
-from compress.pipeline import compress_model, target_shapes
+from rankwise.compress.allocate import MatrixShape, welore_ranks
+from rankwise.compress.pipeline import compress_model, target_shapes
 from helpers_methods import calib_ids, config, model
 
 

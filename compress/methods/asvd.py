@@ -6,7 +6,7 @@ activations (outliers) get their columns preserved first.
 from dataclasses import dataclass
 
 
-from compress.methods.base import Decomposition, Method, register
+from rankwise.compress.methods.base import Decomposition, Method, register
 
 
 @register("asvd")

@@ -100,7 +100,7 @@ def derived(stats, key, compute: Callable[[], torch.Tensor]):
 
 
 def get_method(name: str, **options) -> Method:
-    from calib.errors import RankwiseError
+    from rankwise.errors import RankwiseError
     if name not in REGISTRY:
         raise RankwiseError(f"unknown method {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name](**options)

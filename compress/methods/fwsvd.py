@@ -5,7 +5,7 @@ B = diag(d)^-1 U_k sqrt(S_k): rows the loss is sensitive to are reconstructed fi
 Memory: the Fisher pass runs the whole model forward and backward, one calibration sequence at a time with
 gradient checkpointing: about the model's weights + one sequence's hidden states per layer + its logits.
 """
-from compress.methods.base import Decomposition, Method, register
+from rankwise.compress.methods.base import Decomposition, Method, register
 
 
 @register("fwsvd")

@@ -1,5 +1,5 @@
 """Plain truncated SVD: minimises ||W - BA||_F and ignores the data (a baseline, catastrophic on LLMs)."""
-from compress.methods.base import Decomposition, Method, register
+from rankwise.compress.methods.base import Decomposition, Method, register
 
 
 @register("svd")

@@ -6,7 +6,7 @@ computed by a triangular solve, never by forming L^-1.
 """
 import torch
 
-from compress.methods.base import Decomposition, Method, derived, register
+from rankwise.compress.methods.base import Decomposition, Method, derived, register
 
 
 def cholesky_with_fallback(C: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The one exception type users see. calib sits at the root of the data flow, so every layer can raise it."""
+"""The one exception type users see, at the root of the package: every layer (calib first) can raise it."""
 
 
 class RankwiseError(Exception):
