@@ -7,6 +7,7 @@ Memory on the device is one block plus the calibration activations.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -243,7 +244,11 @@ def _in_features(layer: nn.Module) -> int:
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, inputs: BlockInputs, block_index: int, device) -> None:
-    """Replace the stored hidden states by this block's outputs (the next block's inputs), in place."""
-    for b, hidden in enumerate(inputs.hidden):
-        inputs.hidden[b] = _call_block(block, hidden, inputs.kwargs[block_index][b], device).to(inputs.storage)
+def propagate(block: nn.Module, inputs: BlockInputs, block_index: int, device, shortcuts=None) -> None:
+    """Replace the stored hidden states by this block's outputs (the next block's inputs), in place.
+    shortcuts (calib.paired.Shortcuts): submodules whose output is already known are not recomputed."""
+    with shortcuts.active() if shortcuts is not None else nullcontext():
+        for b, hidden in enumerate(inputs.hidden):
+            if shortcuts is not None:
+                shortcuts.batch = b
+            inputs.hidden[b] = _call_block(block, hidden, inputs.kwargs[block_index][b], device).to(inputs.storage)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rankwise.calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
-from rankwise.calib.paired import collect_group_stats, linear_groups
+from rankwise.calib.paired import Shortcuts, collect_group_stats, linear_groups, output_owners
 from rankwise.compress.allocate import MatrixShape, summarize
 from rankwise.compress.arch import dense_weight, find_decoder_blocks, find_linears, layer_shape
 from rankwise.compress.config import CompressConfig
@@ -170,7 +170,7 @@ class BlockWalk:
         self.prefix, self.blocks = find_decoder_blocks(job.model)
         self.wanted = recipe.statistics
         self.reads_inputs = self.wanted.any or recipe.dense_stream  # else: factorize only, no forward at all
-        self.inputs = self.dense_inputs = self.groups = None
+        self.inputs = self.dense_inputs = self.groups = self.owners = None
         if self.reads_inputs:
             with timer.stage("capture"):
                 if job.block_source is not None:
@@ -182,14 +182,20 @@ class BlockWalk:
                                                     self.inputs.returns_tuple, self.inputs.storage)
 
     def _input_groups(self, block, linears, i) -> list[list[str]]:
-        """Linears by shared input in forward order, found once per model (every block has the same forward);
-        without activations, one group of all."""
+        """Linears by shared input in forward order, and the submodules a later pass may skip (Shortcuts),
+        found once per model (every block has the same forward); without activations, one group of all."""
         if not self.reads_inputs:
             return [list(linears)]
         if self.groups is None or {n for g in self.groups for n in g} != set(linears):
             with self.timer.stage("groups", i):
                 self.groups = linear_groups(block, linears, self.inputs, i, self.job.device)
+                self.owners = output_owners(block, linears, self.inputs, i, self.job.device)
         return self.groups
+
+    def _shortcuts(self, block, linears, stream) -> Shortcuts | None:
+        if block is None or not self.wanted.any:
+            return None
+        return Shortcuts(block, linears, self.owners, len(stream.hidden), self.job.storage)
 
     def compress_block(self, i: int, ranks: dict[str, int | None]) -> dict[str, ModuleSpec]:
         job, block = self.job, self.blocks[i]
@@ -199,32 +205,41 @@ class BlockWalk:
         block.to(job.device)
         dense_block = copy.deepcopy(block) if self.dense_inputs is not None else None
         linears = find_linears(block)
+        groups = self._input_groups(block, linears, i)
+        keep = self._shortcuts(block, linears, self.inputs)
+        dense_keep = self._shortcuts(dense_block, linears, self.dense_inputs)
         done: list[str] = []
-        for group in self._input_groups(block, linears, i):
+        for group in groups:
             stats = None
             if self.wanted.any:
                 with self.timer.stage("statistics", i):
                     stats = collect_group_stats(block, group, self.inputs, i, job.device, dense_block,
                                                 self.dense_inputs, want_abs=self.wanted.abs_mean,
-                                                stats_device=job.storage, want_xtx=self.wanted.xtx)
+                                                stats_device=job.storage, want_xtx=self.wanted.xtx,
+                                                shortcuts=keep, dense_shortcuts=dense_keep)
             for name in [n for n in group if ranks[f"{self.prefix}.{i}.{n}"] is not None]:
                 full = f"{self.prefix}.{i}.{name}"
                 view = LinearStatistics(stats, job.pass_values(full))
                 self._compress_linear(block, name, linears[name], LinearWork(
                     full, dense_weight(linears[name]).to(job.device), view, ranks[full]), i)
                 done.append(name)
+            for keeper in (keep, dense_keep):
+                if keeper is not None:
+                    keeper.finalize(group)  # the group's input is final: a later pass may skip its owner
             del stats
         work = BlockWork(i, f"{self.prefix}.{i}", block, self.inputs, dense_block, self.dense_inputs, job.device,
                          done)
         for corrector in self.recipe.block_correctors:
             with self.timer.stage(corrector.name, i):
                 corrector.correct_block(work)
+        if self.recipe.block_correctors:  # the block changed after the kept inputs were taken
+            keep = None
         if self.reads_inputs and i + 1 < len(self.blocks):  # the last block's outputs feed nothing
             with self.timer.stage("propagate", i):
-                propagate(block, self.inputs, i, job.device)
+                propagate(block, self.inputs, i, job.device, keep)
                 if dense_block is not None:
-                    propagate(dense_block, self.dense_inputs, i, job.device)
-        del dense_block, work
+                    propagate(dense_block, self.dense_inputs, i, job.device, dense_keep)
+        del dense_block, work, keep, dense_keep
         block.to(home)
         if job.progress:
             job.progress("compress", i + 1, len(self.blocks))
