@@ -5,6 +5,11 @@
     python bench/speed.py --shape 70b --lazy --no-save --methods svd-llm --nsamples 256 --seqlen 2048
     python bench/speed.py --model /path/to/smollm2-135m --calib text:wiki.txt --json
 
+Row `baseline` (in the default --methods): one dense pass over the same calibration windows forming the Gram
+matrix of each distinct Linear input once, what any method reading X^T X must at least do; the "forward work"
+column (capture, input-group probe, statistics, propagation, whole-model passes: everything timed but the
+decompositions and corrections) is compared with it ("x baseline").
+
 Stages: fisher (FWSVD's whole-model Fisher pass), spectra (WeLore's pass over the dense blocks), capture
 (calibration forward up to block 0), statistics (per-Linear input statistics), factorize
 (decompositions + new layers, including moving the block to and from the device), propagate (re-running the
@@ -41,7 +46,8 @@ from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import DTYPE_NAMES, resolve_device
 from rankwise.compress.methods import REGISTRY
 
-DEFAULT_METHODS = "svd,asvd,svd-llm,fwsvd,svd-llm+eora"
+DEFAULT_METHODS = "baseline,svd,asvd,svd-llm,fwsvd,svd-llm+eora"
+BASELINE = "baseline"  # one dense pass forming each distinct input's Gram: the least a data-aware method does
 # a method name may carry pipeline options: svd-llm+eora, svd-llm+refit+eora, svd-llm+welore
 VARIANTS = {"eora": {"compensate": "eora"}, "refit": {"refit": True}, "welore": {"ranks": "welore"}}
 
@@ -161,6 +167,68 @@ def build(args, device):
     return model, tokenizer, None, args.model
 
 
+@torch.no_grad()
+def run_baseline(args, device: torch.device) -> dict:
+    """The reference for the pipeline's forward work: capture block 0's inputs, then per block one dense
+    forward that also forms X^T X of each distinct Linear input (q/k/v share one), its output feeding the next
+    block. Timed stages: capture, statistics (the forward with its Grams); nothing is factorized."""
+    from rankwise.calib.capture import LinearStats, _call_block, _in_features, capture_block_inputs
+    from rankwise.compress.arch import find_decoder_blocks, find_linears
+    model, tokenizer, source, desc = build(args, device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
+    storage = torch.device("cpu") if args.offload else device
+    rec = StageRecorder(device)
+    timer = rec.timer
+    _, blocks = find_decoder_blocks(model)
+    rec._start_block()
+    with timer.stage("capture"):
+        if source is not None:
+            source.ensure(0)
+        inputs = capture_block_inputs(model, blocks, calib, args.batch_size, device, storage)
+    for i, block in enumerate(blocks):
+        if source is not None:
+            source.ensure(i)
+        home = next(block.parameters()).device
+        block.to(device)
+        with timer.stage("statistics", i):
+            grams: dict[int, LinearStats] = {}
+
+            def hook(module, a):
+                x = a[0]
+                if x.data_ptr() not in grams:  # one Gram per distinct input tensor
+                    grams[x.data_ptr()] = LinearStats(_in_features(module), True, False, storage)
+                    grams[x.data_ptr()].update(x)
+            handles = [lin.register_forward_pre_hook(hook) for lin in find_linears(block).values()]
+            for b, hidden in enumerate(inputs.hidden):
+                grams.clear()
+                inputs.hidden[b] = _call_block(block, hidden, inputs.kwargs[i][b], device).to(storage)
+            for h in handles:
+                h.remove()
+        block.to(home)
+        rec.progress("compress", i + 1, len(blocks))
+    if source is not None:
+        source.close()
+    stages = {**rec.whole, **{s: {"seconds": sum(b[s] for b in rec.blocks),
+                                  "gpu_peak_gib": _max(b["gpu_peak_gib"] for b in rec.blocks),
+                                  "host_peak_gib": _max(b["host_peak_gib"] for b in rec.blocks)}
+                              for s in ("statistics", "factorize", "propagate")},
+              "save": {"seconds": None, "gpu_peak_gib": None, "host_peak_gib": None}}
+    return {"method": BASELINE, "model": desc, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "blocks": rec.blocks, "stages": stages, "total_seconds": sum(timer.seconds.values()),
+            "gpu_peak_gib": _max(s.get("gpu_peak_gib") for s in stages.values()),
+            "host_peak_gib": _max(s.get("host_peak_gib") for s in stages.values()),
+            "ratio_achieved": 0.0, "kept_dense": 0, "forward_work_seconds": sum(timer.seconds.values()),
+            "pipeline_stage_seconds": {k: round(v, 3) for k, v in timer.seconds.items()}}
+
+
+def forward_work_seconds(run: dict) -> float:
+    """Everything the pipeline timed but the decompositions and corrections: capture, the input-group probe,
+    statistics, propagation and the whole-model passes (compare with the baseline row's total)."""
+    return sum(v for k, v in run["pipeline_stage_seconds"].items()
+               if k in ("capture", "groups", "statistics", "propagate", "fisher", "spectra"))
+
+
 def run_method(args, method: str, device: torch.device) -> dict:
     model, tokenizer, source, desc = build(args, device)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -205,7 +273,8 @@ def run_method(args, method: str, device: torch.device) -> dict:
             "gpu_peak_gib": _max(s.get("gpu_peak_gib") for s in stages.values()),
             "host_peak_gib": _max(s.get("host_peak_gib") for s in stages.values()),
             "ratio_achieved": meta.ratio_achieved, "kept_dense": len(meta.kept_dense),
-            "pipeline_stage_seconds": meta.stage_seconds}
+            "pipeline_stage_seconds": meta.stage_seconds, "forward_work_seconds": forward_work_seconds(
+                {"pipeline_stage_seconds": meta.stage_seconds})}
 
 
 def _max(values):
@@ -232,16 +301,19 @@ def print_tables(result: dict, per_block: bool) -> None:
     table.add_column("method")
     for stage in STAGES:
         table.add_column(f"{stage} s", justify="right")
-    for col in ("total s", "s/block", "GPU peak GiB", "host peak GiB", "ratio"):
+    for col in ("total s", "s/block", "GPU peak GiB", "host peak GiB", "ratio", "forward work s", "x baseline"):
         table.add_column(col, justify="right")
+    base = next((r["total_seconds"] for r in result["runs"] if r["method"] == BASELINE), None)
     for r in result["runs"]:
         if "skipped" in r:
-            table.add_row(r["method"], *["-"] * (len(STAGES) + 4), r["skipped"])
+            table.add_row(r["method"], *["-"] * (len(STAGES) + 4), r["skipped"], "-", "-")
             continue
         nb = max(len(r["blocks"]), 1)
         per = sum(b["seconds"] for b in r["blocks"]) / nb
+        work = r["forward_work_seconds"]
         table.add_row(r["method"], *[_fmt(r["stages"][st]["seconds"]) for st in STAGES], _fmt(r["total_seconds"]),
-                      _fmt(per), _fmt(r["gpu_peak_gib"]), _fmt(r["host_peak_gib"]), f"{r['ratio_achieved']:.4f}")
+                      _fmt(per), _fmt(r["gpu_peak_gib"]), _fmt(r["host_peak_gib"]), f"{r['ratio_achieved']:.4f}",
+                      _fmt(work), _fmt(work / base) if base else "-")
     console.print(table)
     if per_block:
         for r in result["runs"]:
@@ -272,6 +344,9 @@ def main(argv=None) -> dict:
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     runs = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if method == BASELINE:
+            runs.append(run_baseline(args, device))
+            continue
         if parse_variant(method) is None:
             runs.append({"method": method, "skipped": f"unknown (methods: {', '.join(REGISTRY)}; "
                                                       f"add +{'/+'.join(VARIANTS)})"})

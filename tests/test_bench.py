@@ -64,6 +64,18 @@ def test_speed_json_reports_every_stage_and_block(capsys, lazy):
         assert 0.4 <= run["ratio_achieved"] < 0.5
 
 
+def test_speed_baseline_row_times_one_dense_pass_with_its_grams(capsys):
+    argv = ["--shape", "tiny", "--layers", "2", "--nsamples", "4", "--seqlen", "16", "--batch-size", "2",
+            "--device", "cpu", "--methods", "baseline,svd-llm", "--no-save"]
+    runs = {r["method"]: r for r in _run_json(speed, argv, capsys)["runs"]}
+    base, svd_llm = runs["baseline"], runs["svd-llm"]
+    assert [b["block"] for b in base["blocks"]] == [0, 1]
+    assert base["stages"]["capture"]["seconds"] > 0 and base["stages"]["statistics"]["seconds"] > 0
+    assert set(base["pipeline_stage_seconds"]) == {"capture", "statistics"}  # nothing factorized
+    assert base["forward_work_seconds"] == pytest.approx(base["total_seconds"])
+    assert 0 < svd_llm["forward_work_seconds"] < svd_llm["total_seconds"]
+
+
 def test_speed_runs_a_local_model_with_text_calibration(tiny_dirs, austen_file, capsys):
     out = _run_json(speed, ["--model", str(tiny_dirs["llama"]), "--calib", f"text:{austen_file}",
                             "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--methods", "asvd",
