@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rankwise.compress.methods import REGISTRY
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+EORA_RANK_DEFAULT = 32  # one default for `compress model --compensate eora` and `compress compensate`
 
 
 class CompressConfig(BaseModel):
@@ -18,7 +19,7 @@ class CompressConfig(BaseModel):
     ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
     ranks: Literal["uniform", "welore"] = Field("uniform", description="rank allocation")
     compensate: Literal["none", "eora"] = Field("none", description="residual low-rank path after truncation")
-    eora_rank: int = Field(32, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
+    eora_rank: int = Field(EORA_RANK_DEFAULT, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
     refit: bool = Field(False, description="re-solve B by least squares on the dense layer's outputs")
     refit_damp: float = Field(1.0, ge=0, description="ridge damping of refit / EoRA solves, relative (1.0: chosen on austen.txt)")
     calib: str = "wikitext2"
