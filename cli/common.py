@@ -45,7 +45,7 @@ def quiet_option():
 
 def eora_rank_option(help_text: str):
     """--eora-rank, one default for every command that fits EoRA paths."""
-    from rankwise.compress.config import EORA_RANK_DEFAULT
+    from rankwise.compress.defaults import EORA_RANK_DEFAULT
     return typer.Option(EORA_RANK_DEFAULT, "--eora-rank", help=help_text)
 
 
@@ -133,6 +133,8 @@ class Bars:
         self.tasks = {}
 
     def __enter__(self):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # e.g. "Writing model shards": these bars or lines are the only ones
         self.progress.__enter__()
         return self
 

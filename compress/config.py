@@ -5,10 +5,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rankwise.compress.defaults import EORA_RANK_DEFAULT
 from rankwise.compress.methods import REGISTRY
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-EORA_RANK_DEFAULT = 32  # one default for `compress model --compensate eora` and `compress compensate`
 
 
 class CompressConfig(BaseModel):
@@ -44,6 +44,12 @@ class CompressConfig(BaseModel):
         if not 0.0 < v < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (fraction of targeted parameters removed), got {v}")
         return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v):
+        from rankwise.compress.loading import DTYPE_ALIASES
+        return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("method")
     @classmethod
