@@ -26,21 +26,22 @@ def export_peft_cmd(
     """
     from transformers import AutoTokenizer
 
-    from rankwise.compress.checkpoint import atomic_output_dir, check_output_dir, read_meta, save_checkpoint
+    from rankwise.compress.checkpoint import atomic_output_dir, check_output_dir, save_checkpoint
     from rankwise.compress.loading import is_rankwise_checkpoint
     from rankwise.compress.lowrank import load_rankwise_model
+    from rankwise.compress.metadata import read_result
     from rankwise.compress.peft_export import BASE_DIR, adapter_card, base_meta, export_eora_adapter
     check_output_dir(output, overwrite)  # before loading anything
     if not is_rankwise_checkpoint(checkpoint):
         raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")
     model = load_rankwise_model(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    meta = read_meta(checkpoint)
+    meta = read_result(checkpoint)
     with atomic_output_dir(output, overwrite) as tmp:
         # base_model_name_or_path names where the base will be once the folder is renamed into place
         export_eora_adapter(model, tmp, base_model_name=str(output.resolve() / BASE_DIR))
         save_checkpoint(model, tokenizer, tmp / BASE_DIR, base_meta(meta))
-        n_paths = sum(1 for m in meta["modules"].values() if m.get("lora_rank"))
+        n_paths = sum(1 for m in meta.modules.values() if m.lora_rank)
         (tmp / "README.md").write_text(adapter_card(str(output), str(output / BASE_DIR), n_paths))
     out_console.print(f"wrote {output} (adapter, README.md with the load snippet) and {output / BASE_DIR} "
                       "(the base it loads onto)", highlight=False, markup=False, soft_wrap=True)

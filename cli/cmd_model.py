@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
@@ -13,28 +13,30 @@ from rankwise.eval.results import write_text_atomic
 
 from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, console, eora_rank_option,
                                  out_console, quiet_option, user_errors)
-from rankwise.compress.describe import summary_from_meta
+from rankwise.compress.describe import pipeline_name, ratio_warning
+
+if TYPE_CHECKING:  # the CLI's import stays free of torch until a command runs
+    from rankwise.compress.metadata import CompressionResult
 
 
-def summary_table(meta: dict) -> Table:
-    """The end-of-run table: parameter counts and ratios from the checkpoint summary, time and memory of the run."""
-    info = summary_from_meta(meta)
-    t = Table(title=f"Rankwise: {info.pipeline} on {info.source_model}", show_header=True)
+def summary_table(meta: CompressionResult) -> Table:
+    """The end-of-run table: parameter counts and ratios, time and memory of the run."""
+    t = Table(title=f"Rankwise: {pipeline_name(meta)} on {meta.source_model}", show_header=True)
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("removed", "right")):
         t.add_column(col, justify=justify)
-    t.add_row("targeted Linear params", f"{info.targeted_params_before:,}", f"{info.targeted_params_after:,}",
-              f"{info.ratio_achieved:.2%} (asked {info.ratio_requested:.2%})")
-    if info.compensation_params:
-        t.add_row("  without the EoRA path", "", f"{info.targeted_params_after - info.compensation_params:,}",
-                  f"{info.ratio_without_compensation:.2%}")
-    t.add_row("whole model params", f"{info.model_params_before:,}", f"{info.model_params_after:,}",
-              f"{info.model_ratio_achieved:.2%}")
-    mem = f"host {meta['host_peak_gib']:.2f} GiB" + (f", GPU {meta['gpu_peak_gib']:.2f} GiB"
-                                                      if "gpu_peak_gib" in meta else "")
-    dense = info.kept_dense
-    t.caption = (f"factorized {sum(m.rank is not None for m in info.modules)} Linears, kept dense {len(dense)}"
+    t.add_row("targeted Linear params", f"{meta.targeted_params_before:,}", f"{meta.targeted_params_after:,}",
+              f"{meta.ratio_achieved:.2%} (asked {meta.ratio_requested:.2%})")
+    if meta.compensation_params:
+        t.add_row("  without the EoRA path", "", f"{meta.targeted_params_after - meta.compensation_params:,}",
+                  f"{meta.ratio_achieved_without_compensation:.2%}")
+    t.add_row("whole model params", f"{meta.model_params_before:,}", f"{meta.model_params_after:,}",
+              f"{meta.model_ratio_achieved:.2%}")
+    mem = f"host {meta.host_peak_gib:.2f} GiB" + (f", GPU {meta.gpu_peak_gib:.2f} GiB"
+                                                   if meta.gpu_peak_gib is not None else "")
+    dense = meta.kept_dense
+    t.caption = (f"factorized {sum(m.rank is not None for m in meta.modules.values())} Linears, kept dense {len(dense)}"
                  + (f" ({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})" if dense else "") + "; "
-                 f"wall {meta['wall_seconds']:.1f} s; peak memory {mem}")
+                 f"wall {meta.wall_seconds:.1f} s; peak memory {mem}")
     return t
 
 
@@ -96,12 +98,12 @@ def model_cmd(
     with Bars(quiet) as bars:
         meta = run_compress(cfg, output, overwrite, bars)
     out_console.print(summary_table(meta))
-    warning = summary_from_meta(meta).ratio_warning()
+    warning = ratio_warning(meta)
     if warning:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(json_path, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
     out_console.print(f"wrote {output}" + (f" and {json_path}" if json_path else ""))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankwise.compress.metadata import CompressionResult
 from rankwise.compress.lowrank import (LoraLinear, LowRankLinear, get_submodule_parent, peft_lora_config,
                                        quiet_peft)
 
@@ -69,17 +70,17 @@ def export_eora_adapter(model: nn.Module, out_dir: str | Path, base_model_name: 
     return Path(out_dir)
 
 
-def base_meta(meta: dict) -> dict:
-    """The `rankwise` metadata of the checkpoint once its EoRA paths are stripped."""
-    lora = meta.get("compensation_params", 0)
-    out = {**meta, "compensate": "none", "eora_rank": 0, "compensation_params": 0,
-           "modules": {n: {**m, "lora_rank": 0} for n, m in meta["modules"].items() if m.get("rank") is not None},
-           "targeted_params_after": meta["targeted_params_after"] - lora,
-           "model_params_after": meta["model_params_after"] - lora}
-    out["ratio_achieved"] = out["ratio_achieved_without_compensation"] = meta.get(
-        "ratio_achieved_without_compensation", meta["ratio_achieved"])
-    out["model_ratio_achieved"] = 1 - out["model_params_after"] / out["model_params_before"]
-    return out
+def base_meta(meta: CompressionResult) -> CompressionResult:
+    """The compression record of the checkpoint once its EoRA paths are stripped (layers that were dense
+    with only a path are plain Linears again and leave the record)."""
+    lora = meta.compensation_params
+    modules = {n: m.model_copy(update={"lora_rank": 0}) for n, m in meta.modules.items() if m.rank is not None}
+    after = meta.model_params_after - lora
+    return meta.model_copy(update={
+        "compensate": "none", "eora_rank": 0, "compensation_params": 0, "modules": modules,
+        "targeted_params_after": meta.targeted_params_after - lora, "model_params_after": after,
+        "ratio_achieved": meta.ratio_achieved_without_compensation,
+        "model_ratio_achieved": 1 - after / meta.model_params_before})
 
 
 def adapter_card(adapter: str, base: str, n_paths: int) -> str:

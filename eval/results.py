@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 from rankwise.errors import RankwiseError
-from rankwise.compress.describe import summary_from_meta
+from rankwise.compress.describe import pipeline_name
+from rankwise.compress.metadata import parse_result
 
 STDERR = "_stderr"
 # bookkeeping keys in a task's result dict that are not metrics
@@ -109,8 +110,8 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['model']}", ""]
     meta = result.get("rankwise")
     if meta:
-        info = summary_from_meta(meta)
-        lines += [f"Rankwise checkpoint: {info.pipeline}; ratio requested {info.ratio_requested:g}, achieved "
+        info = parse_result(meta, "results")
+        lines += [f"Rankwise checkpoint: {pipeline_name(info)}; ratio requested {info.ratio_requested:g}, achieved "
                   f"{info.ratio_achieved:.4f}.", ""]
     lines += [f"dtype {result.get('dtype')}, device {result.get('device')} ({result.get('device_name')}), "
               f"wall time {result.get('wall_seconds')} s.", ""]

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from rankwise import __version__
-from rankwise.compress.describe import checkpoint_summary
+from rankwise.compress.describe import block_and_kind
+from rankwise.compress.metadata import read_result
 
 CALIB = dict(nsamples=4, seqlen=32, device="cpu", method="svd-llm")
 
@@ -40,7 +41,7 @@ def test_quiet_inspect_and_ratio_warning(cli, tiny_dirs, austen_file, tmp_path):
               *_options(austen_file, keep_dense="k_proj", rank_multiple=16))
     assert res.exit_code == 0, res.output
     assert not any("elapsed" in ln for ln in res.output.splitlines()), res.output
-    info = checkpoint_summary(ck)
+    info = read_result(ck)
     [warning] = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
     assert f"{info.ratio_achieved:.2%}" in warning and "30.00%" in warning and "--rank-multiple 16" in warning
     assert "svd-llm + uniform ranks (multiple of 16)" in res.output  # the summary names the pipeline
@@ -56,9 +57,10 @@ def test_quiet_inspect_and_ratio_warning(cli, tiny_dirs, austen_file, tmp_path):
         row = next(ln for ln in out.splitlines() if ln.split("│")[1:2] and ln.split("│")[1].strip() == str(layer))
         cells = dict(zip(kinds, (c.strip() for c in row.split("│")[2:-1])))
         assert cells["k_proj"] == "dense"
-        for m in info.modules:
-            if m.layer == layer:
-                assert cells[m.kind] == str(m.rank), (m, row)
+        for name, m in info.modules.items():
+            block, kind = block_and_kind(name)
+            if block == layer:
+                assert cells[kind] == str(m.rank), (name, row)
     assert (tmp_path / "ranks.png").stat().st_size > 1000
 
 
