@@ -100,16 +100,20 @@ def _duration(seconds: float | None) -> str:
 
 class LogLines:
     """Progress as plain lines (stage, step i/N, elapsed, ETA) for logs that are not a terminal (nohup, SLURM,
-    CI): a stage's first and last step, and at most one line per `interval` seconds in between."""
+    CI): a stage's first and last step, and at most one line per `interval` seconds in between. A stage whose
+    first report is already past step 0 started when the previous report came (the stages run one after
+    another), so its elapsed time and ETA count that first step too."""
 
     def __init__(self, out: Console, interval: float):
         self.out, self.interval = out, interval
         self.started: dict[str, float] = {}
         self.last_line: dict[str, float] = {}
+        self.last_report = time.monotonic()
 
     def __call__(self, stage: str, done: int, total: int):
         now = time.monotonic()
-        start = self.started.setdefault(stage, now)
+        start = self.started.setdefault(stage, now if done == 0 else self.last_report)
+        self.last_report = now
         if done < total and stage in self.last_line and now - self.last_line[stage] < self.interval:
             return
         self.last_line[stage] = now
