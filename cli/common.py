@@ -17,7 +17,8 @@ from rankwise.errors import RankwiseError
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and messages only
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# -h as well as --help; help text wrapped at 80 columns whatever the terminal's width
+# -h as well as --help; help text wrapped at 80 columns whatever the terminal's width (click's plain help
+# formatter honours max_content_width; typer's rich one takes the terminal's width, hence rich_markup_mode=None)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 80}
 app = typer.Typer(
     name="compress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
