@@ -30,7 +30,8 @@ from rankwise.calib.capture import BlockInputs, capture_block_inputs, collect_li
 from rankwise.errors import RankwiseError
 from rankwise.calib.paired import collect_group_stats, linear_groups
 from rankwise.compress.allocate import MatrixShape, reserved_ratio, summarize, uniform_ranks, welore_ranks
-from rankwise.compress.arch import Conv1D, dense_weight, find_decoder_blocks, find_linears, layer_shape
+from rankwise.compress.arch import (Conv1D, check_finite_weights, dense_weight, find_decoder_blocks, find_linears,
+                                   layer_shape, named_target_linears)
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.correct import eora_factors, refit_b, target_weight
 from rankwise.compress.loading import resolve_device
@@ -80,6 +81,14 @@ def eora_params(shapes: dict[str, MatrixShape], rank: int) -> int:
     return sum(min(rank, s.out, s.inp) * (s.out + s.inp) for s in shapes.values())
 
 
+def check_finite_stats(stats, layers: list[str]) -> None:
+    """Refuse statistics with NaN / Inf (activations that overflowed), naming the layer they feed."""
+    bad = stats.first_nonfinite() if hasattr(stats, "first_nonfinite") else None
+    if bad is not None:
+        raise RankwiseError(f"the calibration statistics ({bad}) of the input of layer {layers[0]!r} are not "
+                            f"finite: its activations overflow (try --dtype fp32)")
+
+
 def fisher_pass(model, calib_ids, device, progress=None) -> dict[str, torch.Tensor]:
     from rankwise.calib.fisher import row_fisher
     prefix, blocks = find_decoder_blocks(model)
@@ -118,6 +127,8 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
         if needs_inputs:
             stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx=want_xtx, want_abs=want_abs,
                                          stats_device=storage)
+            for name, st in stats.items():
+                check_finite_stats(st, [f"{prefix}.{i}.{name}"])
         yield f"{prefix}.{i}", linears, stats
         del stats
         if needs_inputs and i + 1 < len(blocks):
@@ -167,6 +178,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     method = get_method(cfg.method, **cfg.method_options())
     if block_source is not None and "fisher" in method.needs:
         raise RankwiseError(FWSVD_UNSUPPORTED)
+    check_finite_weights(named_target_linears(model))  # streamed blocks: checked as they are read
     params_before = count_params(model)
     prefix, blocks = find_decoder_blocks(model)
     shapes = target_shapes(model)
@@ -219,6 +231,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
                 stats = collect_group_stats(block, group, inputs, i, device, dense_block, dense_inputs,
                                             want_abs="abs_mean" in method.needs, stats_device=storage,
                                             want_xtx=needs_xtx)
+                check_finite_stats(stats, [f"{prefix}.{i}.{n}" for n in group])
             _sync(device)
             times.add("statistics", t0)
             t0 = time.perf_counter()
