@@ -228,8 +228,8 @@ def run_method(args, method: str, device: torch.device) -> dict:
             "total_seconds": total,
             "gpu_peak_gib": _max(s.get("gpu_peak_gib") for s in stages.values()),
             "host_peak_gib": _max(s.get("host_peak_gib") for s in stages.values()),
-            "ratio_achieved": meta["ratio_achieved"], "kept_dense": len(meta["kept_dense"]),
-            "pipeline_stage_seconds": meta["stage_seconds"]}
+            "ratio_achieved": meta.ratio_achieved, "kept_dense": len(meta.kept_dense),
+            "pipeline_stage_seconds": meta.stage_seconds}
 
 
 def _max(values):

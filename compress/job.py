@@ -13,6 +13,7 @@ from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import load_config, load_model, max_context, resolve_device
 from rankwise.compress.lowrank import RANKWISE_KEY
+from rankwise.compress.metadata import CompressionResult
 from rankwise.compress.methods import REGISTRY
 from rankwise.compress.pipeline import FWSVD_UNSUPPORTED, Progress, compress_model
 from rankwise.compress.streaming import open_streaming_model
@@ -24,6 +25,11 @@ def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out
+
+
+def _set_peak_memory(meta: CompressionResult, device: torch.device) -> None:
+    peak = peak_memory(device)
+    meta.host_peak_gib, meta.gpu_peak_gib = peak["host_peak_gib"], peak.get("gpu_peak_gib")
 
 
 def job_inputs(cfg: CompressConfig) -> list[str]:
@@ -67,20 +73,20 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     finally:
         if stream is not None:
             stream.close()
-    meta["source_model"] = cfg.model
-    meta["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    meta["compress_seconds"] = round(time.perf_counter() - t_start, 2)
-    meta.update(peak_memory(device))
+    meta.source_model = cfg.model
+    meta.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    meta.compress_seconds = round(time.perf_counter() - t_start, 2)
+    _set_peak_memory(meta, device)
     return model, tokenizer, meta
 
 
 def run_compress(cfg: CompressConfig, output: str | Path, overwrite: bool = False,
-                 progress: Progress | None = None) -> dict:
+                 progress: Progress | None = None) -> CompressionResult:
     t_start = time.perf_counter()
     device, _ = validate_job(cfg, output, overwrite)
     model, tokenizer, meta = compress_in_memory(cfg, device, progress)
     t0 = time.perf_counter()
     save_checkpoint(model, tokenizer, output, meta, overwrite, inputs=job_inputs(cfg))
-    meta["save_seconds"] = round(time.perf_counter() - t0, 2)
-    meta["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    meta.save_seconds = round(time.perf_counter() - t0, 2)
+    meta.wall_seconds = round(time.perf_counter() - t_start, 2)
     return meta

@@ -36,6 +36,7 @@ from rankwise.compress.config import CompressConfig
 from rankwise.compress.correct import eora_factors, refit_b, target_weight
 from rankwise.compress.loading import resolve_device
 from rankwise.compress.lowrank import LowRankLinear, get_submodule_parent
+from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec
 from rankwise.compress.methods import get_method
 
 Progress = Callable[[str, int, int], None]
@@ -170,7 +171,7 @@ def _allocate(cfg, shapes, spectra) -> dict[str, int | None]:
 
 @torch.no_grad()
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
-                   progress: Progress | None = None, block_source: BlockSource | None = None) -> dict:
+                   progress: Progress | None = None, block_source: BlockSource | None = None) -> CompressionResult:
     """Factorize every decoder Linear of `model` in place. Returns the checkpoint's `rankwise` metadata.
     With a block_source the blocks may start on `meta`: each is filled in just before it is compressed."""
     device = resolve_device(cfg.device)
@@ -214,7 +215,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     _sync(device)
     times.add("capture", t0)
 
-    modules: dict[str, dict] = {}
+    modules: dict[str, ModuleSpec] = {}
     lora_params = 0
     for i, block in enumerate(blocks):
         if block_source is not None:
@@ -265,8 +266,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
                 parent, child = get_submodule_parent(block, name)
                 setattr(parent, child, new)
                 out, inp = layer_shape(lin)
-                modules[full] = {"rank": rank, "in": inp, "out": out, "bias": new.B.bias is not None,
-                                 "lora_rank": lora_rank}
+                modules[full] = ModuleSpec(rank=rank, in_features=inp, out_features=out,
+                                           bias=new.B.bias is not None, lora_rank=lora_rank)
             del stats
             _sync(device)
             times.add("factorize", t0)
@@ -286,25 +287,14 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     summary = summarize(shapes, ranks, extra=lora_params)
     base = summarize(shapes, ranks)
     params_after = count_params(model)
-    return {
-        "method": cfg.method,
-        "method_options": cfg.method_options(),
-        "ranks_allocation": cfg.ranks,
-        "rank_multiple": cfg.rank_multiple,
-        "refit": cfg.refit,
-        "compensate": cfg.compensate,
-        "eora_rank": cfg.eora_rank if cfg.compensate == "eora" else 0,
-        "ratio_requested": cfg.ratio,
-        "ratio_achieved": summary["ratio_achieved"],
-        "ratio_achieved_without_compensation": base["ratio_achieved"],
-        "compensation_params": lora_params,
-        "targeted_params_before": summary["params_before"],
-        "targeted_params_after": summary["params_after"],
-        "model_params_before": params_before,
-        "model_params_after": params_after,
-        "model_ratio_achieved": 1 - params_after / params_before,
-        "kept_dense": summary["kept_dense"],
-        "calibration": {"source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
-        "stage_seconds": {k: round(v, 3) for k, v in times.seconds.items()},
-        "modules": modules,
-    }
+    return CompressionResult(
+        method=cfg.method, method_options=cfg.method_options(), ranks_allocation=cfg.ranks,
+        rank_multiple=cfg.rank_multiple, refit=cfg.refit, compensate=cfg.compensate,
+        eora_rank=cfg.eora_rank if cfg.compensate == "eora" else 0, ratio_requested=cfg.ratio,
+        ratio_achieved=summary["ratio_achieved"], ratio_achieved_without_compensation=base["ratio_achieved"],
+        compensation_params=lora_params, targeted_params_before=summary["params_before"],
+        targeted_params_after=summary["params_after"], model_params_before=params_before,
+        model_params_after=params_after, model_ratio_achieved=1 - params_after / params_before,
+        kept_dense=summary["kept_dense"],
+        calibration=Calibration(source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed),
+        stage_seconds={k: round(v, 3) for k, v in times.seconds.items()}, modules=modules)

@@ -154,7 +154,7 @@ def test_plain_svd_runs_no_block_forward_and_ignores_the_calibration_tokens(monk
         meta = pipeline.compress_model(model, ids, cfg)
         layer = model.model.layers[0].mlp.up_proj
         results.append(layer.B.weight.detach() @ layer.A.weight.detach())
-    k = meta["modules"]["model.layers.0.mlp.up_proj"]["rank"]
+    k = meta.modules["model.layers.0.mlp.up_proj"].rank
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     assert torch.equal(results[0], results[1])
     assert torch.allclose(results[0].double(), (U[:, :k] * S[:k]) @ Vh[:k], atol=1e-5)
