@@ -185,6 +185,17 @@ def test_nan_weights_are_refused_naming_the_layer(method, tiny_dirs, austen_file
     assert not out.exists()
 
 
+def test_overflowing_activations_are_refused_naming_the_layer(tiny_dirs, austen_file, tmp_path, cli):
+    """A finite but huge norm weight (not a targeted Linear) makes the next Linears' statistics overflow."""
+    def blow_up(sd):
+        sd["model.layers.1.post_attention_layernorm.weight"][0] = 3e38
+        return sd
+    broken = copy_with_tensors(tiny_dirs["llama"], tmp_path / "huge", blow_up)
+    res = cli("model", broken, "-o", tmp_path / "out", "--ratio", "0.3", "--method", "svd-llm",
+              *calib(austen_file))
+    one_line_error(res, "model.layers.1.mlp.gate_proj", "statistics")
+
+
 # ---------------------------------------------------------------- 5. fail before the work
 
 def test_unwritable_output_fails_before_calibration(tiny_dirs, tmp_path, cli):
