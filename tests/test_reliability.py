@@ -139,7 +139,8 @@ def test_checkpoint_in_the_hub_cache_loads_by_its_hub_id(compressed, austen_file
               "app()\n")
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "lowrank 14" in res.stdout  # 2 blocks x 7 Linears
+    factorized = len(json.loads((compressed / "config.json").read_text())["rankwise"]["modules"])
+    assert f"lowrank {factorized}" in res.stdout
     assert "token ppl" in res.stdout
 
 
@@ -283,3 +284,15 @@ def test_written_folders_and_files_follow_the_umask(tiny_dirs, compressed, auste
     assert mode(tmp_path / "ckpt") == 0o750
     assert {mode(p) for p in (tmp_path / "ckpt").iterdir()} == {0o640}
     assert mode(tmp_path / "results" / "r.json") == 0o640 and mode(tmp_path / "results" / "r.md") == 0o640
+
+
+def test_bench_reliability_prints_every_step(tiny_dirs, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import reliability
+    reliability.main(["--model", str(tiny_dirs["llama"]), "--reps", "1"])
+    table = capsys.readouterr().out
+    for step in ("load", "NaN/Inf scan", "save_pretrained alone", "atomic write"):
+        assert step in table
+    from rankwise.compress.arch import named_target_linears
+    from tiny import tiny_model
+    assert f"{len(named_target_linears(tiny_model('llama')))} targeted Linears" in table
