@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 
 import torch
 from torch import nn
@@ -181,23 +182,18 @@ def _check_shapes(path: str, model: nn.Module, state: dict, modules: dict) -> No
                                   f"{list(expected[name].shape)}, the checkpoint holds {list(tensor.shape)}")
 
 
-def _save_with_modeling_file(model: nn.Module) -> None:
-    """Make the rebuilt model's save_pretrained write a folder that loads again: config.json keeps the
-    `rankwise` section and gets a local auto_map, and this file is copied beside it as modeling_rankwise.py
-    (the base class's save_pretrained knows nothing of it)."""
-    base_save = model.save_pretrained
-
-    def save_pretrained(save_directory, *args, **kwargs):
-        out = base_save(save_directory, *args, **kwargs)
-        cfg_path = os.path.join(save_directory, "config.json")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        cfg["auto_map"] = dict(AUTO_MAP)
-        with open(cfg_path, "w") as f:
-            f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(__file__, os.path.join(save_directory, "modeling_rankwise.py"))
-        return out
-    model.save_pretrained = save_pretrained
+def _save_pretrained_with_modeling_file(self, save_directory, *args, **kwargs):
+    """The base class's save_pretrained, then what makes the folder load again: config.json (which keeps the
+    `rankwise` section) gets a local auto_map, and this file is copied beside it as modeling_rankwise.py."""
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    cfg_path = os.path.join(save_directory, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["auto_map"] = dict(AUTO_MAP)
+    with open(cfg_path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(__file__, os.path.join(save_directory, "modeling_rankwise.py"))
+    return out
 
 
 def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -231,7 +227,8 @@ def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str
     if dtype is not None:
         model.to(dtype)
     model.to(device)
-    _save_with_modeling_file(model)
+    # bound to this instance (the base class knows nothing of this file); a deepcopy binds it to the copy
+    model.save_pretrained = types.MethodType(_save_pretrained_with_modeling_file, model)
     return model.eval()
 
 
