@@ -42,7 +42,7 @@ def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
     check_output_dir(output, overwrite, job_inputs(cfg))
     validate_source(cfg.calib)
     device = resolve_device(cfg.device)
-    if cfg.stream_weights and "fisher" in REGISTRY[cfg.method].needs:
+    if cfg.stream_weights and "fisher" in REGISTRY[cfg.method].model_passes:
         raise RankwiseError(FWSVD_UNSUPPORTED)
     config = load_config(cfg.model, cfg.trust_remote_code)
     if getattr(config, RANKWISE_KEY, None):

@@ -53,9 +53,9 @@ def test_speed_json_reports_every_stage_and_block(capsys, lazy):
         assert all(run["stages"][s]["seconds"] >= 0 for s in speed.STAGES)
         assert [b["block"] for b in run["blocks"]] == [0, 1, 2]
         assert all(b["host_peak_gib"] > 0 for b in run["blocks"])
-        # the bench's timers sit inside the pipeline's own: they can only measure less (meta rounds to 1 ms)
+        # the bench reads the pipeline's own timer (the result rounds to 1 ms; a stage that did not run is absent)
         for stage in ("statistics", "propagate"):
-            assert run["stages"][stage]["seconds"] <= run["pipeline_stage_seconds"][stage] + 1e-3
+            assert abs(run["stages"][stage]["seconds"] - run["pipeline_stage_seconds"].get(stage, 0.0)) <= 1e-3
         # ...but they must measure something where the method reads activations; plain svd reads none
         forwards = [run["stages"][s]["seconds"] for s in ("capture", "statistics", "propagate")]
         assert all(t == 0 for t in forwards) if name == "svd" else all(t > 0 for t in forwards)
