@@ -67,7 +67,8 @@ def main(argv=None):
         shutil.rmtree(root, ignore_errors=True)
     params = sum(lin.weight.numel() for lin in linears.values())
     print(f"model {args.model}; {len(linears)} targeted Linears, {params:,} weights; checkpoint {size / 2**20:.0f} MiB")
-    print(f"written under {root.parent}; torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+    cpu = platform.processor() or platform.machine()
+    print(f"written under {root.parent}; torch {torch.__version__}, {args.threads} thread(s), {cpu}, "
           f"median of {args.reps}")
     print("| step | seconds |\n|---|---|")
     print(f"| load (fp32, with the missing/unexpected tensor check) | {load_s:.2f} |")
