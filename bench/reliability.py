@@ -21,7 +21,7 @@ import torch
 
 from rankwise.compress.arch import check_finite_weights, named_target_linears
 from rankwise.compress.loading import load_model
-from rankwise.outputs import atomic_output_dir
+from rankwise.compress.outputs import atomic_output_dir
 
 
 def _median_seconds(fn, reps: int) -> float:

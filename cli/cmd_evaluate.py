@@ -51,7 +51,7 @@ def evaluate_cmd(
     if json_path is not None and json_path.suffix == ".md":
         raise RankwiseError(f"--json {str(json_path)!r} ends in .md; the Markdown table is written beside the JSON")
     if json_path is not None:  # before the evaluation, not after it
-        from rankwise.outputs import check_output_file
+        from rankwise.compress.outputs import check_output_file
         check_output_file(json_path, "--json")
         check_output_file(json_path.with_suffix(".md"), "--json's Markdown")
     sources, task_list = _split(ppl), _split(tasks)

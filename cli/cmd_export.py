@@ -23,7 +23,7 @@ def export_peft_cmd(
     Load it back with rankwise.compress.peft_export.load_eora_adapter(base, ADAPTER), where base is the checkpoint
     loaded and stripped of its paths (rankwise.compress.peft_export.strip_compensation).
     """
-    from rankwise.outputs import atomic_output_dir, check_output_dir
+    from rankwise.compress.outputs import atomic_output_dir, check_output_dir
     from rankwise.compress.lowrank import CheckpointError, load_rankwise_model
     from rankwise.compress.metadata import read_result
     from rankwise.compress.peft_export import export_eora_adapter

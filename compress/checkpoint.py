@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from rankwise.errors import RankwiseError
-from rankwise.outputs import atomic_output_dir, check_output_dir  # noqa: F401 (the writers' entry points)
+from rankwise.compress.outputs import atomic_output_dir, check_output_dir  # noqa: F401 (the writers' entry points)
 from rankwise.compress import lowrank
 from rankwise.compress.lowrank import AUTO_MAP, RANKWISE_KEY, checkpoint_file
 from rankwise.compress.metadata import CompressionResult

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from rankwise.errors import RankwiseError
-from rankwise.outputs import write_text_atomic
+from rankwise.compress.outputs import write_text_atomic
 
 STDERR = "_stderr"
 # bookkeeping keys in a task's result dict that are not metrics

@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from rankwise.compress.lowrank import load_rankwise_model
-from rankwise.outputs import remove_stale_temporaries
+from rankwise.compress.outputs import remove_stale_temporaries
 
 CALIB_TOKENS = ["--nsamples", "2", "--seqlen", "16"]
 
