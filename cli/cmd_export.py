@@ -26,18 +26,21 @@ def export_peft_cmd(
     """
     from transformers import AutoTokenizer
 
-    from rankwise.compress.checkpoint import atomic_output_dir, check_output_dir, save_checkpoint
-    from rankwise.compress.loading import is_rankwise_checkpoint
-    from rankwise.compress.lowrank import load_rankwise_model
+    from rankwise.compress.checkpoint import save_checkpoint
+    from rankwise.compress.outputs import atomic_output_dir, check_output_dir
+    from rankwise.compress.lowrank import CheckpointError, load_rankwise_model
     from rankwise.compress.metadata import read_result
     from rankwise.compress.peft_export import BASE_DIR, adapter_card, base_meta, export_eora_adapter
-    check_output_dir(output, overwrite)  # before loading anything
-    if not is_rankwise_checkpoint(checkpoint):
-        raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")
-    model = load_rankwise_model(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    check_output_dir(output, overwrite, [checkpoint])  # before loading anything
     meta = read_result(checkpoint)
-    with atomic_output_dir(output, overwrite) as tmp:
+    if meta is None:  # a local folder or a hub id
+        raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")
+    try:
+        model = load_rankwise_model(checkpoint)
+    except CheckpointError as e:
+        raise RankwiseError(str(e)) from None
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    with atomic_output_dir(output, overwrite, [checkpoint]) as tmp:
         # base_model_name_or_path names where the base will be once the folder is renamed into place
         export_eora_adapter(model, tmp, base_model_name=str(output.resolve() / BASE_DIR))
         save_checkpoint(model, tokenizer, tmp / BASE_DIR, base_meta(meta))

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from rankwise.errors import RankwiseError
-from rankwise.eval.results import write_text_atomic
+from rankwise.compress.outputs import check_output_file, write_text_atomic
 
 from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, console, eora_rank_option,
                                  out_console, quiet_option, user_errors)
@@ -93,8 +93,10 @@ def model_cmd(
                          device=device, offload=offload, stream_weights=stream_weights,
                          trust_remote_code=trust_remote_code,
                          keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
-    if json_path is not None and json_path.exists() and not overwrite:
-        raise RankwiseError(f"--json {str(json_path)!r} already exists (use --overwrite to replace it)")
+    if json_path is not None:  # before the work, not after it
+        check_output_file(json_path, "--json")
+        if json_path.exists() and not overwrite:
+            raise RankwiseError(f"--json {str(json_path)!r} already exists (use --overwrite to replace it)")
     with Bars(quiet) as bars:
         meta = run_compress(cfg, output, overwrite, bars)
     out_console.print(summary_table(meta))

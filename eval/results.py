@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from rankwise.errors import RankwiseError
 from rankwise.compress.describe import pipeline_name
 from rankwise.compress.metadata import parse_result
+from rankwise.compress.outputs import write_text_atomic
 
 STDERR = "_stderr"
 # bookkeeping keys in a task's result dict that are not metrics
@@ -189,10 +189,3 @@ def write_output_path(result: dict, output_path: str | Path) -> list[Path]:
         written.append(folder / f"samples_{task}_{date_id}.jsonl")
         write_text_atomic(written[-1], lines)
     return written
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a temporary sibling, then rename it over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
