@@ -53,19 +53,19 @@ def test_section_without_format_version_is_read_as_the_first_format(checkpoint, 
     load_rankwise_model(str(old))
 
 
-def test_newer_format_is_refused_in_one_line_by_every_reader(checkpoint, tmp_path, austen_file):
+def test_newer_format_is_refused_in_one_line_by_every_reader(checkpoint, tmp_path, austen_file, cli):
     newer = _with_section(checkpoint, tmp_path / "newer", format_version=FORMAT_VERSION + 1)
     with pytest.raises(RankwiseError, match="format_version"):
         read_result(newer)
     with pytest.raises(ValueError, match="format_version"):  # the copy every checkpoint carries
         load_rankwise_model(str(newer))
-    for args in (["evaluate", str(newer), "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1"],
-                 ["compensate", str(checkpoint), str(newer), "-o", str(tmp_path / "c"), "--eora-rank", "2",
-                  "--calib", f"text:{austen_file}", "--nsamples", "2", "--seqlen", "16"]):
-        r = subprocess.run([sys.executable, "-m", "rankwise.cli.main", *args], capture_output=True, text=True)
-        assert r.returncode == 2, r.stderr
-        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
-        assert len(lines) == 1 and "format_version" in lines[0], lines
+    r = subprocess.run([sys.executable, "-m", "rankwise.cli.main", "evaluate", str(newer), "--ppl",
+                        f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1"], capture_output=True, text=True)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "format_version" in lines[0], lines
+    res = cli("compensate", checkpoint, newer, "-o", tmp_path / "c", "--eora-rank", 2, "--calib",
+              f"text:{austen_file}", "--nsamples", 2, "--seqlen", 16)
+    assert res.exit_code == 2 and "format_version" in res.output
     assert not (tmp_path / "c").exists()
 
 
