@@ -140,3 +140,77 @@ def test_path_expansion(monkeypatch):
     assert _expand("$RW_SET/b") == "/data/b"
     assert _expand("${RW_NOPE}/b") == "${RW_NOPE}/b"  # unset and no default: left as written
     assert _expand("org/model") == "org/model"
+
+
+def test_refit_jobs_apart_and_new_eval_setting_reuses_checkpoints(cli, tiny_dirs, austen_file, tmp_path):
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="refit: [false, true]\n  ratio: [0.3]")
+    out = tmp_path / "out"
+    r = cli("run", run, "--dry-run")
+    assert r.exit_code == 0 and "refit" in r.output, r.output
+    assert cli("run", run).exit_code == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and len({row["job"] for row in rows}) == 2
+    assert sorted(row["refit"] for row in rows) == ["False", "True"]  # its own column
+    assert any("refit" in row["job"] for row in rows)
+    checkpoints = sorted((out / "checkpoints").glob("*/model/config.json"))
+    assert len(checkpoints) == 2
+    stamps = [c.stat().st_mtime_ns for c in checkpoints]
+
+    run.write_text(run.read_text().replace("max_windows: 3", "max_windows: 2"))
+    assert cli("run", run).exit_code == 0
+    assert [c.stat().st_mtime_ns for c in sorted((out / "checkpoints").glob("*/model/config.json"))] == stamps
+    new_rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(new_rows) == 2 and not {row["job"] for row in new_rows} & {row["job"] for row in rows}
+    for row in new_rows:
+        result = json.loads((out / "jobs" / row["job"] / "result.json").read_text())
+        assert result["compress_resumed"] is True
+        assert result["eval"]["ppl"][f"text:{austen_file}"]["windows"] == 2
+    md = (out / "results.md").read_text()
+    assert "earlier run files" in md and all(row["job"] in md.split("earlier run files")[1] for row in rows)
+
+
+def test_truncated_result_is_redone_and_exit_code_is_one_on_failure(cli, tiny_dirs, austen_file, tmp_path):
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3]")
+    out = tmp_path / "out"
+    assert cli("run", run).exit_code == 0
+    (job,) = job_dirs(out)
+    text = (job / "result.json").read_text()
+    (job / "result.json").write_text(text[: len(text) // 2])  # a crash of the storage mid-write
+    r = cli("run", run)
+    assert r.exit_code == 0 and "1 to run" in r.output, r.output
+    assert json.loads((job / "result.json").read_text())["compress_resumed"] is True
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [row["status"] for row in rows] == ["done"]
+
+    for n in range(3):  # three failing jobs: the exit code stays 1, not the count (2 means bad input)
+        missing = tmp_path / f"no{n}"
+        run.write_text(run.read_text() + ("jobs:\n" if n == 0 else "") + f"  - {{model: {missing}, ratio: 0.3}}\n")
+    r = cli("run", run)
+    assert r.exit_code == 1 and "3 of 4 jobs failed" in r.output, r.output
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(cli, tiny_dirs, austen_file, tmp_path):
+    from rankwise.cli.sweep import sole_runner
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3]")
+    with sole_runner(tmp_path / "out"):
+        r = cli("run", run)
+    assert r.exit_code == 2 and "another `compress run`" in r.output, r.output
+    assert not (tmp_path / "out" / "jobs").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9 if i else ['x'] * 9)}]\n" for i in range(9)),
+     "alias bomb"),
+    ("a: &x\n  b: *x\n", "recursive alias"),
+    ("output_dir: !!python/object/apply:os.system ['true']\n", "not allowed"),
+    ("output_dir: !!python/name:os.system\n", "not allowed"),
+    ("output_dir: a\nmodel: m\noutput_dir: b\n", "duplicate key 'output_dir'"),
+])
+def test_hostile_yaml_is_one_line_exit_2(cli, tmp_path, body, message):
+    import time
+    run = tmp_path / "run.yaml"
+    run.write_text(body)
+    t0 = time.perf_counter()
+    r = cli("run", run, "--dry-run")
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert time.perf_counter() - t0 < 10
