@@ -90,25 +90,26 @@ def run_cmd(
     with sole_runner(plan.output_dir):
         _write_plan(plan)
         console.print(f"{len(plan.jobs)} jobs: {len(plan.jobs) - len(todo)} done already, {len(todo)} to run")
-        if target is not None:
-            from rankwise.cli.engine import SweepInterrupted, run_on_ray
-            console.print(f"running {len(todo)} jobs as Ray tasks ({target.address or 'local cluster'}"
-                          f"{f', {target.max_parallel} at once' if target.max_parallel else ''}); "
-                          "logs in each job folder", highlight=False)
-            try:
+        try:
+            if target is not None:
+                from rankwise.cli.engine import run_on_ray
+                console.print(f"running {len(todo)} jobs as Ray tasks ({target.address or 'local cluster'}"
+                              f"{f', {target.max_parallel} at once' if target.max_parallel else ''}); "
+                              "logs in each job folder", highlight=False)
                 run_on_ray(todo, target, on_done)
-            except SweepInterrupted as e:
-                write_report(plan.output_dir)
-                console.print(f"interrupted: {e}; finished jobs are kept, rerun to continue", highlight=False)
-                raise typer.Exit(130)
-        else:
-            for job in todo:
-                console.print(f"[{finished + 1}/{len(todo)}] {job.name}: {job.method} "
-                              f"{'' if not job.compress else job.compress['ratio']} on {job.model}",
-                              highlight=False)
-                with Bars() as bars:
-                    error = run_in_process(job, bars)
-                on_done(job, error)
+            else:
+                for job in todo:
+                    console.print(f"[{finished + 1}/{len(todo)}] {job.name}: {job.method} "
+                                  f"{'' if not job.compress else job.compress['ratio']} on {job.model}",
+                                  highlight=False)
+                    with Bars() as bars:
+                        error = run_in_process(job, bars)
+                    on_done(job, error)
+        except KeyboardInterrupt as e:  # the running jobs were stopped; their results are atomic, never partial
+            write_report(plan.output_dir)
+            console.print(f"interrupted ({e or 'the running job was stopped'}): {finished} finished jobs are kept; "
+                          "rerun to continue", highlight=False)
+            raise typer.Exit(130)
         report = write_report(plan.output_dir)
     out_console.print(f"wrote {describe_files(report.files)}")
     if failed:

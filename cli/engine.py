@@ -22,12 +22,11 @@ RAY_MISSING = "running jobs in parallel (--jobs N, --ray) needs Ray: pip install
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
 
 
-class SweepInterrupted(Exception):
-    """Ctrl-C during a Ray sweep; `cancelled` running tasks were stopped."""
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a Ray sweep, after the running tasks were cancelled."""
 
     def __init__(self, cancelled: int):
-        super().__init__(f"{cancelled} running jobs cancelled")
-        self.cancelled = cancelled
+        super().__init__(f"{cancelled} running Ray tasks cancelled")
 
 
 @dataclass

@@ -214,3 +214,13 @@ def test_hostile_yaml_is_one_line_exit_2(cli, tmp_path, body, message):
     r = cli("run", run, "--dry-run")
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
     assert time.perf_counter() - t0 < 10
+
+
+def test_parallel_without_ray_says_what_to_install(cli, tiny_dirs, austen_file, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the `ray` extra were not installed
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file)
+    for args in (["--jobs", "2"], ["--ray"]):
+        r = cli("run", run, *args)
+        assert r.exit_code == 2 and "pip install 'rankwise[ray]'" in r.output, r.output
+    assert not (tmp_path / "out").exists()
