@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rankwise.errors import RankwiseError
@@ -83,7 +84,7 @@ def run_cmd(
         finished += 1
         if error:
             failed[job.name] = error
-            console.print(f"[red]failed[/] [{finished}/{len(todo)}] {job.name}: {error}", highlight=False)
+            console.print(f"[red]failed[/] [{finished}/{len(todo)}] {job.name}: {escape(error)}", highlight=False)
         else:
             console.print(f"[green]done[/]   [{finished}/{len(todo)}] {job.name}", highlight=False)
 

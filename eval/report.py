@@ -299,7 +299,7 @@ def plot_rank_heatmap(row: dict, path: Path) -> bool:
         return False
     dense_cells = {(int(m.group(1)), m.group(2).split(".")[-1])
                    for m in (re.search(r"\.(\d+)\.(.+)$", n) for n in kept) if m}
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.28 * len(layers)))
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(kinds), max(3.2, 1.4 + 0.28 * len(layers))))
     cmap = matplotlib.colormaps["viridis"].copy()
     cmap.set_bad("lightgray")  # kept dense: no rank
     im = ax.imshow(frac, aspect="auto", cmap=cmap, vmin=0, vmax=1)
@@ -316,8 +316,9 @@ def plot_rank_heatmap(row: dict, path: Path) -> bool:
             elif legible and math.isfinite(ranks[y][x]):
                 ax.text(x, y, f"{int(ranks[y][x])}", ha="center", va="center", fontsize=6,
                         color="white" if frac[y][x] < 0.5 else "black")
-    fig.colorbar(im, ax=ax, label="rank / min(in, out) (gray: kept dense)")
-    ax.set_title(f"{row['method']} ratio {row['ratio_asked']:g}\n{row['job']}", fontsize=8)
+    fig.colorbar(im, ax=ax, label="rank / min(in, out)")
+    ax.set_title(f"{row['method']} ratio {row['ratio_asked']:g}" + (" (hatched: kept dense)" if dense_cells else "")
+                 + f"\n{row['job']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

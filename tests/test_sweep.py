@@ -224,3 +224,38 @@ def test_parallel_without_ray_says_what_to_install(cli, tiny_dirs, austen_file, 
         r = cli("run", run, *args)
         assert r.exit_code == 2 and "pip install 'rankwise[ray]'" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: float, modules=None, kept=()):
+    d = run_dir / "jobs" / name
+    d.mkdir(parents=True)
+    task = {"acc": acc, "acc_stderr": 0.01, "samples": 50, "requests": 100, "seconds": 2.0,
+            "requests_per_second": 50.0}
+    meta = {"ratio_achieved": compress["ratio"], "modules": modules or {}, "kept_dense": list(kept)} \
+        if compress else None
+    (d / "result.json").write_text(json.dumps({
+        "job": name, "config": {"name": name, "model": "m", "compress": compress}, "compress": meta,
+        "eval": {"ppl": {"text:/x/wiki.txt": {"ppl": ppl}}, "tasks": {"piqa": task}},
+        "peak_memory": {"host_gib": 1.0}, "wall_seconds": 1.0}))
+
+
+def test_report_columns_against_dense_and_heatmap_order(tmp_path):
+    from rankwise.eval.report import rank_grid, write_report
+    spec = {"rank": 4, "in": 8, "out": 8}
+    modules = {f"model.layers.{i}.{part}": spec for i in (1, 0)
+               for part in ("mlp.down_proj", "self_attn.v_proj", "self_attn.q_proj")}
+    _fake_job(tmp_path, "dense", None, 20.0, 0.70)
+    _fake_job(tmp_path, "svd", {"method": "svd", "ratio": 0.4, "refit": False}, 30.0, 0.60, modules,
+              kept=["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"])
+    report = write_report(tmp_path)
+    rows = {row["job"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert [r["job"] for r in report.rows] == ["dense", "svd"]
+    assert float(rows["svd"]["ppl text:/x/wiki.txt x dense"]) == pytest.approx(1.5)
+    assert float(rows["svd"]["Δ piqa acc"]) == pytest.approx(-0.10)
+    assert float(rows["svd"]["piqa acc stderr"]) == pytest.approx(0.01)
+    header = next(csv.reader(open(tmp_path / "results.csv")))
+    assert not [c for c in header if "requests" in c or "samples" in c or "gpu" in c]  # no noise columns
+    layers, kinds, ranks, _ = rank_grid(modules, ["model.layers.0.self_attn.k_proj"])
+    assert layers == [0, 1] and kinds == ["q_proj", "k_proj", "v_proj", "down_proj"]
+    assert ranks[0][1] != ranks[0][1] and ranks[1][1] != ranks[1][1]  # kept dense / absent: NaN, no rank
+    assert (tmp_path / "plots" / "ranks_svd.png").stat().st_size > 0
