@@ -85,13 +85,12 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             m.to(device)
             p = ppl_of(m)
-            res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "achieved": meta["ratio_achieved"],
-                   "achieved_without_compensation": meta.get("ratio_achieved_without_compensation",
-                                                             meta["ratio_achieved"]),
+            res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "achieved": meta.ratio_achieved,
+                   "achieved_without_compensation": meta.ratio_achieved_without_compensation,
                    "seconds": round(seconds, 1), **peak_memory(torch.device(device))}
             results.append(res)
             print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), achieved "
-                  f"{meta['ratio_achieved']:.4f}, {seconds:.0f} s", flush=True)
+                  f"{meta.ratio_achieved:.4f}, {seconds:.0f} s", flush=True)
             del m
 
     print()

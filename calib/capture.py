@@ -167,6 +167,7 @@ class LinearStats:
 
     def __init__(self, n: int, want_xtx: bool, want_abs: bool, device):
         self.n, self.count = n, 0
+        self.cache: dict = {}  # quantities derived from these statistics (a Cholesky factor, ...), once each
         self.xtx = torch.zeros(n, n, dtype=torch.float64, device=device) if want_xtx else None
         self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device) if want_abs else None
 

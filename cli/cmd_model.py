@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from rankwise.compress.metadata import CompressionResult
 from rankwise.cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
 
 
@@ -13,25 +14,25 @@ def _fmt(n) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
 
-def summary_table(meta: dict) -> Table:
-    t = Table(title=f"Rankwise: {meta['method']} on {meta['source_model']}", show_header=True)
+def summary_table(meta: CompressionResult) -> Table:
+    t = Table(title=f"Rankwise: {meta.method} on {meta.source_model}", show_header=True)
     t.add_column("")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
     t.add_column("removed", justify="right")
-    t.add_row("targeted Linear params", _fmt(meta["targeted_params_before"]), _fmt(meta["targeted_params_after"]),
-              f"{meta['ratio_achieved']:.2%} (asked {meta['ratio_requested']:.2%})")
-    if meta.get("compensation_params"):
-        t.add_row("  without the EoRA path", "", _fmt(meta["targeted_params_after"] - meta["compensation_params"]),
-                  f"{meta['ratio_achieved_without_compensation']:.2%}")
-    t.add_row("whole model params", _fmt(meta["model_params_before"]), _fmt(meta["model_params_after"]),
-              f"{meta['model_ratio_achieved']:.2%}")
-    mem = f"host {meta['host_peak_gib']:.2f} GiB" + (f", GPU {meta['gpu_peak_gib']:.2f} GiB"
-                                                      if "gpu_peak_gib" in meta else "")
-    dense = meta["kept_dense"]
-    t.caption = (f"factorized {len(meta['modules'])} Linears, kept dense {len(dense)}"
+    t.add_row("targeted Linear params", _fmt(meta.targeted_params_before), _fmt(meta.targeted_params_after),
+              f"{meta.ratio_achieved:.2%} (asked {meta.ratio_requested:.2%})")
+    if meta.compensation_params:
+        t.add_row("  without the EoRA path", "", _fmt(meta.targeted_params_after - meta.compensation_params),
+                  f"{meta.ratio_achieved_without_compensation:.2%}")
+    t.add_row("whole model params", _fmt(meta.model_params_before), _fmt(meta.model_params_after),
+              f"{meta.model_ratio_achieved:.2%}")
+    mem = f"host {meta.host_peak_gib:.2f} GiB" + (f", GPU {meta.gpu_peak_gib:.2f} GiB"
+                                                   if meta.gpu_peak_gib is not None else "")
+    dense = meta.kept_dense
+    t.caption = (f"factorized {len(meta.modules)} Linears, kept dense {len(dense)}"
                  + (f" ({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})" if dense else "") + "; "
-                 f"wall {meta['wall_seconds']:.1f} s; peak memory {mem}")
+                 f"wall {meta.wall_seconds:.1f} s; peak memory {mem}")
     return t
 
 

@@ -242,8 +242,8 @@ class Job:
                 "checkpoint": self.checkpoint_name, "keep_checkpoint": self.keep_checkpoint}
 
     def result(self) -> dict | None:
-        from rankwise.eval.report import read_result
-        return read_result(self.dir, self.name)
+        from rankwise.eval.report import read_job_result
+        return read_job_result(self.dir, self.name)
 
     def status(self) -> str:
         """done (a valid result.json), failed (error.json of the last attempt) or pending. A truncated or foreign
@@ -405,14 +405,15 @@ def _atomic_json(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _existing_checkpoint(ckpt: Path) -> dict | None:
-    """The metadata of a checkpoint an earlier attempt (or another evaluation of it) finished, else None."""
-    from rankwise.compress.checkpoint import read_meta
+def _existing_checkpoint(ckpt: Path):
+    """The CompressionResult of a checkpoint an earlier attempt (or another evaluation of it) finished, else
+    None."""
+    from rankwise.compress.metadata import read_result
     for stale in ckpt.parent.glob(f".{ckpt.name}.*"):  # leftovers of a save interrupted by a crash
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        return read_meta(ckpt)
-    except ValueError:  # an unreadable config.json: compress again
+        return read_result(ckpt)
+    except RankwiseError:  # an unreadable config.json or metadata: compress again
         return None
 
 
@@ -445,7 +446,8 @@ def run_job(job: Job, progress=None) -> dict:
     peak = {"host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if torch.cuda.is_available():
         peak["gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    result = {"job": job.name, "config": job.to_json(), "compress": meta, "compress_resumed": resumed,
+    result = {"job": job.name, "config": job.to_json(), "compress": meta and meta.to_json(),
+              "compress_resumed": resumed,
               "eval": result_eval, "peak_memory": peak, "wall_seconds": round(time.perf_counter() - t0, 2),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _atomic_json(job.dir / "result.json", result)

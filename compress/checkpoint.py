@@ -19,6 +19,7 @@ from pathlib import Path
 from rankwise.errors import RankwiseError
 from rankwise.compress import lowrank
 from rankwise.compress.lowrank import RANKWISE_KEY
+from rankwise.compress.metadata import CompressionResult
 
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
 
@@ -44,28 +45,28 @@ def package_versions() -> dict:
     return out
 
 
-def model_card(meta: dict) -> str:
-    ranks = [m["rank"] for m in meta["modules"].values() if m.get("rank")]
-    cal = meta["calibration"]
+def model_card(meta: CompressionResult) -> str:
+    ranks = [m.rank for m in meta.modules.values() if m.rank]
+    cal = meta.calibration
     return f"""---
 library_name: transformers
 tags: [rankwise, low-rank, svd, compression]
-base_model: {meta.get('source_model', '')}
+base_model: {meta.source_model}
 ---
-# {Path(str(meta.get('source_model', 'model'))).name} compressed with Rankwise ({meta['method']})
+# {Path(meta.source_model or 'model').name} compressed with Rankwise ({meta.method})
 
-Low-rank factorization of every decoder Linear (W ~ B A) with `{meta['method']}`, rank allocation
-`{meta['ranks_allocation']}`.
+Low-rank factorization of every decoder Linear (W ~ B A) with `{meta.method}`, rank allocation
+`{meta.ranks_allocation}`.
 
 | | value |
 |---|---|
-| ratio requested (fraction of targeted parameters removed) | {meta['ratio_requested']:.4f} |
-| ratio achieved (targeted Linears) | {meta['ratio_achieved']:.4f} |
-| targeted parameters before / after | {meta['targeted_params_before']:,} / {meta['targeted_params_after']:,} |
-| model parameters before / after | {meta['model_params_before']:,} / {meta['model_params_after']:,} |
-| factorized / kept dense | {len(ranks)} / {len(meta.get('kept_dense', []))} |
+| ratio requested (fraction of targeted parameters removed) | {meta.ratio_requested:.4f} |
+| ratio achieved (targeted Linears) | {meta.ratio_achieved:.4f} |
+| targeted parameters before / after | {meta.targeted_params_before:,} / {meta.targeted_params_after:,} |
+| model parameters before / after | {meta.model_params_before:,} / {meta.model_params_after:,} |
+| factorized / kept dense | {len(ranks)} / {len(meta.kept_dense)} |
 | rank min / max | {min(ranks) if ranks else '-'} / {max(ranks) if ranks else '-'} |
-| calibration | {cal['source']}, {cal['nsamples']} x {cal['seqlen']} tokens, seed {cal['seed']} |
+| calibration | {cal.source}, {cal.nsamples} x {cal.seqlen} tokens, seed {cal.seed} |
 
 Load it with Rankwise (`compress evaluate DIR`) or with plain transformers:
 
@@ -98,13 +99,14 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
         raise
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: dict, overwrite: bool = False,
+def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: CompressionResult, overwrite: bool = False,
                     max_shard_size: str = "2GB") -> Path:
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg[RANKWISE_KEY] = {**meta, "versions": package_versions()}
+        meta.versions = package_versions()
+        cfg[RANKWISE_KEY] = meta.to_json()
         cfg["auto_map"] = AUTO_MAP
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(lowrank.__file__, tmp / "modeling_rankwise.py")
@@ -113,10 +115,3 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: dict, overwrite
         (tmp / "README.md").write_text(model_card(meta))
     return Path(out_dir)
 
-
-def read_meta(path: str | Path) -> dict | None:
-    """The `rankwise` section of a checkpoint's config.json, or None for a dense checkpoint / hub id."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    return json.loads(cfg.read_text()).get(RANKWISE_KEY)

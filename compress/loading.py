@@ -77,6 +77,8 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
     target = dev if place_on_device else torch.device("cpu")
     try:
         if getattr(config, RANKWISE_KEY, None):
+            from rankwise.compress.metadata import parse_result
+            parse_result(getattr(config, RANKWISE_KEY), ref)  # a newer format is refused before any weight
             model = load_rankwise_model(ref, dtype=None if torch_dtype == "auto" else torch_dtype,
                                         device=target, config=config)
         else:

@@ -8,7 +8,8 @@ carries a verbatim copy as `modeling_rankwise.py`, so that
 rebuilds the compressed model without Rankwise installed. The project's own loader is the same code.
 
 Checkpoint format: `config.json` is the source model's config plus a `rankwise` section whose `modules` maps
-each factorized Linear's qualified name to {"rank": k, "in": n, "out": m, "bias": bool, "lora_rank": r};
+each factorized Linear's qualified name to {"rank": k, "in": n, "out": m, "bias": bool, "lora_rank": r}
+(and `format_version`, see FORMAT_VERSION);
 weights are stored as `<name>.A.weight` [k, n], `<name>.B.weight` [m, k] (+ `<name>.B.bias`) and, for a
 compensated layer, `<name>.lora_A.weight` [r, n], `<name>.lora_B.weight` [m, r].
 """
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover
     PreTrainedModel = nn.Module
 
 RANKWISE_KEY = "rankwise"
+FORMAT_VERSION = 1  # layout of the `rankwise` section; a loader refuses a newer one (compress/metadata.py)
 
 
 class LowRankLinear(nn.Module):
@@ -158,6 +160,9 @@ def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str
     meta = getattr(config, RANKWISE_KEY, None)
     if not meta:
         raise ValueError(f"{path} is not a Rankwise checkpoint (config.json has no '{RANKWISE_KEY}' section)")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(f"{path}: rankwise format_version {meta['format_version']} is newer than this loader "
+                         f"reads ({FORMAT_VERSION})")
     model_cls = _base_model_class(config)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
         model = model_cls(config)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import matplotlib
 
+from rankwise.compress.metadata import ModuleSpec, parse_result
+from rankwise.errors import RankwiseError
+
 matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
@@ -40,12 +43,20 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-def read_result(job_dir: Path, name: str | None = None) -> dict | None:
-    """A job's result.json if it is complete (a truncated or empty file, or one of another job, is None)."""
+def read_job_result(job_dir: Path, name: str | None = None) -> dict | None:
+    """A job's result.json if it is complete: a truncated or empty file, one of another job, or one whose
+    compression metadata does not validate is None (the job is redone)."""
     r = _read(job_dir / "result.json")
     if not isinstance(r, dict) or not isinstance(r.get("eval"), dict) or not isinstance(r.get("config"), dict):
         return None
-    return r if r.get("job") == (name or job_dir.name) else None
+    if r.get("job") != (name or job_dir.name):
+        return None
+    try:
+        if r.get("compress") is not None:
+            parse_result(r["compress"], str(job_dir))
+    except (RankwiseError, AttributeError):
+        return None
+    return r
 
 
 def _read(path: Path):
@@ -82,25 +93,27 @@ def collect_rows(run_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]
     folders = {d.name: d for d in sorted(Path(run_dir, "jobs").glob("*/"))}
     for name in (planned or folders):
         d = run_dir / "jobs" / name
-        result, error = read_result(d, name), _read(d / "error.json")
+        result, error = read_job_result(d, name), _read(d / "error.json")
         config = result["config"] if result else (planned or {}).get(name) or _read(d / "job.json")
         if result or error or planned:
             rows.append(_row(config or {"name": name}, result, error if not result else None))
     for name, d in folders.items():
         if planned is not None and name not in planned:
-            earlier.append((name, "done" if read_result(d) else "failed" if (d / "error.json").is_file()
+            earlier.append((name, "done" if read_job_result(d) else "failed" if (d / "error.json").is_file()
                             else "pending"))
     return rows, earlier
 
 
 def _row(config: dict, result: dict | None, error: dict | None) -> dict:
     comp = config.get("compress") or {}
-    meta = (result or {}).get("compress") or {}
+    section = (result or {}).get("compress")
+    meta = parse_result(section, f"job {config.get('name', '')}") if section else None
+    compressed = meta is not None
     row = {"job": config.get("name", ""), "status": "done" if result else "failed" if error else "pending",
            "model": config.get("model", ""), "method": comp.get("method", "none") if config.get("model") else "",
            "ratio_asked": comp.get("ratio", 0.0) if comp else 0.0,
-           "ratio_achieved": meta.get("ratio_achieved", 0.0 if not comp else ""),
-           "model_ratio_achieved": meta.get("model_ratio_achieved", 0.0 if not comp else ""),
+           "ratio_achieved": meta.ratio_achieved if compressed else (0.0 if not comp else ""),
+           "model_ratio_achieved": meta.model_ratio_achieved if compressed else (0.0 if not comp else ""),
            "error": (error or {}).get("error", ""), "_compress": comp or None}
     if result:
         ev = result.get("eval") or {}
@@ -110,14 +123,16 @@ def _row(config: dict, result: dict | None, error: dict | None) -> dict:
             for metric, value in task_metrics(metrics).items():
                 row[f"{task} {metric}"] = _num(value)
                 row[f"{task} {metric} stderr"] = _num(metrics.get(metric + STDERR))
-        row["compress_s"] = meta.get("wall_seconds", 0.0 if not comp else "")
+        row["compress_s"] = meta.wall_seconds if compressed else (0.0 if not comp else "")
         row["eval_s"] = ev.get("wall_seconds", "")
         row["wall_s"] = result.get("wall_seconds", "")
         peak = result.get("peak_memory") or {}
-        row["host_peak_gib"] = max(peak.get("host_gib", 0), meta.get("host_peak_gib", 0)) or ""
-        row["gpu_peak_gib"] = max(peak.get("gpu_gib", 0), meta.get("gpu_peak_gib", 0)) or ""
-        row["_modules"] = meta.get("modules") or {}
-        row["_kept_dense"] = meta.get("kept_dense") or []
+        host = meta.host_peak_gib if compressed else None
+        gpu = meta.gpu_peak_gib if compressed else None
+        row["host_peak_gib"] = max(peak.get("host_gib", 0), host or 0) or ""
+        row["gpu_peak_gib"] = max(peak.get("gpu_gib", 0), gpu or 0) or ""
+        row["_modules"] = meta.modules if compressed else {}
+        row["_kept_dense"] = meta.kept_dense if compressed else []
     return row
 
 
@@ -274,20 +289,20 @@ def _kind_order(kind: str) -> tuple:
     return (MODULE_ORDER.index(kind) if kind in MODULE_ORDER else len(MODULE_ORDER), kind)
 
 
-def rank_grid(modules: dict, kept_dense: list[str] = ()) -> tuple[list[int], list[str], list[list[float]],
-                                                                   list[list[float]]]:
+def rank_grid(modules: dict[str, ModuleSpec], kept_dense: list[str] = ()) -> tuple[
+        list[int], list[str], list[list[float]], list[list[float]]]:
     """(layers, module kinds in MODULE_ORDER, rank[layer][kind], kept fraction rank / min(in, out)) from the
-    checkpoint's `modules`; NaN where a Linear was kept dense (`kept_dense`) or does not exist."""
+    checkpoint's `modules`; NaN where a Linear was kept dense (`kept_dense`, or a rank of None) or is absent."""
     cells = {}
     for name in list(modules) + list(kept_dense):
         m = re.search(r"\.(\d+)\.(.+)$", name)
-        spec = modules.get(name) or {}
+        spec = modules.get(name)
         if m:
-            cells[(int(m.group(1)), m.group(2).split(".")[-1])] = spec if spec.get("rank") else None
+            cells[(int(m.group(1)), m.group(2).split(".")[-1])] = spec if spec is not None and spec.rank else None
     layers = sorted({k[0] for k in cells})
     kinds = sorted({k[1] for k in cells}, key=_kind_order)
-    ranks = [[float(cells[(i, k)]["rank"]) if cells.get((i, k)) else float("nan") for k in kinds] for i in layers]
-    frac = [[cells[(i, k)]["rank"] / min(cells[(i, k)]["in"], cells[(i, k)]["out"]) if cells.get((i, k))
+    ranks = [[float(cells[(i, k)].rank) if cells.get((i, k)) else float("nan") for k in kinds] for i in layers]
+    frac = [[cells[(i, k)].rank / min(cells[(i, k)].in_features, cells[(i, k)].out_features) if cells.get((i, k))
              else float("nan") for k in kinds] for i in layers]
     return layers, kinds, ranks, frac
 

@@ -108,8 +108,8 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['model']}", ""]
     meta = result.get("rankwise")
     if meta:
-        lines += [f"Rankwise checkpoint: method `{meta.get('method')}`, ratio requested "
-                  f"{meta.get('ratio_requested')}, achieved {_fmt(meta.get('ratio_achieved'))}.", ""]
+        lines += [f"Rankwise checkpoint: method `{meta['method']}`, ratio requested "
+                  f"{meta['ratio_requested']}, achieved {_fmt(meta['ratio_achieved'])}.", ""]
     lines += [f"dtype {result.get('dtype')}, device {result.get('device')} ({result.get('device_name')}), "
               f"wall time {result.get('wall_seconds')} s.", ""]
     if deltas is not None:

@@ -231,8 +231,15 @@ def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: 
     d.mkdir(parents=True)
     task = {"acc": acc, "acc_stderr": 0.01, "samples": 50, "requests": 100, "seconds": 2.0,
             "requests_per_second": 50.0}
-    meta = {"ratio_achieved": compress["ratio"], "modules": modules or {}, "kept_dense": list(kept)} \
-        if compress else None
+    meta = None
+    if compress:
+        from rankwise.compress.metadata import CompressionResult
+        meta = CompressionResult(
+            method="svd", ranks_allocation="uniform", ratio_requested=compress["ratio"],
+            ratio_achieved=compress["ratio"], ratio_achieved_without_compensation=compress["ratio"],
+            targeted_params_before=100, targeted_params_after=60, model_params_before=200, model_params_after=160,
+            model_ratio_achieved=0.2, kept_dense=list(kept), calibration={"source": "s", "nsamples": 1, "seqlen": 2},
+            modules=modules or {}).to_json()
     (d / "result.json").write_text(json.dumps({
         "job": name, "config": {"name": name, "model": "m", "compress": compress}, "compress": meta,
         "eval": {"ppl": {"text:/x/wiki.txt": {"ppl": ppl}}, "tasks": {"piqa": task}},
@@ -240,8 +247,9 @@ def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: 
 
 
 def test_report_columns_against_dense_and_heatmap_order(tmp_path):
+    from rankwise.compress.metadata import ModuleSpec
     from rankwise.eval.report import rank_grid, write_report
-    spec = {"rank": 4, "in": 8, "out": 8}
+    spec = ModuleSpec(rank=4, in_features=8, out_features=8)
     modules = {f"model.layers.{i}.{part}": spec for i in (1, 0)
                for part in ("mlp.down_proj", "self_attn.v_proj", "self_attn.q_proj")}
     _fake_job(tmp_path, "dense", None, 20.0, 0.70)
