@@ -77,3 +77,35 @@ def test_killed_worker_is_recorded_and_rerun_completes_it(cli, tiny_dirs, austen
     assert json.loads((victim.dir / "result.json").read_text())["job"] == victim.name
     assert (dense.dir / "result.json").stat().st_mtime_ns == stamp
     assert not list(victim.checkpoint_dir.glob(".model.*"))  # the killed save's leftovers are gone
+
+
+def test_workers_die_with_a_killed_runner_and_the_folder_is_free_again(tiny_dirs, austen_file, tmp_path):
+    import subprocess
+    import sys
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3, 0.6]")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster, not the module's
+    runner = subprocess.Popen([sys.executable, "-m", "rankwise.cli.main", "run", str(run), "--jobs", "2"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        worker = None
+        for _ in range(1200):
+            found = list((tmp_path / "out" / "jobs").glob("*/worker.json"))
+            if found:
+                worker = json.loads(found[0].read_text())["pid"]
+                break
+            time.sleep(0.05)
+        assert worker is not None
+    finally:
+        runner.kill()  # SIGKILL: no handler of its own runs
+        runner.wait()
+    for _ in range(300):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"worker {worker} outlived its runner")
+    from rankwise.cli.sweep import sole_runner
+    with sole_runner(tmp_path / "out"):  # the lock went with the runner
+        pass
