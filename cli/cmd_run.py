@@ -35,9 +35,9 @@ def _engine(plan, jobs: int, ray: bool, ray_address: Optional[str]):
     from rankwise.cli.engine import RayTarget, import_ray
     address = ray_address or plan.ray_address
     if not (ray or plan.ray or address or jobs > 1):
-        return None
+        return None  # RAY_ADDRESS alone does not send a sequential sweep to Ray
+    address = address or os.environ.get("RAY_ADDRESS")
     import_ray()  # missing extra: one line before anything runs
-    address = address or (os.environ.get("RAY_ADDRESS") if ray or plan.ray else None)
     return RayTarget(address=address, max_parallel=jobs if jobs > 1 else None)
 
 

@@ -32,7 +32,7 @@ class SweepInterrupted(KeyboardInterrupt):
 @dataclass
 class RayTarget:
     """Which cluster, and how many jobs at once (None: as many as its resources allow)."""
-    address: str | None = None  # None: start a local cluster for this run
+    address: str | None = None  # None: start a local cluster for this run (--ray-address, RAY_ADDRESS)
     max_parallel: int | None = None
     local_cpus: int | None = None  # local cluster size (default: every CPU of this machine)
 
@@ -84,16 +84,15 @@ def _connect(ray, target: RayTarget) -> bool:
     if ray.is_initialized():
         return False
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    address = target.address or os.environ.get("RAY_ADDRESS")
     try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(num_cpus=target.local_cpus or os.cpu_count(), num_gpus=len(visible_gpus()),
+        if target.address:
+            ray.init(address=target.address, **quiet)
+        else:  # "local": a new cluster for this run, never one found on the machine
+            ray.init(address="local", num_cpus=target.local_cpus or os.cpu_count(), num_gpus=len(visible_gpus()),
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise RankwiseError(f"cannot {'connect to Ray at ' + repr(address) if address else 'start Ray'}: "
-                            f"{first_line(e, 300)}") from None
+        where = f"connect to Ray at {target.address!r}" if target.address else "start a local Ray cluster"
+        raise RankwiseError(f"cannot {where}: {first_line(e, 300)}") from None
     return True
 
 
