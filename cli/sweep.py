@@ -495,8 +495,11 @@ def run_in_process(job: Job, progress=None) -> str | None:
 def sole_runner(output_dir: Path):
     """Hold an exclusive lock on OUTPUT_DIR/.run.lock while a sweep runs: a second `compress run` on the same
     folder is refused instead of racing the first (the lock goes with the process, however it ends)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(output_dir / ".run.lock", "a+")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(output_dir / ".run.lock", "a+")
+    except OSError as e:
+        raise RankwiseError(f"cannot write into output_dir {str(output_dir)!r}: {e.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
