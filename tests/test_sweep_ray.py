@@ -109,3 +109,37 @@ def test_workers_die_with_a_killed_runner_and_the_folder_is_free_again(tiny_dirs
     from rankwise.cli.sweep import sole_runner
     with sole_runner(tmp_path / "out"):  # the lock went with the runner
         pass
+
+
+def test_ctrl_c_cancels_running_tasks_and_keeps_nothing_half_written(cli, tiny_dirs, austen_file, tmp_path,
+                                                                      ray_cluster):
+    from rankwise.cli.sweep import load_plan
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3]")
+    (job,) = load_plan(run).jobs
+    workers = []
+
+    def interrupt_when_started():
+        for _ in range(1200):
+            try:
+                workers.append(json.loads((job.dir / "worker.json").read_text())["pid"])
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+                continue
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends to `compress run`
+            return
+
+    interrupter = threading.Thread(target=interrupt_when_started)
+    interrupter.start()
+    r = cli("run", run, "--ray")
+    interrupter.join()
+    assert workers and r.exit_code == 130 and "cancelled" in r.output, r.output
+    assert not (job.dir / "result.json").exists() and not (job.checkpoint_dir / "model").exists()
+    for _ in range(300):
+        try:
+            os.kill(workers[0], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the cancelled task's worker is still running")
+    assert cli("run", run).exit_code == 0 and job.status() == "done"
