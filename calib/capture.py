@@ -185,6 +185,13 @@ class LinearStats:
             self.abs_sum += lifted.abs().sum(0).to(self.abs_sum.device, torch.float64)
         self.count += x.shape[0]
 
+    def first_nonfinite(self) -> str | None:
+        """The name of the first statistic holding NaN / Inf (overflowing activations), or None."""
+        for name, t in (("x^T x", self.xtx), ("sum |x|", self.abs_sum)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return name
+        return None
+
     @property
     def covariance(self) -> torch.Tensor:
         """Mean x x^T over tokens (n x n, float64)."""

@@ -9,29 +9,16 @@ Everything is written to a temporary sibling folder first and renamed into place
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 from rankwise.errors import RankwiseError
+from rankwise.compress.outputs import atomic_output_dir, check_output_dir  # noqa: F401 (the writers' entry points)
 from rankwise.compress import lowrank
-from rankwise.compress.lowrank import RANKWISE_KEY
+from rankwise.compress.lowrank import AUTO_MAP, RANKWISE_KEY, checkpoint_file
 from rankwise.compress.metadata import CompressionResult
-
-AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) if the output exists and --overwrite was not given."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise RankwiseError(f"output directory {str(out)!r} already exists (use --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise RankwiseError(f"output path {str(out)!r} exists and is not a directory")
-    return out
 
 
 def package_versions() -> dict:
@@ -78,30 +65,10 @@ model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)
 """
 
 
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling folder to write into; on success it replaces `out_dir` (swapped in, then the
-    old one dropped, with --overwrite), on any failure it is removed: never a half-written output."""
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: CompressionResult, overwrite: bool = False,
-                    max_shard_size: str = "2GB") -> Path:
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+                    max_shard_size: str = "2GB", inputs: Iterable[str | Path] = ()) -> Path:
+    """`inputs`: paths the run read (model, text), which --overwrite must never delete."""
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
@@ -112,6 +79,23 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: CompressionResu
         shutil.copyfile(lowrank.__file__, tmp / "modeling_rankwise.py")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            copy_tokenizer_code(tmp, meta.compressed_model or meta.source_model)
         (tmp / "README.md").write_text(model_card(meta))
     return Path(out_dir)
 
+
+def copy_tokenizer_code(folder: Path, source: str | None) -> None:
+    """A tokenizer with its own code names it in tokenizer_config.json's auto_map: copy those modules from
+    the source model so the written folder loads with trust_remote_code (tokenizers do not copy them)."""
+    cfg_path = folder / "tokenizer_config.json"
+    if source is None or not cfg_path.is_file():
+        return
+    refs = json.loads(cfg_path.read_text()).get("auto_map") or {}
+    for ref in (r for v in refs.values() for r in (v if isinstance(v, list) else [v]) if r):
+        module = ref.split("--")[-1].rpartition(".")[0] + ".py"  # "repo--module.Class" or "module.Class"
+        if (folder / module).exists():
+            continue
+        found = checkpoint_file(source, module, required=False)
+        if found is None:
+            raise RankwiseError(f"the tokenizer's auto_map names {module!r}, which {source!r} does not hold")
+        shutil.copyfile(found, folder / module)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.compress.arch import dense_weight
+from rankwise.compress.arch import check_finite_weights, dense_weight, layer_shape, named_target_linears
 from rankwise.compress.correct import eora_factors
 from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
 from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, read_result
@@ -67,22 +67,37 @@ def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torc
     return modules
 
 
+def check_inputs(original: nn.Module, compressed: nn.Module, rank: int) -> None:
+    """Before calibration: finite weights, and a rank every layer can hold (a path of rank min(m, n) is a
+    full-rank copy of the residual; more is not a low-rank path at all)."""
+    linears = named_target_linears(original)
+    check_finite_weights(linears)
+    check_finite_weights(named_target_linears(compressed))
+    name, lin = min(linears.items(), key=lambda kv: min(layer_shape(kv[1])))
+    if rank > min(layer_shape(lin)):
+        out, inp = layer_shape(lin)
+        raise RankwiseError(f"--eora-rank {rank} is larger than layer {name!r} ({out} x {inp}): at most "
+                            f"{min(out, inp)}, and well below it for the path to save anything")
+
+
 def run_compensate(original: str, compressed: str, output, rank: int, calib: str, nsamples: int, seqlen: int,
                    seed: int = 0, batch_size: int = 4, device: str = "auto", overwrite: bool = False,
                    progress=None) -> CompressionResult:
-    from rankwise.calib.data import calibration_set, validate_source
+    from rankwise.calib.data import calibration_set, source_path, validate_source
     from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
     from rankwise.compress.job import peak_memory
     from rankwise.compress.loading import load_model, resolve_device
     t0 = time.perf_counter()
     if rank < 1:
         raise RankwiseError(f"--eora-rank must be at least 1, got {rank}")
-    check_output_dir(output, overwrite)
+    inputs = [original, compressed, source_path(calib)]
+    check_output_dir(output, overwrite, inputs)
     validate_source(calib)
     dev = resolve_device(device)
     previous = read_result(compressed)  # validated before any weight is read
     orig, tokenizer, _ = load_model(original, "fp32", device, place_on_device=False)
     comp, comp_tok, _ = load_model(compressed, "fp32", device, place_on_device=False)
+    check_inputs(orig, comp, rank)
     ids = calibration_set(tokenizer, calib, nsamples, seqlen, seed).input_ids
     params_comp = sum(p.numel() for p in comp.parameters())
     modules = compensate_model(orig, comp, ids, rank, batch_size, dev, progress)
@@ -97,7 +112,7 @@ def run_compensate(original: str, compressed: str, output, rank: int, calib: str
     meta.compress_seconds = round(time.perf_counter() - t0, 2)
     peak = peak_memory(dev)
     meta.host_peak_gib, meta.gpu_peak_gib = peak["host_peak_gib"], peak.get("gpu_peak_gib")
-    save_checkpoint(comp, comp_tok, output, meta, overwrite)
+    save_checkpoint(comp, comp_tok, output, meta, overwrite, inputs=inputs)
     meta.wall_seconds = round(time.perf_counter() - t0, 2)
     return meta
 

@@ -9,11 +9,12 @@ with one line rather than half-read.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rankwise.compress.lowrank import FORMAT_VERSION, RANKWISE_KEY
+from rankwise.compress.lowrank import FORMAT_VERSION, RANKWISE_KEY, checkpoint_file
 from rankwise.errors import RankwiseError
 
 
@@ -100,9 +101,17 @@ def parse_result(section: dict, where: str = "checkpoint") -> CompressionResult:
 
 
 def read_result(path: str | Path) -> CompressionResult | None:
-    """The validated `rankwise` section of a checkpoint folder, or None for a dense checkpoint / hub id."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    """The validated `rankwise` section of a checkpoint (a local folder, or a hub id through the hub cache /
+    the hub), or None for a dense checkpoint, or a hub id whose config.json cannot be had."""
+    if os.path.isdir(path):
+        cfg = Path(path) / "config.json"
+    else:
+        try:
+            found = checkpoint_file(str(path), "config.json", required=False)
+        except Exception:  # not a valid hub id, offline without a cached copy, ...: no record to show
+            return None
+        cfg = Path(found) if found else None
+    if cfg is None or not cfg.is_file():
         return None
     try:
         section = json.loads(cfg.read_text()).get(RANKWISE_KEY)

@@ -26,7 +26,8 @@ from torch import nn
 from rankwise.calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
 from rankwise.calib.paired import collect_group_stats, linear_groups
 from rankwise.compress.allocate import MatrixShape, summarize
-from rankwise.compress.arch import dense_weight, find_decoder_blocks, find_linears, layer_shape
+from rankwise.compress.arch import (check_finite_weights, dense_weight, find_decoder_blocks, find_linears,
+                                   layer_shape, named_target_linears)
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import resolve_device
 from rankwise.compress.lowrank import LowRankLinear, get_submodule_parent
@@ -94,6 +95,14 @@ def target_shapes(model: nn.Module) -> dict[str, MatrixShape]:
     return shapes
 
 
+def check_finite_stats(stats, layers: list[str]) -> None:
+    """Refuse statistics with NaN / Inf (activations that overflowed), naming the layer they feed."""
+    bad = stats.first_nonfinite() if hasattr(stats, "first_nonfinite") else None
+    if bad is not None:
+        raise RankwiseError(f"the calibration statistics ({bad}) of the input of layer {layers[0]!r} are not "
+                            f"finite: its activations overflow (try --dtype fp32)")
+
+
 @torch.no_grad()  # torch applies it to each resumption of the generator
 def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, want_xtx: bool, want_abs: bool,
                           progress: Progress | None = None, stage: str = "statistics",
@@ -119,6 +128,8 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
         if needs_inputs:
             stats = collect_linear_stats(block, linears, inputs, i, device, want_xtx=want_xtx, want_abs=want_abs,
                                          stats_device=storage)
+            for name, st in stats.items():
+                check_finite_stats(st, [f"{prefix}.{i}.{name}"])
         yield f"{prefix}.{i}", linears, stats
         del stats
         if needs_inputs and i + 1 < len(blocks):
@@ -147,6 +158,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     device = resolve_device(cfg.device)
     timer = timer or StageTimer(device)
     _refuse_unstreamable(recipe, cfg, block_source)
+    check_finite_weights(named_target_linears(model))  # streamed blocks: checked as they are read
     job = CompressionJob(model, calib_ids, cfg, device, torch.device("cpu") if cfg.offload else device,
                          target_shapes(model), recipe.factorizer, block_source, progress)
     params_before = count_params(model)
@@ -207,6 +219,7 @@ class BlockWalk:
                     stats = collect_group_stats(block, group, self.inputs, i, job.device, dense_block,
                                                 self.dense_inputs, want_abs=self.wanted.abs_mean,
                                                 stats_device=job.storage, want_xtx=self.wanted.xtx)
+                check_finite_stats(stats, [f"{self.prefix}.{i}.{n}" for n in group])
             for name in [n for n in group if ranks[f"{self.prefix}.{i}.{n}"] is not None]:
                 full = f"{self.prefix}.{i}.{name}"
                 view = LinearStatistics(stats, job.pass_values(full))

@@ -16,8 +16,8 @@ from rankwise.eval.ppl import perplexity
 
 
 def _rankwise_section(model_ref: str) -> dict | None:
-    """The checkpoint's validated compression record as JSON (None for a dense model or a hub id)."""
-    meta = read_result(model_ref) if os.path.isdir(model_ref) else None
+    """The checkpoint's validated compression record as JSON (None for a dense model or a GGUF file)."""
+    meta = None if os.path.isfile(model_ref) else read_result(model_ref)
     return meta and meta.to_json()
 
 

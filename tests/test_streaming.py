@@ -125,7 +125,7 @@ def rankwise_checkpoint(src, dst):
 REFUSALS = {  # how to make the source, extra options, what the message must say
     "bin checkpoint": (bin_checkpoint, [], ["safetensors", "pytorch_model.bin", "drop --stream-weights"]),
     "renamed tensors": (renamed_checkpoint, [], ["tensor names", "model.norm.weight", "drop --stream-weights"]),
-    "rankwise checkpoint": (rankwise_checkpoint, [], ["Rankwise checkpoint", "drop --stream-weights"]),
+    "rankwise checkpoint": (rankwise_checkpoint, [], ["already a Rankwise checkpoint"]),  # with or without it
     "fwsvd": (None, ["--method", "fwsvd"], ["--stream-weights does not support fwsvd: its Fisher pass needs every "
                                             "block at once"]),
 }
