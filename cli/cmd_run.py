@@ -42,7 +42,7 @@ def _engine(plan, jobs: int, ray: bool, ray_address: Optional[str]):
 
 
 def _write_plan(plan) -> None:
-    from rankwise.eval.results import write_text_atomic
+    from rankwise.compress.outputs import write_text_atomic
     shutil.copyfile(plan.path, plan.output_dir / "run.yaml")  # what produced these results
     write_text_atomic(plan.output_dir / "plan.json", json.dumps(
         {"run_file": str(plan.path), "jobs": [j.to_json() for j in plan.jobs]}, indent=2, default=str) + "\n")

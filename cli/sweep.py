@@ -401,7 +401,7 @@ def load_plan(path: str | Path) -> Plan:
 # ---------------------------------------------------------------- running
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    from rankwise.eval.results import write_text_atomic
+    from rankwise.compress.outputs import write_text_atomic
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
@@ -409,8 +409,8 @@ def _existing_checkpoint(ckpt: Path):
     """The CompressionResult of a checkpoint an earlier attempt (or another evaluation of it) finished, else
     None."""
     from rankwise.compress.metadata import read_result
-    for stale in ckpt.parent.glob(f".{ckpt.name}.*"):  # leftovers of a save interrupted by a crash
-        shutil.rmtree(stale, ignore_errors=True)
+    from rankwise.compress.outputs import remove_stale_temporaries
+    remove_stale_temporaries(ckpt)  # a killed save's leftovers (or the checkpoint it was swapping out)
     try:
         return read_result(ckpt)
     except RankwiseError:  # an unreadable config.json or metadata: compress again
