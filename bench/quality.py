@@ -1,6 +1,6 @@
 """Quality benchmark (not a test): perplexity of SmolLM2-135M compressed by each method, vs its dense self.
 
-Protocol (issue 2 / 3): calibration 32 x 512 tokens of wiki_calib.txt (seed 0), perplexity on the first
+Protocol: calibration 32 x 512 tokens of wiki_calib.txt (seed 0), perplexity on the first
 64 non-overlapping 512-token windows of wiki_eval.txt. Assets from ../shared/assets/prepare.py.
 
     python bench/quality.py [--rows svd,svd-llm] [--ratios 0.2,0.4] [--threads 1] [--json out.json]
@@ -29,7 +29,7 @@ ROWS = {
     "svd": {"method": "svd"},
     "asvd": {"method": "asvd"},
     "svd-llm": {"method": "svd-llm"},
-    # issue 3: allocation, Fisher weighting, compensation (inside the ratio), closed-form refit, combinations
+    # allocation, Fisher weighting, compensation (inside the ratio), closed-form refit, combinations
     "svd-llm+welore": {"method": "svd-llm", "ranks": "welore"},
     "fwsvd": {"method": "fwsvd"},
     "svd-llm+eora32": {"method": "svd-llm", "compensate": "eora", "eora_rank": 32},

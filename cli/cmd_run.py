@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rankwise.errors import RankwiseError
-from rankwise.cli.common import Bars, app, console, out_console, user_errors
+from rankwise.cli.common import Bars, app, console, out_console, quiet_option, user_errors
 
 
 def plan_table(plan, statuses: dict) -> Table:
@@ -61,6 +61,7 @@ def run_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="An existing Ray cluster (e.g. "
                                               "ray://head:10001 or auto); output_dir must be on storage every "
                                               "node sees."),
+    quiet: bool = quiet_option(),
 ):
     """Run every job of a sweep (skipping finished ones), then write results.csv, results.md and plots.
     Exit code 0 when every job succeeded, 1 when any failed (the count is printed), 2 for bad input."""
@@ -103,7 +104,7 @@ def run_cmd(
                     console.print(f"[{finished + 1}/{len(todo)}] {job.name}: {job.method} "
                                   f"{'' if not job.compress else job.compress['ratio']} on {job.model}",
                                   highlight=False)
-                    with Bars() as bars:
+                    with Bars(quiet) as bars:
                         error = run_in_process(job, bars)
                     on_done(job, error)
         except KeyboardInterrupt as e:  # the running jobs were stopped; their results are atomic, never partial

@@ -308,12 +308,19 @@ def rank_grid(modules: dict[str, ModuleSpec], kept_dense: list[str] = ()) -> tup
 
 
 def plot_rank_heatmap(row: dict, path: Path) -> bool:
-    kept = set(row.get("_kept_dense") or [])
-    layers, kinds, ranks, frac = rank_grid(row.get("_modules") or {}, sorted(kept))
+    kept = " (hatched: kept dense)" if row.get("_kept_dense") else ""
+    title = f"{row['method']} ratio {row['ratio_asked']:g}{kept}\n{row['job']}"
+    return plot_module_ranks(row.get("_modules") or {}, title, path, row.get("_kept_dense") or [])
+
+
+def plot_module_ranks(modules: dict[str, ModuleSpec], title: str, path: Path, kept_dense: list[str] = ()) -> bool:
+    """A layer x module-kind heatmap of kept rank / min(in, out), ranks written in the cells, the Linears in
+    `kept_dense` hatched; False when no Linear was factorized."""
+    layers, kinds, ranks, frac = rank_grid(modules, kept_dense)
     if not layers:
         return False
     dense_cells = {(int(m.group(1)), m.group(2).split(".")[-1])
-                   for m in (re.search(r"\.(\d+)\.(.+)$", n) for n in kept) if m}
+                   for m in (re.search(r"\.(\d+)\.(.+)$", n) for n in kept_dense) if m}
     fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(kinds), max(3.2, 1.4 + 0.28 * len(layers))))
     cmap = matplotlib.colormaps["viridis"].copy()
     cmap.set_bad("lightgray")  # kept dense: no rank
@@ -332,8 +339,7 @@ def plot_rank_heatmap(row: dict, path: Path) -> bool:
                 ax.text(x, y, f"{int(ranks[y][x])}", ha="center", va="center", fontsize=6,
                         color="white" if frac[y][x] < 0.5 else "black")
     fig.colorbar(im, ax=ax, label="rank / min(in, out)")
-    ax.set_title(f"{row['method']} ratio {row['ratio_asked']:g}" + (" (hatched: kept dense)" if dense_cells else "")
-                 + f"\n{row['job']}", fontsize=8)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
