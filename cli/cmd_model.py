@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -60,6 +61,8 @@ def model_cmd(
     nsamples: int = typer.Option(256, help="Number of random calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window (at most the model's context)."),
     seed: int = typer.Option(0, help="Seed of the window sampling (same seed, same windows)."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start every calibration window with BOS "
+                                       "(default: as the model's tokenizer does in normal use)."),
     batch_size: int = calib_batch_option(),
     alpha: float = typer.Option(0.5, help="ASVD: exponent on mean |x| in the channel scaling."),
     rank_multiple: int = typer.Option(1, help="Round every rank down to a multiple of this (GPU-friendly shapes)."),
@@ -81,7 +84,7 @@ def model_cmd(
     from rankwise.compress.job import run_compress
     cfg = CompressConfig(model=model, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
                          eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                         seed=seed, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,
+                         seed=seed, bos=bos, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,
                          device=device, offload=offload, stream_weights=stream_weights,
                          trust_remote_code=trust_remote_code,
                          keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])

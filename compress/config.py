@@ -25,6 +25,8 @@ class CompressConfig(BaseModel):
     nsamples: int = Field(256, ge=1)
     seqlen: int = Field(2048, ge=2)
     seed: int = 0
+    bos: bool | None = Field(None, description="start every calibration window with BOS (None: as the tokenizer "
+                             "does in normal use)")
     batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
     alpha: float = Field(0.5, gt=0, description="ASVD exponent on mean |x|")
     rank_multiple: int = Field(1, ge=1)

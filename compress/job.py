@@ -53,8 +53,9 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     if progress:
         progress("load", 1, 1)
     try:
-        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, bos=cfg.bos)
         meta = compress_model(model, calib.input_ids, cfg, progress, block_source=stream)
+        meta["calibration"] = calib.describe()
     finally:
         if stream is not None:
             stream.close()
