@@ -16,7 +16,7 @@ class CompressConfig(BaseModel):
     model: str = Field(description="hub id or local path of a causal LM")
     method: str = Field("svd-llm", description="factorization method")
     ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
-    ranks: Literal["uniform", "welore"] = Field("uniform", description="rank allocation")
+    ranks: Literal["uniform", "welore", "loss-aware"] = Field("uniform", description="rank allocation")
     compensate: Literal["none", "eora"] = Field("none", description="residual low-rank path after truncation")
     eora_rank: int = Field(32, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
     refit: bool = Field(False, description="re-solve B by least squares on the dense layer's outputs")

@@ -29,7 +29,8 @@ from torch import nn
 from rankwise.calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
 from rankwise.errors import RankwiseError
 from rankwise.calib.paired import collect_group_stats, linear_groups
-from rankwise.compress.allocate import MatrixShape, reserved_ratio, summarize, uniform_ranks, welore_ranks
+from rankwise.compress.allocate import (MatrixShape, loss_aware_ranks, reserved_ratio, summarize, uniform_ranks,
+                                        welore_ranks)
 from rankwise.compress.arch import Conv1D, dense_weight, find_decoder_blocks, find_linears, layer_shape
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.correct import eora_factors, refit_b, target_weight
@@ -38,6 +39,7 @@ from rankwise.compress.lowrank import LowRankLinear, get_submodule_parent
 from rankwise.compress.methods import get_method
 
 Progress = Callable[[str, int, int], None]
+SPECTRA_ALLOCATIONS = ("welore", "loss-aware")  # read every matrix's spectrum before any rank is fixed
 FWSVD_UNSUPPORTED = "--stream-weights does not support fwsvd: its Fisher pass needs every block at once"
 
 
@@ -154,6 +156,8 @@ def _allocate(cfg, shapes, spectra) -> dict[str, int | None]:
         ratio = reserved_ratio(shapes, cfg.ratio, eora_params(shapes, cfg.eora_rank))
     if cfg.ranks == "welore":
         return welore_ranks(shapes, spectra, ratio, cfg.rank_multiple)
+    if cfg.ranks == "loss-aware":
+        return loss_aware_ranks(shapes, spectra, ratio, cfg.rank_multiple)
     return uniform_ranks(shapes, ratio, cfg.rank_multiple, cfg.keep_dense)
 
 
@@ -178,7 +182,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
         fisher = fisher_pass(model, calib_ids, device, progress)
         times.add("fisher", t0)
     spectra = None
-    if cfg.ranks == "welore":
+    if cfg.ranks in SPECTRA_ALLOCATIONS:
         t0 = time.perf_counter()
         spectra = spectra_pass(model, method, calib_ids, cfg, device, storage, fisher, progress, block_source)
         times.add("spectra", t0)
