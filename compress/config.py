@@ -21,6 +21,10 @@ class CompressConfig(BaseModel):
     eora_rank: int = Field(32, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
     refit: bool = Field(False, description="re-solve B by least squares on the dense layer's outputs")
     refit_damp: float = Field(1.0, ge=0, description="ridge damping of refit / EoRA solves, relative (1.0: chosen on austen.txt)")
+    refine: bool = Field(False, description="train each block's low-rank factors (Adam, MSE) to match the dense "
+                         "block's outputs on the dense stream")
+    refine_steps: int = Field(32, ge=1, description="refinement: optimizer steps per block (one calibration batch each)")
+    refine_lr: float = Field(1e-4, gt=0, description="refinement: Adam's peak learning rate (cosine decay)")
     calib: str = "wikitext2"
     nsamples: int = Field(256, ge=1)
     seqlen: int = Field(2048, ge=2)

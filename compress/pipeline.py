@@ -37,6 +37,7 @@ from rankwise.compress.correct import eora_factors, refit_b, target_weight
 from rankwise.compress.loading import resolve_device
 from rankwise.compress.lowrank import LowRankLinear, get_submodule_parent
 from rankwise.compress.methods import get_method
+from rankwise.compress.refine import RefineSettings, refine_block
 
 Progress = Callable[[str, int, int], None]
 SPECTRA_ALLOCATIONS = ("welore", "loss-aware")  # read every matrix's spectrum before any rank is fixed
@@ -192,7 +193,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     # Plain SVD (and FWSVD, whose Fisher rows are already known) read no activations unless refit or EoRA
     # asks for them: the block walk then only factorizes, with no capture, statistics or propagation.
     needs_xtx = "xtx" in method.needs or cfg.refit or cfg.compensate == "eora"
-    needs_activations = needs_xtx or "abs_mean" in method.needs
+    needs_activations = needs_xtx or "abs_mean" in method.needs or cfg.refine
     t0 = time.perf_counter()
     inputs = None
     if needs_activations:
@@ -200,13 +201,14 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             block_source.ensure(0)  # the capture runs block 0 once to learn its return convention
         inputs = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, storage)
     dense_inputs = None
-    if cfg.refit:  # second stream: what each block receives in the dense model
+    if cfg.refit or cfg.refine:  # second stream: what each block receives in the dense model
         dense_inputs = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.returns_tuple,
                                    inputs.storage)
     _sync(device)
     times.add("capture", t0)
 
     modules: dict[str, dict] = {}
+    refined: dict[str, dict] = {}  # block prefix -> block output MSE before / after refinement
     lora_params = 0
     for i, block in enumerate(blocks):
         if block_source is not None:
@@ -214,13 +216,14 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
         home = next(block.parameters()).device
         block.to(device)
         dense_block = copy.deepcopy(block) if dense_inputs is not None else None
+        paired = dense_block if cfg.refit else None  # cross statistics only where the refit reads them
         linears = find_linears(block)
         groups = linear_groups(block, linears, inputs, i, device) if needs_activations else [list(linears)]
         for group in groups:
             t0 = time.perf_counter()
             stats = _FisherStats()  # a data-free method reads only the Fisher rows, set below
             if needs_activations:
-                stats = collect_group_stats(block, group, inputs, i, device, dense_block, dense_inputs,
+                stats = collect_group_stats(block, group, inputs, i, device, paired, dense_inputs if paired else None,
                                             want_abs="abs_mean" in method.needs, stats_device=storage,
                                             want_xtx=needs_xtx)
             _sync(device)
@@ -262,10 +265,22 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
             _sync(device)
             times.add("factorize", t0)
         t0 = time.perf_counter()
-        if needs_activations and i + 1 < len(blocks):  # the last block's outputs feed nothing we compress
+        last = i + 1 == len(blocks)
+        if dense_block is not None and (cfg.refine or not last):
+            propagate(dense_block, dense_inputs, i, device)  # now the dense block's outputs: the targets
+        _sync(device)
+        times.add("propagate", t0)
+        if cfg.refine:
+            t0 = time.perf_counter()
+            result = refine_block(block, inputs.hidden, dense_inputs.hidden, inputs.kwargs[i], device,
+                                  RefineSettings(cfg.refine_steps, cfg.refine_lr, cfg.seed))
+            refined[f"{prefix}.{i}"] = {"mse_before": result.mse_before, "mse_after": result.mse_after,
+                                        "kept": result.kept}
+            _sync(device)
+            times.add("refine", t0)
+        t0 = time.perf_counter()
+        if needs_activations and not last:  # the last block's outputs feed nothing we compress
             propagate(block, inputs, i, device)
-            if dense_block is not None:
-                propagate(dense_block, dense_inputs, i, device)
         del dense_block
         _sync(device)
         times.add("propagate", t0)
@@ -295,6 +310,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
         "model_params_after": params_after,
         "model_ratio_achieved": 1 - params_after / params_before,
         "kept_dense": summary["kept_dense"],
+        "refine": ({"steps": cfg.refine_steps, "lr": cfg.refine_lr, "seed": cfg.seed, "blocks": refined}
+                   if cfg.refine else None),
         "calibration": {"source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
         "stage_seconds": {k: round(v, 3) for k, v in times.seconds.items()},
         "modules": modules,
