@@ -102,6 +102,8 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     finally:
         for p, was in frozen:
             p.requires_grad_(was)
+        for p in params:
+            p.grad = None  # gradients left on the factors would stay with every finished block
         del optimizer
     after = block_mse(block, inputs, targets, kwargs, device)
     kept = after < before
