@@ -3,17 +3,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rankwise.compress.methods import REGISTRY
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+# One recommended pipeline by one name: the combination that measures best in bench/quality.py (see
+# bench/README.md, "Quality"). Options given explicitly beside a preset override its values.
+PRESETS: dict[str, dict] = {
+    "best": {"method": "svd-llm", "ranks": "loss-aware", "refit": True, "refine": True},
+}
 
 
 class CompressConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="hub id or local path of a causal LM")
+    preset: Literal["none", "best"] = Field("none", description="a recommended pipeline; explicit options override it")
     method: str = Field("svd-llm", description="factorization method")
     ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
     ranks: Literal["uniform", "welore", "loss-aware"] = Field("uniform", description="rank allocation")
@@ -42,6 +49,14 @@ class CompressConfig(BaseModel):
     stream_weights: bool = Field(False, description="read each decoder block from the checkpoint's safetensors "
                                  "only when it is compressed (models larger than host memory)")
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        """The preset's values under the options given explicitly (those present in the input)."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
 
     @field_validator("ratio")
     @classmethod
