@@ -83,9 +83,11 @@ class BlockMaterializer:
     def is_meta(self, i: int) -> bool:
         return next(self.blocks[i].parameters()).device.type == "meta"
 
-    def random_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's parameters as new tensors in the model dtype (safe in a worker thread)."""
-        return {name: t.to(self.dtype) for name, t in random_parameters(self.blocks[i], self.seed + 1000 + i)}
+    def random_tensors(self, i: int, block: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Block i's parameters as new tensors in the model dtype (safe in a worker thread: the block is
+        passed in, since the list may hold a stand-in for it meanwhile, e.g. during the input capture)."""
+        block = self.blocks[i] if block is None else block
+        return {name: t.to(self.dtype) for name, t in random_parameters(block, self.seed + 1000 + i)}
 
     def materialize(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
         if i < len(self.blocks) and self.is_meta(i):
@@ -106,7 +108,7 @@ class BlockMaterializer:
             if self.pool is None:
                 from concurrent.futures import ThreadPoolExecutor
                 self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-prefetch")
-            self.pending[i + 1] = self.pool.submit(self.random_tensors, i + 1)
+            self.pending[i + 1] = self.pool.submit(self.random_tensors, i + 1, self.blocks[i + 1])
 
     def release(self, i: int) -> None:
         """A block only read (WeLore's spectra pass) goes back to meta."""

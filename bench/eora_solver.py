@@ -59,9 +59,9 @@ def main() -> None:
         C = X.T @ X / args.tokens
         R = torch.randn(m, n, generator=g, dtype=torch.float64) / (1 + torch.arange(n, dtype=torch.float64))
         ref = best_seconds(lambda: full_eigh_path(R, C, args.rank), args.reps)
-        new = best_seconds(lambda: eora_factors(R, SimpleNamespace(covariance=C), args.rank), args.reps)
+        new = best_seconds(lambda: eora_factors(R, SimpleNamespace(covariance=C, cache={}), args.rank), args.reps)
         errs = [((R - B @ A) @ X.T).norm().item() for B, A in (full_eigh_path(R, C, args.rank),
-                                                                eora_factors(R, SimpleNamespace(covariance=C),
+                                                                eora_factors(R, SimpleNamespace(covariance=C, cache={}),
                                                                              args.rank))]
         print(f"| {name} | {ref:.3f} | {new:.3f} | {ref / new:.1f}x | {errs[1] / errs[0] - 1:+.1e} |", flush=True)
 

@@ -32,6 +32,7 @@ from rankwise.errors import RankwiseError, first_line
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import DTYPE_NAMES, load_model, resolve_device
 from rankwise.compress.lowrank import LowRankLinear
+from rankwise.compress.metadata import read_result
 from rankwise.compress.pipeline import compress_model
 
 COMPILE_MODES = ("none", "static", "compile")
@@ -264,7 +265,7 @@ def build_models(args, device):
         dense, tokenizer = load_real_model(args.model, args.dtype, args.device)  # auto: fp32 on CPU
     if args.checkpoint:
         compressed, _, _ = load_model(args.checkpoint, args.dtype, args.device, place_on_device=False)
-        meta = getattr(compressed.config, "rankwise", {}) or {}
+        meta = read_result(args.checkpoint)
     else:
         compressed = copy.deepcopy(dense)
         vocab = dense.get_input_embeddings().weight.shape[0]
@@ -307,7 +308,7 @@ def main(argv=None) -> dict:
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
               "params": {"dense": sum(p.numel() for p in dense.parameters()),
                          "compressed": sum(p.numel() for p in compressed.parameters()),
-                         "factorized_layers": factorized, "kept_dense": len(meta.get("kept_dense", []))},
+                         "factorized_layers": factorized, "kept_dense": len(meta.kept_dense) if meta else 0},
               "rows": rows,
               # compile: 2 per model and batch (prefill and decode shapes), all in the warm-up runs
               "graphs_compiled": sum(r[m]["graphs_compiled"] for r in results.values() for m in models),

@@ -105,13 +105,12 @@ def main() -> None:
             m.to(device)
             p, ood = ppl_of(m), ood_of(m)
             res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "ood_ppl": ood,
-                   "ood_rel": ood / dense_ood if ood is not None else None, "achieved": meta["ratio_achieved"],
-                   "achieved_without_compensation": meta.get("ratio_achieved_without_compensation",
-                                                             meta["ratio_achieved"]),
+                   "ood_rel": ood / dense_ood if ood is not None else None, "achieved": meta.ratio_achieved,
+                   "achieved_without_compensation": meta.ratio_achieved_without_compensation,
                    "seconds": round(seconds, 1), **peak_memory(torch.device(device))}
             results.append(res)
             print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), ood {ood}, achieved "
-                  f"{meta['ratio_achieved']:.4f}, {seconds:.0f} s", flush=True)
+                  f"{meta.ratio_achieved:.4f}, {seconds:.0f} s", flush=True)
             del m
 
     print()

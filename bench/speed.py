@@ -8,9 +8,10 @@
 Stages: fisher (FWSVD's whole-model Fisher pass), spectra (WeLore's pass over the dense blocks), capture
 (calibration forward up to block 0), statistics (per-Linear input statistics), factorize
 (decompositions + new layers, including moving the block to and from the device), propagate (re-running the
-compressed block for the next one), save (checkpoint written to a temporary folder). Stage times are measured
-from the outside, by wrapping the pipeline's stage functions and its per-block progress callback, so the
-pipeline itself is timed unmodified. Memory: peak GPU allocation (torch) and peak host RSS, both reset before
+compressed block for the next one), save (checkpoint written to a temporary folder). Stage times are the
+pipeline's own (its StageTimer, which times every stage that runs: `pipeline_stage_seconds` in the JSON also
+has the input-group probe and each corrector); a block's factorize time is its wall time less its statistics
+and propagation. Memory: peak GPU allocation (torch) and peak host RSS, both reset before
 every stage window (host via /proc/self/clear_refs on Linux).
 
 A model given by --shape has random weights; with --lazy its blocks are created one at a time just before the
@@ -86,16 +87,16 @@ def parse_args(argv=None):
 
 
 class StageRecorder:
-    """Wraps the pipeline's stage functions and progress callback to time every stage of every block."""
+    """Listens to the pipeline's own stage timer (compress.pipeline.StageTimer): reads the memory peak of each
+    whole-model stage and of each block, and each block's wall time from the per-block progress callback."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.mem = PeakMemory(device)
+        self.timer = pipeline.StageTimer(device, listener=self)
         self.blocks: list[dict] = []
         # stages a run does not have (plain svd captures nothing; only fwsvd has a Fisher pass) stay at zero
         self.whole = {s: {"seconds": 0.0, "gpu_peak_gib": None, "host_peak_gib": None} for s in WHOLE_MODEL_STAGES}
-        self._current: dict = {}
-        self._inside: str | None = None  # a whole-model stage in progress: its inner calls are its own time
         self._block_start = 0.0
 
     def _sync(self):
@@ -103,34 +104,18 @@ class StageRecorder:
             torch.cuda.synchronize(self.device)
 
     def _start_block(self):
-        self._current = {"statistics": 0.0, "propagate": 0.0}
         self.mem.reset()
         self._block_start = time.perf_counter()
 
-    def wrap(self, stage: str, fn):
-        def timed(*args, **kwargs):
-            if self._inside is not None:  # e.g. the spectra pass's own capture and propagation
-                return fn(*args, **kwargs)
-            whole = stage in WHOLE_MODEL_STAGES
-            if whole:
-                self._inside = stage
-                self.mem.reset()
-            self._sync()
-            t0 = time.perf_counter()
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                self._inside = None
-            self._sync()
-            dt = time.perf_counter() - t0
-            if whole:
-                peaks = self.mem.read()
-                self.whole[stage] = {"seconds": dt, "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib}
-                self._start_block()
-            else:
-                self._current[stage] += dt
-            return out
-        return timed
+    def start(self, stage: str, block: int | None) -> None:
+        if block is None:  # a whole-model stage: its own memory window
+            self.mem.reset()
+
+    def end(self, stage: str, block: int | None, seconds: float) -> None:
+        if block is None:
+            peaks = self.mem.read()
+            self.whole[stage] = {"seconds": seconds, "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib}
+            self._start_block()
 
     def progress(self, phase: str, done: int, total: int) -> None:
         if phase != "compress":
@@ -138,26 +123,17 @@ class StageRecorder:
         self._sync()
         wall = time.perf_counter() - self._block_start
         peaks = self.mem.read()
-        cur = self._current
-        self.blocks.append({"block": done - 1, "seconds": wall, "statistics": cur["statistics"],
-                            "propagate": cur["propagate"],
-                            "factorize": max(wall - cur["statistics"] - cur["propagate"], 0.0),
+        timed = self.timer.per_block[done - 1] if done - 1 < len(self.timer.per_block) else {}
+        stats, prop = timed.get("statistics", 0.0), timed.get("propagate", 0.0)
+        self.blocks.append({"block": done - 1, "seconds": wall, "statistics": stats, "propagate": prop,
+                            "factorize": max(wall - stats - prop, 0.0), "stages": dict(timed),
                             "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib})
         self._start_block()
 
     def run(self, model, calib_ids, cfg, block_source=None):
-        wrapped = {"fisher_pass": "fisher", "spectra_pass": "spectra", "capture_block_inputs": "capture",
-                   "collect_group_stats": "statistics", "propagate": "propagate"}
-        originals = {name: getattr(pipeline, name) for name in wrapped}
-        for name, stage in wrapped.items():
-            setattr(pipeline, name, self.wrap(stage, originals[name]))
-        self.mem.reset()
         self._start_block()  # the capture restarts it; a data-free run has none
-        try:
-            return pipeline.compress_model(model, calib_ids, cfg, self.progress, block_source=block_source)
-        finally:
-            for name, fn in originals.items():
-                setattr(pipeline, name, fn)
+        return pipeline.compress_model(model, calib_ids, cfg, self.progress, block_source=block_source,
+                                       timer=self.timer)
 
 
 def _dtype_for(args, device: torch.device) -> torch.dtype:
@@ -228,8 +204,8 @@ def run_method(args, method: str, device: torch.device) -> dict:
             "total_seconds": total,
             "gpu_peak_gib": _max(s.get("gpu_peak_gib") for s in stages.values()),
             "host_peak_gib": _max(s.get("host_peak_gib") for s in stages.values()),
-            "ratio_achieved": meta["ratio_achieved"], "kept_dense": len(meta["kept_dense"]),
-            "pipeline_stage_seconds": meta["stage_seconds"]}
+            "ratio_achieved": meta.ratio_achieved, "kept_dense": len(meta.kept_dense),
+            "pipeline_stage_seconds": meta.stage_seconds}
 
 
 def _max(values):

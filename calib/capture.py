@@ -167,6 +167,7 @@ class LinearStats:
 
     def __init__(self, n: int, want_xtx: bool, want_abs: bool, device):
         self.n, self.count = n, 0
+        self.cache: dict = {}  # quantities derived from these statistics (a Cholesky factor, ...), once each
         self.xtx = torch.zeros(n, n, dtype=torch.float64, device=device) if want_xtx else None
         self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device) if want_abs else None
 
@@ -183,6 +184,13 @@ class LinearStats:
             lifted = x if x.dtype == torch.float64 else x.float()
             self.abs_sum += lifted.abs().sum(0).to(self.abs_sum.device, torch.float64)
         self.count += x.shape[0]
+
+    def first_nonfinite(self) -> str | None:
+        """The name of the first statistic holding NaN / Inf (overflowing activations), or None."""
+        for name, t in (("x^T x", self.xtx), ("sum |x|", self.abs_sum)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return name
+        return None
 
     @property
     def covariance(self) -> torch.Tensor:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rankwise.errors import RankwiseError, first_line
+from rankwise.errors import RankwiseError, RankwiseWarning, first_line
 
 # name -> (dataset path, config name, {split: data_files or split name}, text field)
 HUB_SOURCES = {
@@ -42,6 +43,15 @@ def validate_source(source: str) -> None:
         raise RankwiseError(f"unknown text source {source!r}: use one of {describe_sources()}")
     if not os.path.isfile(path):
         raise RankwiseError(f"text source {source!r}: file {path!r} does not exist")
+
+
+def source_path(source: str) -> str | None:
+    """The local file a source reads, or None for a hub data set."""
+    if source.startswith("text:"):
+        return source[len("text:"):]
+    if source.startswith("jsonl:"):
+        return _split_jsonl(source)[0]
+    return None
 
 
 def _split_jsonl(source: str) -> tuple[str, str]:
@@ -160,6 +170,10 @@ def calibration_set(tokenizer, source: str, nsamples: int, seqlen: int, seed: in
     if len(ids) <= body:
         raise RankwiseError(f"calibration text {source!r} has {len(ids)} tokens, not more than "
                             f"--seqlen {seqlen}: use a longer text or a shorter seqlen")
+    if nsamples * seqlen > len(ids):
+        warnings.warn(f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen:,} tokens is more than "
+                      f"the {len(ids):,} that {source!r} holds: the windows repeat the text, which costs time "
+                      f"and adds little", RankwiseWarning, stacklevel=2)
     rng = random.Random(seed)
     starts = [rng.randint(0, len(ids) - body - 1) for _ in range(nsamples)]
     windows = torch.stack([ids[s:s + body] for s in starts])

@@ -29,7 +29,7 @@ def compensate_cmd(
     with Bars() as bars:
         meta = run_compensate(original, compressed, output, eora_rank, calib, nsamples, seqlen, seed, batch_size,
                               device, overwrite, bars)
-    out_console.print(f"compensated {sum(1 for m in meta['modules'].values() if m.get('lora_rank'))} Linears "
-                      f"(rank {eora_rank}, +{meta['compensation_params']:,} parameters); ratio "
-                      f"{meta['ratio_achieved_without_compensation']:.2%} -> {meta['ratio_achieved']:.2%}")
+    out_console.print(f"compensated {sum(1 for m in meta.modules.values() if m.lora_rank)} Linears "
+                      f"(rank {eora_rank}, +{meta.compensation_params:,} parameters); ratio "
+                      f"{meta.ratio_achieved_without_compensation:.2%} -> {meta.ratio_achieved:.2%}")
     out_console.print(f"wrote {output}")

@@ -51,6 +51,10 @@ def evaluate_cmd(
     from rankwise.eval.results import add_deltas, load_baseline, markdown, write_results
     if json_path is not None and json_path.suffix == ".md":
         raise RankwiseError(f"--json {str(json_path)!r} ends in .md; the Markdown table is written beside the JSON")
+    if json_path is not None:  # before the evaluation, not after it
+        from rankwise.compress.outputs import check_output_file
+        check_output_file(json_path, "--json")
+        check_output_file(json_path.with_suffix(".md"), "--json's Markdown")
     sources, task_list = _split(ppl), _split(tasks)
     if ppl is not None and not sources:
         raise RankwiseError("--ppl needs at least one source")

@@ -23,14 +23,17 @@ def export_peft_cmd(
     Load it back with rankwise.compress.peft_export.load_eora_adapter(base, ADAPTER), where base is the checkpoint
     loaded and stripped of its paths (rankwise.compress.peft_export.strip_compensation).
     """
-    from rankwise.compress.checkpoint import atomic_output_dir, check_output_dir
-    from rankwise.compress.loading import is_rankwise_checkpoint
-    from rankwise.compress.lowrank import load_rankwise_model
+    from rankwise.compress.outputs import atomic_output_dir, check_output_dir
+    from rankwise.compress.lowrank import CheckpointError, load_rankwise_model
+    from rankwise.compress.metadata import read_result
     from rankwise.compress.peft_export import export_eora_adapter
-    check_output_dir(output, overwrite)  # before loading anything
-    if not is_rankwise_checkpoint(checkpoint):
+    check_output_dir(output, overwrite, [checkpoint])  # before loading anything
+    if read_result(checkpoint) is None:  # a local folder or a hub id
         raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")
-    model = load_rankwise_model(checkpoint)
-    with atomic_output_dir(output, overwrite) as tmp:
+    try:
+        model = load_rankwise_model(checkpoint)
+    except CheckpointError as e:
+        raise RankwiseError(str(e)) from None
+    with atomic_output_dir(output, overwrite, [checkpoint]) as tmp:
         export_eora_adapter(model, tmp, base_model_name=str(checkpoint))
     out_console.print(f"wrote {output}")

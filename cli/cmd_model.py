@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from rankwise.compress.metadata import CompressionResult
 from rankwise.cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
 
 
@@ -21,25 +22,25 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
-def summary_table(meta: dict) -> Table:
-    t = Table(title=f"Rankwise: {meta['method']} on {meta['source_model']}", show_header=True)
+def summary_table(meta: CompressionResult) -> Table:
+    t = Table(title=f"Rankwise: {meta.method} on {meta.source_model}", show_header=True)
     t.add_column("")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
     t.add_column("removed", justify="right")
-    t.add_row("targeted Linear params", _fmt(meta["targeted_params_before"]), _fmt(meta["targeted_params_after"]),
-              f"{meta['ratio_achieved']:.2%} (asked {meta['ratio_requested']:.2%})")
-    if meta.get("compensation_params"):
-        t.add_row("  without the EoRA path", "", _fmt(meta["targeted_params_after"] - meta["compensation_params"]),
-                  f"{meta['ratio_achieved_without_compensation']:.2%}")
-    t.add_row("whole model params", _fmt(meta["model_params_before"]), _fmt(meta["model_params_after"]),
-              f"{meta['model_ratio_achieved']:.2%}")
-    mem = f"host {meta['host_peak_gib']:.2f} GiB" + (f", GPU {meta['gpu_peak_gib']:.2f} GiB"
-                                                      if "gpu_peak_gib" in meta else "")
-    dense = meta["kept_dense"]
-    t.caption = (f"factorized {len(meta['modules'])} Linears, kept dense {len(dense)}"
+    t.add_row("targeted Linear params", _fmt(meta.targeted_params_before), _fmt(meta.targeted_params_after),
+              f"{meta.ratio_achieved:.2%} (asked {meta.ratio_requested:.2%})")
+    if meta.compensation_params:
+        t.add_row("  without the EoRA path", "", _fmt(meta.targeted_params_after - meta.compensation_params),
+                  f"{meta.ratio_achieved_without_compensation:.2%}")
+    t.add_row("whole model params", _fmt(meta.model_params_before), _fmt(meta.model_params_after),
+              f"{meta.model_ratio_achieved:.2%}")
+    mem = f"host {meta.host_peak_gib:.2f} GiB" + (f", GPU {meta.gpu_peak_gib:.2f} GiB"
+                                                   if meta.gpu_peak_gib is not None else "")
+    dense = meta.kept_dense
+    t.caption = (f"factorized {len(meta.modules)} Linears, kept dense {len(dense)}"
                  + (f" ({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})" if dense else "") + "; "
-                 f"wall {meta['wall_seconds']:.1f} s; peak memory {mem}")
+                 f"wall {meta.wall_seconds:.1f} s; peak memory {mem}")
     return t
 
 
@@ -50,8 +51,8 @@ def model_cmd(
     model: str = typer.Argument(..., help="Hub id (e.g. HuggingFaceTB/SmolLM2-135M) or local checkpoint folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for the compressed checkpoint."),
     preset: str = typer.Option("none", help="A recommended pipeline: best (the combination that measures best in "
-                                            "bench/README.md: svd-llm, loss-aware ranks, refit, block "
-                                            "refinement). Options given explicitly beside it override its values."),
+                                            "bench/README.md, section Quality: svd-llm, refit, EoRA rank 32 inside "
+                                            "the ratio). Options given explicitly beside it override its values."),
     method: str = typer.Option("svd-llm", "--method", "-m",
                                help="Factorization: svd (plain), asvd (activation-scaled), svd-llm (whitened), fwsvd "
                                     "(Fisher-weighted: one extra forward+backward pass over the calibration set, one "

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from rankwise.errors import RankwiseError
+from rankwise.errors import RankwiseError, RankwiseWarning
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and messages only
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -35,13 +36,24 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def _show_warning(fallback, message, category, *args, **kwargs):
+    """Our warnings as one line on stderr; any other library's as Python shows it."""
+    if issubclass(category, RankwiseWarning):
+        console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        fallback(message, category, *args, **kwargs)
+
+
 def user_errors(fn):
     """Bad input -> one line and exit 2; an unexpected failure -> one line and exit 1 (traceback only with
     RANKWISE_DEBUG=1). Never a traceback to the user by default."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", RankwiseWarning)
+                warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except RankwiseError as e:

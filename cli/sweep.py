@@ -314,9 +314,9 @@ def run_job(job: Job, progress=None) -> dict:
     """Compress (unless dense or already compressed by an earlier attempt), evaluate, write result.json."""
     import torch
 
-    from rankwise.compress.checkpoint import read_meta
     from rankwise.compress.config import CompressConfig
     from rankwise.compress.job import run_compress
+    from rankwise.compress.metadata import read_result
     from rankwise.eval.evaluate import evaluate_model
     t0 = time.perf_counter()
     job.dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +329,7 @@ def run_job(job: Job, progress=None) -> dict:
     meta, resumed = None, False
     model_ref = job.model
     if job.compress:
-        meta = read_meta(ckpt)
+        meta = read_result(ckpt)
         resumed = meta is not None
         if not resumed:
             meta = run_compress(CompressConfig(**job.compress), ckpt, overwrite=ckpt.exists(), progress=progress)
@@ -340,7 +340,8 @@ def run_job(job: Job, progress=None) -> dict:
     peak = {"host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if torch.cuda.is_available():
         peak["gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    result = {"job": job.name, "config": job.to_json(), "compress": meta, "compress_resumed": resumed,
+    result = {"job": job.name, "config": job.to_json(), "compress": meta and meta.to_json(),
+              "compress_resumed": resumed,
               "eval": result_eval, "peak_memory": peak, "wall_seconds": round(time.perf_counter() - t0, 2),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _atomic_json(job.dir / "result.json", result)

@@ -80,3 +80,21 @@ def named_target_linears(model: nn.Module) -> dict[str, nn.Module]:
         for name, lin in find_linears(block).items():
             out[f"{prefix}.{i}.{name}"] = lin
     return out
+
+
+def check_finite_weights(linears: dict[str, nn.Module]) -> None:
+    """Refuse NaN / Inf in a targeted Linear's weight or bias, naming the first such layer: a factorization
+    of it would be NaN (plain SVD) or fail inside an eigensolver (whitened methods). Layers still on `meta`
+    (a streamed block not read yet) are checked when they are read."""
+    for name, lin in linears.items():
+        for kind in ("weight", "bias"):
+            t = getattr(lin, kind, None)
+            if t is None or t.device.type == "meta":
+                continue
+            # one reduction, no mask: the sum is finite only if every element is (a non-finite sum of finite
+            # elements, an overflow, goes to the exact test)
+            if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+                continue
+            bad = int((~torch.isfinite(t)).sum())
+            raise RankwiseError(f"layer {name!r} has {bad} non-finite (NaN or Inf) {kind} value(s): the "
+                                f"checkpoint is damaged or was saved in a dtype that overflowed")

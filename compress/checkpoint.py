@@ -9,28 +9,16 @@ Everything is written to a temporary sibling folder first and renamed into place
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 from rankwise.errors import RankwiseError
+from rankwise.compress.outputs import atomic_output_dir, check_output_dir  # noqa: F401 (the writers' entry points)
 from rankwise.compress import lowrank
-from rankwise.compress.lowrank import RANKWISE_KEY
-
-AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) if the output exists and --overwrite was not given."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise RankwiseError(f"output directory {str(out)!r} already exists (use --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise RankwiseError(f"output path {str(out)!r} exists and is not a directory")
-    return out
+from rankwise.compress.lowrank import AUTO_MAP, RANKWISE_KEY, checkpoint_file
+from rankwise.compress.metadata import CompressionResult
 
 
 def package_versions() -> dict:
@@ -44,28 +32,28 @@ def package_versions() -> dict:
     return out
 
 
-def model_card(meta: dict) -> str:
-    ranks = [m["rank"] for m in meta["modules"].values() if m.get("rank")]
-    cal = meta["calibration"]
+def model_card(meta: CompressionResult) -> str:
+    ranks = [m.rank for m in meta.modules.values() if m.rank]
+    cal = meta.calibration
     return f"""---
 library_name: transformers
 tags: [rankwise, low-rank, svd, compression]
-base_model: {meta.get('source_model', '')}
+base_model: {meta.source_model}
 ---
-# {Path(str(meta.get('source_model', 'model'))).name} compressed with Rankwise ({meta['method']})
+# {Path(meta.source_model or 'model').name} compressed with Rankwise ({meta.method})
 
-Low-rank factorization of every decoder Linear (W ~ B A) with `{meta['method']}`, rank allocation
-`{meta['ranks_allocation']}`.
+Low-rank factorization of every decoder Linear (W ~ B A) with `{meta.method}`, rank allocation
+`{meta.ranks_allocation}`.
 
 | | value |
 |---|---|
-| ratio requested (fraction of targeted parameters removed) | {meta['ratio_requested']:.4f} |
-| ratio achieved (targeted Linears) | {meta['ratio_achieved']:.4f} |
-| targeted parameters before / after | {meta['targeted_params_before']:,} / {meta['targeted_params_after']:,} |
-| model parameters before / after | {meta['model_params_before']:,} / {meta['model_params_after']:,} |
-| factorized / kept dense | {len(ranks)} / {len(meta.get('kept_dense', []))} |
+| ratio requested (fraction of targeted parameters removed) | {meta.ratio_requested:.4f} |
+| ratio achieved (targeted Linears) | {meta.ratio_achieved:.4f} |
+| targeted parameters before / after | {meta.targeted_params_before:,} / {meta.targeted_params_after:,} |
+| model parameters before / after | {meta.model_params_before:,} / {meta.model_params_after:,} |
+| factorized / kept dense | {len(ranks)} / {len(meta.kept_dense)} |
 | rank min / max | {min(ranks) if ranks else '-'} / {max(ranks) if ranks else '-'} |
-| calibration | {cal['source']}, {cal['nsamples']} x {cal['seqlen']} tokens, seed {cal['seed']} |
+| calibration | {cal.source}, {cal.nsamples} x {cal.seqlen} tokens, seed {cal.seed} |
 
 Load it with Rankwise (`compress evaluate DIR`) or with plain transformers:
 
@@ -77,46 +65,37 @@ model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)
 """
 
 
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling folder to write into; on success it replaces `out_dir` (swapped in, then the
-    old one dropped, with --overwrite), on any failure it is removed: never a half-written output."""
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: dict, overwrite: bool = False,
-                    max_shard_size: str = "2GB") -> Path:
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: CompressionResult, overwrite: bool = False,
+                    max_shard_size: str = "2GB", inputs: Iterable[str | Path] = ()) -> Path:
+    """`inputs`: paths the run read (model, text), which --overwrite must never delete."""
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg[RANKWISE_KEY] = {**meta, "versions": package_versions()}
+        meta.versions = package_versions()
+        cfg[RANKWISE_KEY] = meta.to_json()
         cfg["auto_map"] = AUTO_MAP
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(lowrank.__file__, tmp / "modeling_rankwise.py")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            copy_tokenizer_code(tmp, meta.compressed_model or meta.source_model)
         (tmp / "README.md").write_text(model_card(meta))
     return Path(out_dir)
 
 
-def read_meta(path: str | Path) -> dict | None:
-    """The `rankwise` section of a checkpoint's config.json, or None for a dense checkpoint / hub id."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    return json.loads(cfg.read_text()).get(RANKWISE_KEY)
+def copy_tokenizer_code(folder: Path, source: str | None) -> None:
+    """A tokenizer with its own code names it in tokenizer_config.json's auto_map: copy those modules from
+    the source model so the written folder loads with trust_remote_code (tokenizers do not copy them)."""
+    cfg_path = folder / "tokenizer_config.json"
+    if source is None or not cfg_path.is_file():
+        return
+    refs = json.loads(cfg_path.read_text()).get("auto_map") or {}
+    for ref in (r for v in refs.values() for r in (v if isinstance(v, list) else [v]) if r):
+        module = ref.split("--")[-1].rpartition(".")[0] + ".py"  # "repo--module.Class" or "module.Class"
+        if (folder / module).exists():
+            continue
+        found = checkpoint_file(source, module, required=False)
+        if found is None:
+            raise RankwiseError(f"the tokenizer's auto_map names {module!r}, which {source!r} does not hold")
+        shutil.copyfile(found, folder / module)

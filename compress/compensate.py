@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.compress.arch import dense_weight
+from rankwise.compress.arch import check_finite_weights, dense_weight, layer_shape, named_target_linears
 from rankwise.compress.correct import eora_factors
 from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
+from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, read_result
 from rankwise.compress.pipeline import unchanged_block_stats
 
 
@@ -33,8 +34,8 @@ def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
 
 @torch.no_grad()
 def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torch.Tensor, rank: int,
-                     batch_size: int, device: torch.device, progress=None) -> dict:
-    """Add EoRA paths to `compressed` in place. Returns name -> {"in","out","rank","lora_rank","bias"}."""
+                     batch_size: int, device: torch.device, progress=None) -> dict[str, ModuleSpec]:
+    """Add EoRA paths to `compressed` in place. Returns the changed layers by name."""
     modules = {}
     for block_prefix, linears, stats in unchanged_block_stats(original, calib_ids, batch_size, device, device,
                                                               want_xtx=True, want_abs=False, progress=progress,
@@ -52,65 +53,86 @@ def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torc
             lB, lA = eora_factors(W - Wc, stats[name], rank)
             if isinstance(layer, LowRankLinear):
                 layer.add_lora(lB.to(layer.A.weight.dtype), lA.to(layer.A.weight.dtype))
-                modules[full] = {"rank": layer.rank, "in": layer.in_features, "out": layer.out_features,
-                                 "bias": layer.B.bias is not None, "lora_rank": lA.shape[0]}
+                modules[full] = ModuleSpec(rank=layer.rank, in_features=layer.in_features,
+                                           out_features=layer.out_features, bias=layer.B.bias is not None,
+                                           lora_rank=lA.shape[0])
             else:
                 wrapped = LoraLinear(layer, lA.shape[0])
                 wrapped.lora_A.weight.copy_(lA)
                 wrapped.lora_B.weight.copy_(lB)
                 parent, child = get_submodule_parent(compressed, full)
                 setattr(parent, child, wrapped)
-                modules[full] = {"rank": None, "in": W.shape[1], "out": W.shape[0],
-                                 "bias": getattr(layer, "bias", None) is not None, "lora_rank": lA.shape[0]}
+                modules[full] = ModuleSpec(rank=None, in_features=W.shape[1], out_features=W.shape[0],
+                                           bias=getattr(layer, "bias", None) is not None, lora_rank=lA.shape[0])
     return modules
+
+
+def check_inputs(original: nn.Module, compressed: nn.Module, rank: int) -> None:
+    """Before calibration: finite weights, and a rank every layer can hold (a path of rank min(m, n) is a
+    full-rank copy of the residual; more is not a low-rank path at all)."""
+    linears = named_target_linears(original)
+    check_finite_weights(linears)
+    check_finite_weights(named_target_linears(compressed))
+    name, lin = min(linears.items(), key=lambda kv: min(layer_shape(kv[1])))
+    if rank > min(layer_shape(lin)):
+        out, inp = layer_shape(lin)
+        raise RankwiseError(f"--eora-rank {rank} is larger than layer {name!r} ({out} x {inp}): at most "
+                            f"{min(out, inp)}, and well below it for the path to save anything")
 
 
 def run_compensate(original: str, compressed: str, output, rank: int, calib: str, nsamples: int, seqlen: int,
                    seed: int = 0, batch_size: int = 4, device: str = "auto", overwrite: bool = False,
-                   progress=None) -> dict:
-    from rankwise.calib.data import calibration_set, validate_source
-    from rankwise.compress.checkpoint import check_output_dir, read_meta, save_checkpoint
+                   progress=None) -> CompressionResult:
+    from rankwise.calib.data import calibration_set, source_path, validate_source
+    from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
     from rankwise.compress.job import peak_memory
     from rankwise.compress.loading import load_model, resolve_device
     t0 = time.perf_counter()
     if rank < 1:
         raise RankwiseError(f"--eora-rank must be at least 1, got {rank}")
-    check_output_dir(output, overwrite)
+    inputs = [original, compressed, source_path(calib)]
+    check_output_dir(output, overwrite, inputs)
     validate_source(calib)
     dev = resolve_device(device)
+    previous = read_result(compressed)  # validated before any weight is read
     orig, tokenizer, _ = load_model(original, "fp32", device, place_on_device=False)
     comp, comp_tok, _ = load_model(compressed, "fp32", device, place_on_device=False)
+    check_inputs(orig, comp, rank)
     ids = calibration_set(tokenizer, calib, nsamples, seqlen, seed).input_ids
     params_comp = sum(p.numel() for p in comp.parameters())
     modules = compensate_model(orig, comp, ids, rank, batch_size, dev, progress)
     if not modules:
         raise RankwiseError("the compressed model's layers are identical to the original's: nothing to compensate")
-    meta = dict(read_meta(compressed) or {})
-    all_modules = dict(meta.get("modules", {}))
-    all_modules.update(modules)
     before = sum(p.numel() for p in orig.parameters())
     after = sum(p.numel() for p in comp.parameters())
-    lora = sum(m["lora_rank"] * (m["in"] + m["out"]) for m in modules.values())
-    meta.update({
-        "method": meta.get("method", "external"), "ranks_allocation": meta.get("ranks_allocation", "external"),
-        "source_model": meta.get("source_model", original), "compressed_model": compressed,
-        "compensate": "eora", "eora_rank": rank, "compensation_params": lora,
-        "model_params_before": before, "model_params_after": after,
-        "model_ratio_achieved": 1 - after / before,
-        "modules": all_modules, "kept_dense": meta.get("kept_dense", []),
-        "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-    })
-    if "targeted_params_before" in meta:  # our own checkpoint: the EoRA path counts in the targeted ratio
-        meta["targeted_params_after"] = meta["targeted_params_after"] + lora
-        meta["ratio_achieved_without_compensation"] = meta["ratio_achieved"]
-        meta["ratio_achieved"] = 1 - meta["targeted_params_after"] / meta["targeted_params_before"]
-    else:
-        meta.update({"targeted_params_before": before, "targeted_params_after": after,
-                     "ratio_requested": 1 - params_comp / before, "ratio_achieved": 1 - after / before,
-                     "ratio_achieved_without_compensation": 1 - params_comp / before})
-    meta.setdefault("ratio_requested", meta["ratio_achieved"])
-    meta["compress_seconds"] = round(time.perf_counter() - t0, 2)
-    meta.update(peak_memory(dev))
-    save_checkpoint(comp, comp_tok, output, meta, overwrite)
-    meta["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    calibration = Calibration(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    meta = _compensated(previous, modules, calibration, rank, before, params_comp, after)
+    meta.source_model = meta.source_model or original
+    meta.compressed_model = compressed
+    meta.compress_seconds = round(time.perf_counter() - t0, 2)
+    peak = peak_memory(dev)
+    meta.host_peak_gib, meta.gpu_peak_gib = peak["host_peak_gib"], peak.get("gpu_peak_gib")
+    save_checkpoint(comp, comp_tok, output, meta, overwrite, inputs=inputs)
+    meta.wall_seconds = round(time.perf_counter() - t0, 2)
     return meta
+
+
+def _compensated(previous: CompressionResult | None, added: dict[str, ModuleSpec], calibration: Calibration,
+                 rank: int, params_before: int, params_compressed: int, params_after: int) -> CompressionResult:
+    """The metadata of the compensated model. A Rankwise checkpoint keeps its own record and the EoRA
+    parameters count in its targeted ratio; a model compressed by anything else is counted whole-model."""
+    lora = sum(m.lora_params for m in added.values())
+    common = dict(compensate="eora", eora_rank=rank, compensation_params=lora, calibration=calibration,
+                  model_params_before=params_before, model_params_after=params_after,
+                  model_ratio_achieved=1 - params_after / params_before)
+    if previous is not None:
+        targeted_after = previous.targeted_params_after + lora
+        return previous.model_copy(update=dict(
+            common, modules={**previous.modules, **added}, targeted_params_after=targeted_after,
+            ratio_achieved_without_compensation=previous.ratio_achieved,
+            ratio_achieved=1 - targeted_after / previous.targeted_params_before))
+    ratio_base = 1 - params_compressed / params_before
+    return CompressionResult(
+        **common, method="external", ranks_allocation="external", modules=added,
+        targeted_params_before=params_before, targeted_params_after=params_after, ratio_requested=ratio_base,
+        ratio_achieved=1 - params_after / params_before, ratio_achieved_without_compensation=ratio_base)

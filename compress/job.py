@@ -7,11 +7,14 @@ from pathlib import Path
 
 import torch
 
-from rankwise.calib.data import calibration_set, validate_source
+from rankwise.calib.data import calibration_set, source_path, validate_source
 from rankwise.errors import RankwiseError
 from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
 from rankwise.compress.config import CompressConfig
+from rankwise.compress.metadata import Calibration
 from rankwise.compress.loading import load_config, load_model, max_context, resolve_device
+from rankwise.compress.lowrank import RANKWISE_KEY
+from rankwise.compress.metadata import CompressionResult
 from rankwise.compress.methods import REGISTRY
 from rankwise.compress.pipeline import FWSVD_UNSUPPORTED, Progress, compress_model
 from rankwise.compress.streaming import open_streaming_model
@@ -25,14 +28,27 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
+def _set_peak_memory(meta: CompressionResult, device: torch.device) -> None:
+    peak = peak_memory(device)
+    meta.host_peak_gib, meta.gpu_peak_gib = peak["host_peak_gib"], peak.get("gpu_peak_gib")
+
+
+def job_inputs(cfg: CompressConfig) -> list[str]:
+    """Local paths the job reads: --overwrite never deletes them."""
+    return [p for p in (cfg.model, source_path(cfg.calib)) if p]
+
+
 def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
     """Everything that can be checked before loading weights: fail fast, write nothing."""
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, job_inputs(cfg))
     validate_source(cfg.calib)
     device = resolve_device(cfg.device)
-    if cfg.stream_weights and "fisher" in REGISTRY[cfg.method].needs:
+    if cfg.stream_weights and "fisher" in REGISTRY[cfg.method].model_passes:
         raise RankwiseError(FWSVD_UNSUPPORTED)
     config = load_config(cfg.model, cfg.trust_remote_code)
+    if getattr(config, RANKWISE_KEY, None):
+        raise RankwiseError(f"{cfg.model!r} is already a Rankwise checkpoint: compress its dense source model "
+                            f"with the ratio you want instead (`compress compensate` adds EoRA paths to it)")
     ctx = max_context(config)
     if ctx is not None and cfg.seqlen > ctx:
         raise RankwiseError(f"--seqlen {cfg.seqlen} is longer than the model's context ({ctx} tokens)")
@@ -55,24 +71,25 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     try:
         calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, bos=cfg.bos)
         meta = compress_model(model, calib.input_ids, cfg, progress, block_source=stream)
-        meta["calibration"] = calib.describe()
+        meta.calibration = Calibration(source=calib.source, nsamples=calib.nsamples, seqlen=calib.seqlen,
+                                       seed=calib.seed, bos=calib.bos)
     finally:
         if stream is not None:
             stream.close()
-    meta["source_model"] = cfg.model
-    meta["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    meta["compress_seconds"] = round(time.perf_counter() - t_start, 2)
-    meta.update(peak_memory(device))
+    meta.source_model = cfg.model
+    meta.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    meta.compress_seconds = round(time.perf_counter() - t_start, 2)
+    _set_peak_memory(meta, device)
     return model, tokenizer, meta
 
 
 def run_compress(cfg: CompressConfig, output: str | Path, overwrite: bool = False,
-                 progress: Progress | None = None) -> dict:
+                 progress: Progress | None = None) -> CompressionResult:
     t_start = time.perf_counter()
     device, _ = validate_job(cfg, output, overwrite)
     model, tokenizer, meta = compress_in_memory(cfg, device, progress)
     t0 = time.perf_counter()
-    save_checkpoint(model, tokenizer, output, meta, overwrite)
-    meta["save_seconds"] = round(time.perf_counter() - t0, 2)
-    meta["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    save_checkpoint(model, tokenizer, output, meta, overwrite, inputs=job_inputs(cfg))
+    meta.save_seconds = round(time.perf_counter() - t0, 2)
+    meta.wall_seconds = round(time.perf_counter() - t_start, 2)
     return meta

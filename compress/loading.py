@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from rankwise.errors import RankwiseError, first_line
-from rankwise.compress.lowrank import RANKWISE_KEY, load_rankwise_model
+from rankwise.compress.lowrank import RANKWISE_KEY, CheckpointError, load_rankwise_model
 
+# Checkpoint names a normal load drops silently (transformers' own exceptions, modeling_utils.py).
+ALWAYS_IGNORED = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$")
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -65,6 +68,25 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
         raise RankwiseError(f"cannot load the tokenizer of {ref!r}: {first_line(e, 300)}") from None
 
 
+def _first_keys(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def check_loading_info(ref: str, missing, unexpected) -> None:
+    """transformers fills a tensor missing from the checkpoint with random values and only logs it (and the
+    CLI hides its logs): a missing or unexpected tensor is an error here, naming the first few."""
+    unexpected = [k for k in unexpected if not any(re.search(p, k) for p in ALWAYS_IGNORED)]
+    if not missing and not unexpected:
+        return
+    problems = ([f"no tensor for {_first_keys(missing)}"] if missing else []) + \
+               ([f"tensors the model lacks: {_first_keys(unexpected)}"] if unexpected else [])
+    hint = "damaged or incomplete checkpoint, or one made for another architecture"
+    if any(k.endswith((".A.weight", ".B.weight")) for k in unexpected):
+        hint = "low-rank factors: a Rankwise checkpoint whose config.json lost its 'rankwise' section?"
+    raise RankwiseError(f"checkpoint {ref!r} has {'; '.join(problems)} ({hint})")
+
+
 def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                place_on_device: bool = True):
     """Returns (model, tokenizer, config). With place_on_device=False the weights stay on CPU (the
@@ -77,13 +99,19 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
     target = dev if place_on_device else torch.device("cpu")
     try:
         if getattr(config, RANKWISE_KEY, None):
+            from rankwise.compress.metadata import parse_result
+            parse_result(getattr(config, RANKWISE_KEY), ref)  # a newer format is refused before any weight
             model = load_rankwise_model(ref, dtype=None if torch_dtype == "auto" else torch_dtype,
                                         device=target, config=config)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                ref, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=str(target))
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                ref, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=str(target),
+                output_loading_info=True)
+            check_loading_info(ref, info["missing_keys"], info["unexpected_keys"])
     except RankwiseError:
         raise
+    except CheckpointError as e:
+        raise RankwiseError(f"cannot load model {ref!r}: {first_line(e, 400)}") from None
     except ValueError as e:
         raise RankwiseError(f"unsupported model {ref!r}: {first_line(e, 300)}") from None
     except Exception as e:

@@ -8,7 +8,8 @@ carries a verbatim copy as `modeling_rankwise.py`, so that
 rebuilds the compressed model without Rankwise installed. The project's own loader is the same code.
 
 Checkpoint format: `config.json` is the source model's config plus a `rankwise` section whose `modules` maps
-each factorized Linear's qualified name to {"rank": k, "in": n, "out": m, "bias": bool, "lora_rank": r};
+each factorized Linear's qualified name to {"rank": k, "in": n, "out": m, "bias": bool, "lora_rank": r}
+(and `format_version`, see FORMAT_VERSION);
 weights are stored as `<name>.A.weight` [k, n], `<name>.B.weight` [m, k] (+ `<name>.B.bias`) and, for a
 compensated layer, `<name>.lora_A.weight` [r, n], `<name>.lora_B.weight` [m, r].
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import types
 
 import torch
 from torch import nn
@@ -28,6 +31,8 @@ except ImportError:  # pragma: no cover
     PreTrainedModel = nn.Module
 
 RANKWISE_KEY = "rankwise"
+FORMAT_VERSION = 1  # layout of the `rankwise` section; a loader refuses a newer one (compress/metadata.py)
+AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
 
 
 class LowRankLinear(nn.Module):
@@ -135,44 +140,95 @@ def _base_model_class(config):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
-def _read_state_dict(path: str) -> dict:
+def checkpoint_file(path: str, filename: str, required: bool = True, **hub_kwargs) -> str | None:
+    """A file of a checkpoint: in a local folder, or from the hub cache / the hub for a hub id (what
+    transformers itself reads). None when an optional file is absent."""
+    if os.path.isdir(path):
+        full = os.path.join(path, filename)
+        if os.path.isfile(full) or required:
+            return full
+        return None
+    from transformers.utils import cached_file
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=required, **hub_kwargs)
+
+
+def _read_state_dict(path: str, **hub_kwargs) -> dict:
     from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
+    index = checkpoint_file(path, "model.safetensors.index.json", required=False, **hub_kwargs)
+    if index is not None:
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     else:
         files = ["model.safetensors"]
     state = {}
     for fname in files:
-        state.update(load_file(os.path.join(path, fname)))
+        state.update(load_file(checkpoint_file(path, fname, **hub_kwargs)))
     return state
 
 
+class CheckpointError(ValueError):
+    """A Rankwise checkpoint whose tensors do not match its config.json."""
+
+
+def _check_shapes(path: str, model: nn.Module, state: dict, modules: dict) -> None:
+    """Name the module, the shape config.json implies and the stored one (load_state_dict names neither)."""
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            module = next((m for m in modules if name.startswith(m + ".")), name.rpartition(".")[0])
+            spec = modules.get(module, {})
+            ranks = f" (config.json: rank {spec.get('rank')}, lora_rank {spec.get('lora_rank', 0)})" if spec else ""
+            raise CheckpointError(f"{path}: module {module!r}{ranks} expects {name} of shape "
+                                  f"{list(expected[name].shape)}, the checkpoint holds {list(tensor.shape)}")
+
+
+def _save_pretrained_with_modeling_file(self, save_directory, *args, **kwargs):
+    """The base class's save_pretrained, then what makes the folder load again: config.json (which keeps the
+    `rankwise` section) gets a local auto_map, and this file is copied beside it as modeling_rankwise.py."""
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    cfg_path = os.path.join(save_directory, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["auto_map"] = dict(AUTO_MAP)
+    with open(cfg_path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(__file__, os.path.join(save_directory, "modeling_rankwise.py"))
+    return out
+
+
 def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        config=None):
-    """Rebuild a Rankwise checkpoint: base architecture with empty weights, low-rank modules, stored tensors."""
+                        config=None, **hub_kwargs):
+    """Rebuild a Rankwise checkpoint (local folder or hub id): base architecture with empty weights,
+    low-rank modules, stored tensors. Every stored tensor must fill a parameter of the right shape, and
+    every parameter must be filled: nothing is left randomly initialised."""
     from accelerate import init_empty_weights
     if config is None:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
     meta = getattr(config, RANKWISE_KEY, None)
     if not meta:
-        raise ValueError(f"{path} is not a Rankwise checkpoint (config.json has no '{RANKWISE_KEY}' section)")
+        raise CheckpointError(f"{path} is not a Rankwise checkpoint (config.json has no '{RANKWISE_KEY}' section)")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: rankwise format_version {meta['format_version']} is newer than this "
+                              f"loader reads ({FORMAT_VERSION})")
     model_cls = _base_model_class(config)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
         model = model_cls(config)
     apply_structure(model, meta["modules"], device="meta")
-    state = _read_state_dict(path)
+    state = _read_state_dict(path, **hub_kwargs)
+    _check_shapes(path, model, state, meta["modules"])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensors in checkpoint: {unexpected[:5]}")
+        raise CheckpointError(f"{path}: tensors in the checkpoint that config.json's modules do not have: "
+                              f"{sorted(unexpected)[:3]}")
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
-        raise ValueError(f"{path}: tensors missing from checkpoint: {still_meta[:5]}")
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_meta[:3]}")
     if dtype is not None:
         model.to(dtype)
     model.to(device)
+    # bound to this instance (the base class knows nothing of this file); a deepcopy binds it to the copy
+    model.save_pretrained = types.MethodType(_save_pretrained_with_modeling_file, model)
     return model.eval()
 
 
@@ -189,5 +245,6 @@ class RankwiseForCausalLM(PreTrainedModel):
             device = "cpu"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
         return load_rankwise_model(str(pretrained_model_name_or_path), dtype=dtype, device=device,
-                                   config=config)
+                                   config=config, **hub_kwargs)

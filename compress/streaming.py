@@ -23,15 +23,13 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError, first_line
-from rankwise.compress.arch import find_decoder_blocks
-from rankwise.compress.loading import (is_rankwise_checkpoint, load_config, load_tokenizer, looks_local, resolve_device,
-                              resolve_dtype)
+from rankwise.compress.arch import check_finite_weights, find_decoder_blocks, find_linears
+from rankwise.compress.loading import (ALWAYS_IGNORED, is_rankwise_checkpoint, load_config, load_tokenizer,
+                                      looks_local, resolve_device, resolve_dtype)
 from rankwise.compress.lowrank import RANKWISE_KEY
 
 DROP = "drop --stream-weights to load it the normal way"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# Checkpoint names a normal load drops silently (transformers' own exceptions, modeling_utils.py).
-ALWAYS_IGNORED = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$")
 
 
 def checkpoint_folder(ref: str) -> Path:
@@ -157,6 +155,7 @@ class BlockWeightStream:
         if self.is_meta(i):
             future = self.pending.pop(i, None)
             self.load(future.result() if future is not None else self.read_block(i))
+            check_finite_weights({f"{self.prefix}.{i}.{n}": lin for n, lin in find_linears(self.blocks[i]).items()})
         self.prefetch(i + 1)
 
     def release(self, i: int) -> None:

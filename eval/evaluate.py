@@ -9,9 +9,16 @@ import torch
 
 from rankwise.calib.data import load_text, resolve_bos, tokenize, validate_source
 from rankwise.errors import RankwiseError, first_line
-from rankwise.compress.checkpoint import package_versions, read_meta
+from rankwise.compress.checkpoint import package_versions
+from rankwise.compress.metadata import read_result
 from rankwise.compress.loading import load_config, load_model, max_context, resolve_device, resolve_dtype
 from rankwise.eval.ppl import perplexity
+
+
+def _rankwise_section(model_ref: str) -> dict | None:
+    """The checkpoint's validated compression record as JSON (None for a dense model or a GGUF file)."""
+    meta = None if os.path.isfile(model_ref) else read_result(model_ref)
+    return meta and meta.to_json()
 
 
 def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: str = "auto",
@@ -35,7 +42,7 @@ def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: 
         results[source] = perplexity(model, ids, seqlen, dev, batch_size, bos_id, max_windows, cb)
     return {
         "model": model_ref,
-        "rankwise": read_meta(model_ref),
+        "rankwise": _rankwise_section(model_ref),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(dev),
         "ppl": results,
@@ -111,7 +118,7 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
     model, tokenizer, _ = loaded
     bos = resolve_bos(tokenizer, bos) is not None  # None: the tokenizer's own setting
     dev = next(model.parameters()).device
-    result = {"model": model_ref, "gguf_file": gguf_file, "rankwise": read_meta(model_ref),
+    result = {"model": model_ref, "gguf_file": gguf_file, "rankwise": _rankwise_section(model_ref),
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
               or platform.machine(),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import matplotlib
 
+from rankwise.compress.metadata import ModuleSpec, parse_result
+
 matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -43,13 +45,15 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
 
 def _row(config: dict, result: dict | None, error: dict | None) -> dict:
     comp = config.get("compress") or {}
-    meta = (result or {}).get("compress") or {}
+    section = (result or {}).get("compress")
+    meta = parse_result(section, f"job {config.get('name', '')}") if section else None
+    compressed = meta is not None
     row = {"job": config.get("name", ""), "status": "done" if result else "failed",
            "model": config.get("model", ""), "method": comp.get("method", "none") if config.get("model") else "",
            "ranks": comp.get("ranks", "") if comp else "", "compensate": comp.get("compensate", "") if comp else "",
            "ratio_asked": comp.get("ratio", 0.0) if comp else 0.0,
-           "ratio_achieved": meta.get("ratio_achieved", 0.0 if not comp else ""),
-           "model_ratio_achieved": meta.get("model_ratio_achieved", 0.0 if not comp else ""),
+           "ratio_achieved": meta.ratio_achieved if compressed else (0.0 if not comp else ""),
+           "model_ratio_achieved": meta.model_ratio_achieved if compressed else (0.0 if not comp else ""),
            "error": (error or {}).get("error", "")}
     if result:
         ev = result.get("eval") or {}
@@ -59,14 +63,15 @@ def _row(config: dict, result: dict | None, error: dict | None) -> dict:
             for metric, value in metrics.items():
                 if not metric.endswith("_stderr") and isinstance(value, (int, float)):
                     row[f"{task} {metric}"] = value
-        row["compress_s"] = meta.get("wall_seconds", 0.0 if not comp else "")
+        row["compress_s"] = meta.wall_seconds if compressed else (0.0 if not comp else "")
         row["eval_s"] = ev.get("wall_seconds", "")
         row["wall_s"] = result.get("wall_seconds", "")
         peak = result.get("peak_memory") or {}
-        row["host_peak_gib"] = max(peak.get("host_gib", 0), meta.get("host_peak_gib", 0)) or ""
-        gpu = max(peak.get("gpu_gib", 0), meta.get("gpu_peak_gib", 0))
-        row["gpu_peak_gib"] = gpu or ""
-        row["_modules"] = meta.get("modules") or {}
+        host = meta.host_peak_gib if compressed else None
+        gpu = meta.gpu_peak_gib if compressed else None
+        row["host_peak_gib"] = max(peak.get("host_gib", 0), host or 0) or ""
+        row["gpu_peak_gib"] = max(peak.get("gpu_gib", 0), gpu or 0) or ""
+        row["_modules"] = meta.modules if compressed else {}
     return row
 
 
@@ -161,19 +166,19 @@ def plot_ppl_vs_ratio(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def rank_grid(modules: dict) -> tuple[list[int], list[str], list[list[float]], list[list[float]]]:
+def rank_grid(modules: dict[str, ModuleSpec]) -> tuple[list[int], list[str], list[list[float]], list[list[float]]]:
     """(layers, module kinds, rank[layer][kind], kept fraction rank / min(in, out)) from `rankwise.modules`;
     NaN where a Linear was kept dense."""
     cells = {}
     for name, spec in modules.items():
         m = re.search(r"\.(\d+)\.(.+)$", name)
-        if not m or not spec.get("rank"):
+        if not m or not spec.rank:
             continue
         cells[(int(m.group(1)), m.group(2).split(".")[-1])] = spec
     layers = sorted({k[0] for k in cells})
     kinds = list(dict.fromkeys(k[1] for k in cells))  # the model's own order (q, k, v, o, gate, ...)
-    ranks = [[float(cells[(i, k)]["rank"]) if (i, k) in cells else float("nan") for k in kinds] for i in layers]
-    frac = [[cells[(i, k)]["rank"] / min(cells[(i, k)]["in"], cells[(i, k)]["out"]) if (i, k) in cells
+    ranks = [[float(cells[(i, k)].rank) if (i, k) in cells else float("nan") for k in kinds] for i in layers]
+    frac = [[cells[(i, k)].rank / min(cells[(i, k)].in_features, cells[(i, k)].out_features) if (i, k) in cells
              else float("nan") for k in kinds] for i in layers]
     return layers, kinds, ranks, frac
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from rankwise.errors import RankwiseError
+from rankwise.compress.outputs import write_text_atomic
 
 STDERR = "_stderr"
 # bookkeeping keys in a task's result dict that are not metrics
@@ -108,8 +108,8 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['model']}", ""]
     meta = result.get("rankwise")
     if meta:
-        lines += [f"Rankwise checkpoint: method `{meta.get('method')}`, ratio requested "
-                  f"{meta.get('ratio_requested')}, achieved {_fmt(meta.get('ratio_achieved'))}.", ""]
+        lines += [f"Rankwise checkpoint: method `{meta['method']}`, ratio requested "
+                  f"{meta['ratio_requested']}, achieved {_fmt(meta['ratio_achieved'])}.", ""]
     lines += [f"dtype {result.get('dtype')}, device {result.get('device')} ({result.get('device_name')}), "
               f"wall time {result.get('wall_seconds')} s.", ""]
     if deltas is not None:
@@ -156,10 +156,3 @@ def write_results(result: dict, json_path: str | Path) -> tuple[Path, Path]:
     write_text_atomic(json_path, json.dumps(_clean(result), indent=2, default=_json_default) + "\n")
     write_text_atomic(md_path, markdown(result))
     return json_path, md_path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a temporary sibling, then rename it over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

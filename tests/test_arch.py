@@ -58,8 +58,8 @@ def test_compress_and_reload_every_family(family, tmp_path):
     cfg = CompressConfig(model="in-memory", method="svd-llm", ratio=0.3, nsamples=4, seqlen=32, device="cpu")
     calib = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(2))
     meta = compress_model(model, calib, cfg)
-    meta.update(source_model="in-memory", host_peak_gib=0.0)
-    assert 0.3 <= meta["ratio_achieved"] < 0.36
+    meta.source_model, meta.host_peak_gib = "in-memory", 0.0
+    assert 0.3 <= meta.ratio_achieved < 0.36
     assert not find_linears(find_decoder_blocks(model)[1][0]), "every block Linear is factorized"
     save_checkpoint(model, None, tmp_path / "ckpt", meta)
     back = load_rankwise_model(str(tmp_path / "ckpt"))

@@ -53,9 +53,9 @@ def test_speed_json_reports_every_stage_and_block(capsys, lazy):
         assert all(run["stages"][s]["seconds"] >= 0 for s in speed.STAGES)
         assert [b["block"] for b in run["blocks"]] == [0, 1, 2]
         assert all(b["host_peak_gib"] > 0 for b in run["blocks"])
-        # the bench's timers sit inside the pipeline's own: they can only measure less (meta rounds to 1 ms)
+        # the bench reads the pipeline's own timer (the result rounds to 1 ms; a stage that did not run is absent)
         for stage in ("statistics", "propagate"):
-            assert run["stages"][stage]["seconds"] <= run["pipeline_stage_seconds"][stage] + 1e-3
+            assert abs(run["stages"][stage]["seconds"] - run["pipeline_stage_seconds"].get(stage, 0.0)) <= 1e-3
         # ...but they must measure something where the method reads activations; plain svd reads none
         forwards = [run["stages"][s]["seconds"] for s in ("capture", "statistics", "propagate")]
         assert all(t == 0 for t in forwards) if name == "svd" else all(t > 0 for t in forwards)
@@ -209,13 +209,13 @@ def test_rank_multiple_8_end_to_end_exact_accounting():
     meta = compress_model(model, calib, cfg)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert layers and all(m.rank % 8 == 0 for m in layers.values())
-    assert {n: m["rank"] for n, m in meta["modules"].items()} == {n: m.rank for n, m in layers.items()}
+    assert {n: m.rank for n, m in meta.modules.items()} == {n: m.rank for n, m in layers.items()}
     # exact accounting: what the allocator promised is what the model lost
     assert before - sum(p.numel() for p in model.parameters()) == \
-        meta["targeted_params_before"] - meta["targeted_params_after"]
-    ranks = {n: (meta["modules"][n]["rank"] if n in meta["modules"] else None) for n in shapes}
+        meta.targeted_params_before - meta.targeted_params_after
+    ranks = {n: (meta.modules[n].rank if n in meta.modules else None) for n in shapes}
     slack = _one_step_slack(shapes, ranks, 8)
-    assert 0.4 <= meta["ratio_achieved"] < 0.4 + slack
+    assert 0.4 <= meta.ratio_achieved < 0.4 + slack
 
 
 @pytest.mark.parametrize("shape", ["135m", "7b"])
@@ -262,8 +262,8 @@ def test_keep_dense_end_to_end():
     meta = compress_model(model, calib, cfg)
     assert all(isinstance(layer.self_attn.k_proj, torch.nn.Linear) for layer in model.model.layers)
     assert all(isinstance(layer.self_attn.q_proj, LowRankLinear) for layer in model.model.layers)
-    assert [n for n in meta["kept_dense"] if n.endswith("k_proj")] == ["model.layers.0.self_attn.k_proj",
+    assert [n for n in meta.kept_dense if n.endswith("k_proj")] == ["model.layers.0.self_attn.k_proj",
                                                                        "model.layers.1.self_attn.k_proj"]
     assert before - sum(p.numel() for p in model.parameters()) == \
-        meta["targeted_params_before"] - meta["targeted_params_after"]
-    assert meta["ratio_achieved"] >= 0.3
+        meta.targeted_params_before - meta.targeted_params_after
+    assert meta.ratio_achieved >= 0.3

@@ -42,7 +42,7 @@ def test_explicit_bos_overrides_the_tokenizer():
 
 
 def test_bos_recorded_in_metadata_and_followed_by_evaluate(tmp_path, austen_file, cli):
-    from rankwise.compress.checkpoint import read_meta
+    from rankwise.compress.metadata import read_result
     from rankwise.eval.evaluate import evaluate_model
     src = save_tiny(tmp_path / "m")
     bos_tokenizer().save_pretrained(src)
@@ -50,7 +50,7 @@ def test_bos_recorded_in_metadata_and_followed_by_evaluate(tmp_path, austen_file
     r = cli("model", src, "-o", out, "--ratio", "0.3", "--calib", f"text:{austen_file}", "--nsamples", "2",
             "--seqlen", "32", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert read_meta(str(out))["calibration"]["bos"] is True
+    assert read_result(str(out)).calibration.bos is True
     common = dict(seqlen=32, max_windows=2, device="cpu")
     assert evaluate_model(str(out), [f"text:{austen_file}"], **common)["settings"]["bos"] is True
     assert evaluate_model(str(out), [f"text:{austen_file}"], bos=False, **common)["settings"]["bos"] is False

@@ -29,7 +29,7 @@ def test_compress_reload_both_ways_gives_in_memory_logits(family, tiny_dirs, aus
     assert {"torch", "transformers"} <= set(meta["versions"])
 
     model, _, mem_meta = compress_in_memory(CompressConfig(model=str(src), **args), torch.device("cpu"))
-    assert mem_meta["modules"] == meta["modules"]
+    assert mem_meta.to_json()["modules"] == meta["modules"]
     ours = load_rankwise_model(str(out))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert any(type(m).__name__ == "LowRankLinear" for m in theirs.modules())  # the checkpoint's own copy

@@ -32,7 +32,7 @@ def _compressed(ratio=0.5, **kw):
 def test_compensation_lowers_every_layer_output_error_and_counts_exactly():
     dense, m, ids, meta = _compressed()
     xs = _inputs_of(m, ids, LowRankLinear)
-    assert len(xs) == len(meta["modules"]) > 0
+    assert len(xs) == len(meta.modules) > 0
     lora_total = 0
     for name, x in xs.items():
         layer = m.get_submodule(name)
@@ -45,12 +45,12 @@ def test_compensation_lowers_every_layer_output_error_and_counts_exactly():
         m_out, n_in = W.shape
         assert layer.lora_A.weight.numel() + layer.lora_B.weight.numel() == RANK * (m_out + n_in)
         lora_total += RANK * (m_out + n_in)
-    assert meta["compensation_params"] == lora_total
-    before = meta["targeted_params_before"]
-    assert abs(meta["ratio_achieved"] - (1 - meta["targeted_params_after"] / before)) < 1e-12
-    without = 1 - (meta["targeted_params_after"] - lora_total) / before
-    assert abs(meta["ratio_achieved_without_compensation"] - without) < 1e-12
-    assert meta["ratio_achieved"] >= 0.5 - 1e-9  # the EoRA path is paid for inside --ratio
+    assert meta.compensation_params == lora_total
+    before = meta.targeted_params_before
+    assert abs(meta.ratio_achieved - (1 - meta.targeted_params_after / before)) < 1e-12
+    without = 1 - (meta.targeted_params_after - lora_total) / before
+    assert abs(meta.ratio_achieved_without_compensation - without) < 1e-12
+    assert meta.ratio_achieved >= 0.5 - 1e-9  # the EoRA path is paid for inside --ratio
 
 
 def test_checkpoint_and_peft_adapter_reproduce_logits(tmp_path):
@@ -60,7 +60,7 @@ def test_checkpoint_and_peft_adapter_reproduce_logits(tmp_path):
     from rankwise.compress.peft_export import export_eora_adapter, load_eora_adapter, strip_compensation
     from tiny import tiny_tokenizer
     _, m, ids, meta = _compressed()
-    meta.update(source_model="tiny")
+    meta.source_model = "tiny"
     save_checkpoint(m, tiny_tokenizer(), tmp_path / "ck", meta)
     probe = ids[:2, :24]
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_truncated_solver_matches_the_full_decomposition():
     R = torch.randn(m, n, generator=g, dtype=torch.float64) / (1 + torch.arange(n, dtype=torch.float64)) ** 0.5
     errors = {}
     for truncated in (True, False):
-        stats = SimpleNamespace(covariance=X.T @ X / X.shape[0])
+        stats = SimpleNamespace(covariance=X.T @ X / X.shape[0], cache={})
         B, A = eora_factors(R, stats, r, truncated=truncated)
         assert B.shape == (m, r) and A.shape == (r, n)
         errors[truncated] = ((R - B @ A) @ X.T).norm().item()

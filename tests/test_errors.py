@@ -65,14 +65,16 @@ def test_unsupported_architecture(t5_dir, tmp_path, cli, austen_file):
 
 def test_output_exists_is_refused_then_overwritten(tiny_dirs, tmp_path, cli, austen_file):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
-    res = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.3", *calib_args(austen_file))
-    assert res.exit_code == 2 and "already exists" in res.output and "--overwrite" in res.output
-    assert (out / "keep.txt").read_text() == "user data"
-    res = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.3", "--overwrite", *calib_args(austen_file))
+    res = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.3", "--method", "svd", *calib_args(austen_file))
     assert res.exit_code == 0, res.output
-    assert not (out / "keep.txt").exists() and "rankwise" in json.loads((out / "config.json").read_text())
+    res = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.5", "--method", "svd", *calib_args(austen_file))
+    assert res.exit_code == 2 and "already exists" in res.output and "--overwrite" in res.output
+    assert json.loads((out / "config.json").read_text())["rankwise"]["ratio_requested"] == 0.3
+    res = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.5", "--method", "svd", "--overwrite",
+              *calib_args(austen_file))
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["rankwise"]["ratio_requested"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left beside it"
 
 
 def test_empty_calibration_text(tiny_dirs, tmp_path, cli):

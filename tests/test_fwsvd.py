@@ -1,7 +1,7 @@
 import torch
 
 from rankwise.compress.methods import get_method
-from rankwise.compress.pipeline import fisher_pass
+from rankwise.compress.stages.pass_fisher import fisher_pass
 
 
 class _Stats:

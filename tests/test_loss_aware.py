@@ -36,9 +36,9 @@ def test_loss_aware_hits_budget_with_non_uniform_ranks():
     for target in (0.2, 0.4):
         m = model("llama")
         meta = compress_model(m, calib_ids(), config(ranks="loss-aware", ratio=target))
-        assert abs(meta["ratio_achieved"] - target) <= 0.005
-        assert meta["ratio_achieved"] >= target
+        assert abs(meta.ratio_achieved - target) <= 0.005
+        assert meta.ratio_achieved >= target
         ranks = {}
-        for name, spec in meta["modules"].items():  # same shape, different ranks: not uniform
-            ranks.setdefault((spec["in"], spec["out"]), set()).add(spec["rank"])
+        for name, spec in meta.modules.items():  # same shape, different ranks: not uniform
+            ranks.setdefault((spec.in_features, spec.out_features), set()).add(spec.rank)
         assert any(len(r) > 1 for r in ranks.values())

@@ -83,8 +83,8 @@ def test_pipeline_refinement_records_each_block_and_lowers_its_error():
     m = model("llama")
     meta = compress_model(m, calib_ids(), config(ratio=0.5, refine=True, refine_steps=20, refine_lr=3e-3))
     assert any(isinstance(x, LowRankLinear) for x in m.modules())
-    blocks = meta["refine"]["blocks"]
+    blocks = meta.refine.blocks
     assert len(blocks) == 2
-    assert all(b["mse_after"] < b["mse_before"] for b in blocks.values() if b["kept"])
-    assert any(b["kept"] for b in blocks.values())
-    assert meta["stage_seconds"]["refine"] > 0
+    assert all(b.mse_after < b.mse_before for b in blocks.values() if b.kept)
+    assert any(b.kept for b in blocks.values())
+    assert meta.stage_seconds["block-refine"] > 0

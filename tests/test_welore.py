@@ -29,8 +29,8 @@ def test_achieved_ratio_within_half_a_point_on_gqa_model():
     m = model("llama")  # 4 heads, 2 KV heads: q/k/v of different shapes
     target = 0.35
     meta = compress_model(m, calib_ids(), config(ranks="welore", ratio=target))
-    assert abs(meta["ratio_achieved"] - target) <= 0.005
+    assert abs(meta.ratio_achieved - target) <= 0.005
     shapes_after = target_shapes(m)  # dense-kept Linears are still plain Linears, and are listed
-    assert set(shapes_after) == set(meta["kept_dense"])
-    ranks = [spec["rank"] for spec in meta["modules"].values()]
+    assert set(shapes_after) == set(meta.kept_dense)
+    ranks = [spec.rank for spec in meta.modules.values()]
     assert len(set(ranks)) > 1  # non-uniform

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 
 from rankwise.compress.methods.base import Decomposition, Method, register
+from rankwise.compress.stages.base import Statistics
 
 
 @register("asvd")
 @dataclass
 class ASVD(Method):
     alpha: float = 0.5
-    needs = frozenset({"abs_mean"})
+    statistics = Statistics(abs_mean=True)
 
     def decompose(self, weight, stats) -> Decomposition:
         s = stats.abs_mean.to(weight.device)

@@ -12,9 +12,11 @@ rank-k cut.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
+
+from rankwise.compress.stages.base import Stage
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -103,10 +105,9 @@ def truncated_factors(M: torch.Tensor, k: int, oversample: int = 16, power_iters
     return (Q @ U[:, :k]) * sq, sq[:, None] * Vh[:k]
 
 
-class Method:
-    """Base of all methods: `needs` names the calibration statistics the method reads."""
-    name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"xtx", "abs_mean", "fisher"}
+class Method(Stage):
+    """Base of all methods, the factorizer stage of a recipe: `statistics` are the input statistics it reads,
+    `model_passes` the whole-model passes (e.g. "fisher") whose per-Linear values it reads."""
 
     def decompose(self, weight: torch.Tensor, stats) -> Decomposition:
         raise NotImplementedError
@@ -114,11 +115,10 @@ class Method:
 
 def derived(stats, key, compute: Callable[[], torch.Tensor]):
     """A quantity derived from one statistics object, computed once: q/k/v (and gate/up) share their input
-    statistics, so one Cholesky or eigendecomposition serves the whole group."""
-    cache = stats.__dict__.setdefault("_derived", {})
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
+    statistics (and their `cache`), so one Cholesky or eigendecomposition serves the whole group."""
+    if key not in stats.cache:
+        stats.cache[key] = compute()
+    return stats.cache[key]
 
 
 def get_method(name: str, **options) -> Method:

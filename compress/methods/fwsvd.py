@@ -10,7 +10,7 @@ from rankwise.compress.methods.base import Decomposition, Method, register
 
 @register("fwsvd")
 class FWSVD(Method):
-    needs = frozenset({"fisher"})
+    model_passes = ("fisher",)
 
     def decompose(self, weight, stats) -> Decomposition:
         d = stats.fisher.to(weight.device).double().sqrt()

@@ -4,7 +4,5 @@ from rankwise.compress.methods.base import Decomposition, Method, register
 
 @register("svd")
 class PlainSVD(Method):
-    needs = frozenset()
-
     def decompose(self, weight, stats) -> Decomposition:
         return Decomposition(weight)

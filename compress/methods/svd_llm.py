@@ -7,6 +7,7 @@ computed by a triangular solve, never by forming L^-1.
 import torch
 
 from rankwise.compress.methods.base import Decomposition, Method, derived, register
+from rankwise.compress.stages.base import Statistics
 
 
 def cholesky_with_fallback(C: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ def cholesky_with_fallback(C: torch.Tensor) -> torch.Tensor:
 
 @register("svd-llm")
 class SVDLLM(Method):
-    needs = frozenset({"xtx"})
+    statistics = Statistics(xtx=True)
 
     def decompose(self, weight, stats) -> Decomposition:
         dev = weight.device

@@ -1,0 +1,298 @@
+"""Damaged inputs and unlucky runs: no silent random weights, no lost data, checkpoints that stay loadable."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from rankwise.compress.lowrank import load_rankwise_model
+from rankwise.compress.outputs import remove_stale_temporaries
+
+CALIB_TOKENS = ["--nsamples", "2", "--seqlen", "16"]
+
+
+def calib(austen_file):
+    return ["--calib", f"text:{austen_file}", *CALIB_TOKENS]
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_dirs, austen_file, tmp_path_factory):
+    """A Rankwise checkpoint of the tiny Llama (plain SVD, 30% removed)."""
+    from typer.testing import CliRunner
+
+    from rankwise.cli.main import app
+    out = tmp_path_factory.mktemp("ckpt") / "svd-30"
+    res = CliRunner().invoke(app, ["model", str(tiny_dirs["llama"]), "-o", str(out), "--method", "svd",
+                                   "--ratio", "0.3", *calib(austen_file)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def copy_with_tensors(src: Path, dst: Path, edit) -> Path:
+    """A copy of a checkpoint folder whose tensors went through `edit(dict) -> dict`."""
+    shutil.copytree(src, dst)
+    state = edit(load_file(dst / "model.safetensors"))
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def one_line_error(res, *needles):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in res.output, res.output
+
+
+# ---------------------------------------------------------------- 1. missing weights are errors
+
+def test_dense_checkpoint_with_a_layer_removed_is_refused(tiny_dirs, austen_file, tmp_path, cli):
+    broken = copy_with_tensors(tiny_dirs["llama"], tmp_path / "broken",
+                               lambda sd: {k: v for k, v in sd.items() if ".layers.1." not in k})
+    out = tmp_path / "out"
+    one_line_error(cli("model", broken, "-o", out, "--ratio", "0.3", *calib(austen_file)), "model.layers.1.")
+    assert not out.exists()
+    one_line_error(cli("evaluate", broken, "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1"),
+                   "model.layers.1.")
+
+
+def test_checkpoint_that_lost_its_rankwise_section_is_refused(compressed, austen_file, tmp_path, cli):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(compressed, damaged)
+    cfg = json.loads((damaged / "config.json").read_text())
+    del cfg["rankwise"]
+    (damaged / "config.json").write_text(json.dumps(cfg))
+    one_line_error(cli("evaluate", damaged, "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1"),
+                   "no tensor for model.layers.0.", ".A.weight", "'rankwise' section")
+
+
+# ---------------------------------------------------------------- 2. --overwrite replaces only our own output
+
+def test_overwrite_refuses_a_foreign_folder_and_the_input(tiny_dirs, austen_file, tmp_path, cli):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"user data")
+    one_line_error(cli("model", tiny_dirs["llama"], "-o", foreign, "--ratio", "0.3", "--overwrite",
+                       *calib(austen_file)), "photos", "not a Rankwise")
+    assert (foreign / "holiday.jpg").read_bytes() == b"user data"
+
+    model = tmp_path / "models" / "llama"
+    shutil.copytree(tiny_dirs["llama"], model)
+    files = sorted(p.name for p in model.iterdir())
+    for target in (model, model.parent):  # the input itself, and a folder that holds it
+        one_line_error(cli("model", model, "-o", target, "--ratio", "0.3", "--overwrite", *calib(austen_file)),
+                       "input")
+        assert sorted(p.name for p in model.iterdir()) == files
+    text_home = austen_file.parent  # the calibration text is an input too
+    one_line_error(cli("model", model, "-o", text_home, "--ratio", "0.3", "--overwrite", *calib(austen_file)),
+                   "input")
+    assert austen_file.is_file()
+
+
+def test_overwrite_refuses_the_current_folder(tiny_dirs, austen_file, tmp_path, cli, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("user data")
+    monkeypatch.chdir(work)
+    one_line_error(cli("model", tiny_dirs["llama"], "-o", ".", "--ratio", "0.3", "--overwrite",
+                       *calib(austen_file)), "current folder")
+    assert (work / "notes.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"], "nothing left beside it"
+
+
+# ---------------------------------------------------------------- 3. checkpoints that stay loadable
+
+def tiny_inputs():
+    return torch.tensor([[5, 17, 42, 99, 3, 250]])
+
+
+def test_reloaded_and_saved_checkpoint_loads_with_plain_transformers(compressed, tmp_path):
+    model = load_rankwise_model(str(compressed))
+    model.save_pretrained(tmp_path / "resaved")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(tiny_inputs()).logits, model(tiny_inputs()).logits)
+    assert (tmp_path / "resaved" / "modeling_rankwise.py").read_text() == \
+        (compressed / "modeling_rankwise.py").read_text()
+
+
+def test_checkpoint_in_the_hub_cache_loads_by_its_hub_id(compressed, austen_file, tmp_path):
+    """The hub cache layout (models--ORG--NAME/snapshots/REV, refs/main), read offline by its hub id."""
+    repo = tmp_path / "hub" / "models--someone--tiny-svd"
+    shutil.copytree(compressed, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    script = ("import sys, torch, transformers\n"
+              "m = transformers.AutoModelForCausalLM.from_pretrained('someone/tiny-svd', trust_remote_code=True)\n"
+              "print('lowrank' , sum('LowRankLinear' in type(x).__name__ for x in m.modules()))\n"
+              "from rankwise.cli.main import app\n"
+              f"sys.argv = ['compress', 'evaluate', 'someone/tiny-svd', '--ppl', 'text:{austen_file}',"
+              " '--seqlen', '16', '--max-windows', '1']\n"
+              "app()\n")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    factorized = len(json.loads((compressed / "config.json").read_text())["rankwise"]["modules"])
+    assert f"lowrank {factorized}" in res.stdout
+    assert "token ppl" in res.stdout
+
+
+def test_edited_ranks_name_the_module_and_both_shapes(compressed, austen_file, tmp_path, cli):
+    edited = tmp_path / "edited"
+    shutil.copytree(compressed, edited)
+    cfg = json.loads((edited / "config.json").read_text())
+    name, spec = next(iter(cfg["rankwise"]["modules"].items()))
+    spec["rank"] += 3
+    (edited / "config.json").write_text(json.dumps(cfg))
+    res = cli("evaluate", edited, "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1")
+    one_line_error(res, name, f"rank {spec['rank']}", str(spec["rank"] - 3))
+
+
+def test_tokenizer_code_named_by_auto_map_is_copied(tiny_dirs, austen_file, tmp_path, cli):
+    model = tmp_path / "custom-tok"
+    shutil.copytree(tiny_dirs["llama"], model)
+    (model / "tokenization_custom.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    # without --trust-remote-code the tokenizer loads as its base class but keeps the auto_map
+    res = cli("model", model, "-o", out, "--ratio", "0.3", "--method", "svd", *calib(austen_file))
+    assert res.exit_code == 0, res.output
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert type(tok).__name__ == "CustomTokenizer"
+
+
+# ---------------------------------------------------------------- 4. non-finite input
+
+@pytest.mark.parametrize("method", ["svd", "svd-llm"])
+def test_nan_weights_are_refused_naming_the_layer(method, tiny_dirs, austen_file, tmp_path, cli):
+    def poison(sd):
+        sd["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+        return sd
+    broken = copy_with_tensors(tiny_dirs["llama"], tmp_path / "nan", poison)
+    out = tmp_path / "out"
+    one_line_error(cli("model", broken, "-o", out, "--ratio", "0.3", "--method", method, *calib(austen_file)),
+                   "model.layers.1.mlp.down_proj", "non-finite")
+    assert not out.exists()
+
+
+def test_overflowing_activations_are_refused_naming_the_layer(tiny_dirs, austen_file, tmp_path, cli):
+    """A finite but huge norm weight (not a targeted Linear) makes the next Linears' statistics overflow."""
+    def blow_up(sd):
+        sd["model.layers.1.post_attention_layernorm.weight"][0] = 3e38
+        return sd
+    broken = copy_with_tensors(tiny_dirs["llama"], tmp_path / "huge", blow_up)
+    res = cli("model", broken, "-o", tmp_path / "out", "--ratio", "0.3", "--method", "svd-llm",
+              *calib(austen_file))
+    one_line_error(res, "model.layers.1.mlp.gate_proj", "statistics")
+
+
+# ---------------------------------------------------------------- 5. fail before the work
+
+def test_unwritable_output_fails_before_calibration(tiny_dirs, tmp_path, cli):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # the calibration text does not exist: the output check comes first, so it is the one reported
+    one_line_error(cli("model", tiny_dirs["llama"], "-o", blocker / "out", "--ratio", "0.3",
+                       "--calib", "text:/nonexistent.txt"), "a-file")
+    one_line_error(cli("evaluate", tiny_dirs["llama"], "--ppl", "text:/nonexistent.txt", "--json",
+                       blocker / "r.json"), "a-file")
+
+
+def test_compressing_a_rankwise_checkpoint_again_is_refused(compressed, austen_file, tmp_path, cli):
+    out = tmp_path / "again"
+    one_line_error(cli("model", compressed, "-o", out, "--ratio", "0.3", *calib(austen_file)),
+                   "already a Rankwise checkpoint")
+    assert not out.exists()
+
+
+def test_eora_rank_beyond_a_layer_is_refused(tiny_dirs, compressed, austen_file, tmp_path, cli):
+    out = tmp_path / "comp"
+    one_line_error(cli("compensate", tiny_dirs["llama"], compressed, "-o", out, "--eora-rank", "500",
+                       *calib(austen_file)), "--eora-rank 500", "at most")
+    assert not out.exists()
+
+
+def test_more_calibration_tokens_than_the_text_holds_warns(tiny_dirs, tmp_path, cli):
+    short = tmp_path / "short.txt"
+    short.write_text("It is a truth universally acknowledged, that a single man in possession of a fortune. " * 4)
+    res = cli("model", tiny_dirs["llama"], "-o", tmp_path / "out", "--ratio", "0.3", "--method", "svd",
+              "--calib", f"text:{short}", "--nsamples", "50", "--seqlen", "16")
+    assert res.exit_code == 0, res.output
+    assert "warning" in res.output and "--nsamples 50" in res.output
+
+
+# ---------------------------------------------------------------- 6. leftovers, permissions
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_a_dead_process_are_removed(tiny_dirs, austen_file, tmp_path, cli):
+    import socket
+    import re
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    stale = tmp_path / f".out.tmp-{dead_pid()}-{host}-abc123"
+    live = tmp_path / f".out.tmp-{os.getpid()}-{host}-def456"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    res = cli("model", tiny_dirs["llama"], "-o", tmp_path / "out", "--ratio", "0.3", "--method", "svd",
+              *calib(austen_file))
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and live.exists()
+
+
+def test_swap_interrupted_by_a_kill_gives_back_the_previous_output(tmp_path):
+    import socket
+    import re
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    old = tmp_path / f".out.old-{dead_pid()}-{host}-zz9"
+    (old / "out").mkdir(parents=True)
+    (old / "out" / "config.json").write_text("{}")
+    assert remove_stale_temporaries(tmp_path / "out") == [old]
+    assert (tmp_path / "out" / "config.json").is_file() and not old.exists()
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_written_folders_and_files_follow_the_umask(tiny_dirs, compressed, austen_file, tmp_path, cli):
+    previous = os.umask(0o027)
+    try:
+        res = cli("model", tiny_dirs["llama"], "-o", tmp_path / "ckpt", "--ratio", "0.3", "--method", "svd",
+                  *calib(austen_file))
+        assert res.exit_code == 0, res.output
+        res = cli("evaluate", compressed, "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1",
+                  "--json", tmp_path / "results" / "r.json")
+        assert res.exit_code == 0, res.output
+    finally:
+        os.umask(previous)
+    assert mode(tmp_path / "ckpt") == 0o750
+    assert {mode(p) for p in (tmp_path / "ckpt").iterdir()} == {0o640}
+    assert mode(tmp_path / "results" / "r.json") == 0o640 and mode(tmp_path / "results" / "r.md") == 0o640
+
+
+def test_bench_reliability_prints_every_step(tiny_dirs, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import reliability
+    reliability.main(["--model", str(tiny_dirs["llama"]), "--reps", "1"])
+    table = capsys.readouterr().out
+    for step in ("load", "NaN/Inf scan", "save_pretrained alone", "atomic write"):
+        assert step in table
+    from rankwise.compress.arch import named_target_linears
+    from tiny import tiny_model
+    assert f"{len(named_target_linears(tiny_model('llama')))} targeted Linears" in table
