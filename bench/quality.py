@@ -48,6 +48,10 @@ ROWS = {
     # allocation from the whitened truncation loss, block refinement, and their combinations
     "svd-llm+loss-aware": {"method": "svd-llm", "ranks": "loss-aware"},
     "svd-llm+refit+loss-aware": {"method": "svd-llm", "refit": True, "ranks": "loss-aware"},
+    "svd-llm+refit+refine": {"method": "svd-llm", "refit": True, "refine": True},
+    "svd-llm+refit+eora32+refine": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32,
+                                    "refine": True},
+    "preset-best": {"preset": "best"},
 }
 
 
