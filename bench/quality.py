@@ -33,7 +33,7 @@ ROWS = {
     "svd": {"method": "svd"},
     "asvd": {"method": "asvd"},
     "svd-llm": {"method": "svd-llm"},
-    # issue 3: allocation, Fisher weighting, compensation (inside the ratio), closed-form refit, combinations
+    # allocation, Fisher weighting, compensation (inside the ratio), closed-form refit, combinations
     "svd-llm+welore": {"method": "svd-llm", "ranks": "welore"},
     "fwsvd": {"method": "fwsvd"},
     "svd-llm+eora32": {"method": "svd-llm", "compensate": "eora", "eora_rank": 32},

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import typer
 
-from rankwise.cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
+from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, eora_rank_option, out_console,
+                                 quiet_option, user_errors)
 
 
 @app.command("compensate")
@@ -15,7 +16,7 @@ def compensate_cmd(
     compressed: str = typer.Argument(..., help="The compressed model (Rankwise checkpoint, pruned or other "
                                                "dense-weight model with the same layer names)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (a Rankwise checkpoint)."),
-    eora_rank: int = typer.Option(64, help="Rank of the residual path of every compensated Linear."),
+    eora_rank: int = eora_rank_option("Rank of the residual path of every compensated Linear."),
     calib: str = calib_source_option(),
     nsamples: int = typer.Option(64, help="Number of random calibration windows (EoRA's recipe: 64)."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
@@ -23,10 +24,11 @@ def compensate_cmd(
     batch_size: int = calib_batch_option(),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    quiet: bool = quiet_option(),
 ):
     """EoRA: add to every layer of COMPRESSED a low-rank path fitted to ORIGINAL's layer on ORIGINAL's inputs."""
     from rankwise.compress.compensate import run_compensate
-    with Bars() as bars:
+    with Bars(quiet) as bars:
         meta = run_compensate(original, compressed, output, eora_rank, calib, nsamples, seqlen, seed, batch_size,
                               device, overwrite, bars)
     out_console.print(f"compensated {sum(1 for m in meta.modules.values() if m.lora_rank)} Linears "

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from rankwise.errors import RankwiseError
-from rankwise.cli.common import Bars, app, out_console, user_errors
+from rankwise.cli.common import Bars, app, out_console, quiet_option, user_errors
 
 # lm-eval's and datasets' own tqdm bars (ours are the rich ones); tqdm reads this when first imported
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -32,12 +32,13 @@ def evaluate_cmd(
     seqlen: Optional[int] = typer.Option(None, help="Perplexity window length in tokens (default 2048, "
                                                     "papers' protocol)."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first N ppl windows (quick runs)."),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N examples of each task (quick runs)."),
+    limit: Optional[float] = typer.Option(None, help="Score only the first N examples of each task, or a "
+                                                      "fraction of them below 1 (as lm-eval's --limit)."),
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per task (default 0: zero-shot)."),
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start every ppl window / lm-eval request "
                                        "with BOS (default: as the model's tokenizer does in normal use)."),
     batch_size: str = typer.Option("1", help="Windows / requests per forward pass, or 'auto' (lm-eval's search)."),
-    dtype: str = typer.Option("auto", help="auto, fp32, fp16, bf16."),
+    dtype: str = typer.Option("auto", help="auto, fp32 / float32, fp16 / float16, bf16 / bfloat16."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu, cuda, cuda:N."),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside CHECKPOINT (folder or hub repo)."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own modeling code from the hub."),
@@ -45,10 +46,20 @@ def evaluate_cmd(
                                                                   "it, same name .md)."),
     baseline: Optional[Path] = typer.Option(None, help="A previous run's JSON (e.g. the dense model): adds delta "
                                                        "columns; with no --ppl/--tasks, repeats its evaluations."),
+    output_path: Optional[Path] = typer.Option(None, "--output-path", help="Also write the results as lm-eval "
+                                               "does: a folder gets MODEL/results_DATE.json, a .json path "
+                                               "gets STEM_DATE.json."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Write lm-eval's per-sample log of every task "
+                                     "(samples_TASK_DATE.jsonl beside the --output-path results)."),
+    seed: Optional[int] = typer.Option(None, help="lm-eval's seeds (python, numpy, torch, few-shot sampling); "
+                                                  "default lm-eval's own."),
+    quiet: bool = quiet_option(),
 ):
     """Token perplexity by the papers' protocol and lm-eval zero-shot accuracy, one JSON + Markdown per run."""
     from rankwise.eval.evaluate import evaluate_model
-    from rankwise.eval.results import add_deltas, load_baseline, markdown, write_results
+    from rankwise.eval.results import add_deltas, load_baseline, markdown, write_output_path, write_results
+    if log_samples and output_path is None:
+        raise RankwiseError("--log-samples needs --output-path (where the sample files go), as in lm-eval")
     if json_path is not None and json_path.suffix == ".md":
         raise RankwiseError(f"--json {str(json_path)!r} ends in .md; the Markdown table is written beside the JSON")
     if json_path is not None:  # before the evaluation, not after it
@@ -75,13 +86,18 @@ def evaluate_cmd(
         bos = bos if bos is not None else s.get("bos")
     elif not sources and not task_list:
         sources = ["wikitext2"]
-    with Bars() as bars:
+    with Bars(quiet) as bars:
         result = evaluate_model(checkpoint, sources, task_list, seqlen or 2048, max_windows, limit,
                                 batch_size if batch_size == "auto" else int(batch_size), dtype, device, bos,
-                                trust_remote_code, progress=bars, gguf_file=gguf_file, num_fewshot=num_fewshot)
+                                trust_remote_code, progress=bars, gguf_file=gguf_file, num_fewshot=num_fewshot,
+                                seed=seed, log_samples=log_samples)
     if base is not None:
         add_deltas(result, base, baseline)
     out_console.print(markdown(result), markup=False, highlight=False)
     if json_path:
         j, m = write_results(result, json_path)
         out_console.print(f"wrote {j} and {m}", markup=False, highlight=False)
+    if output_path:
+        written = write_output_path(result, output_path)
+        out_console.print(f"wrote {', '.join(str(w) for w in written)}", markup=False, highlight=False,
+                          soft_wrap=True)

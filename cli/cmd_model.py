@@ -1,18 +1,22 @@
 """`compress model`: compress a checkpoint and write a Rankwise checkpoint."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
-from rankwise.compress.metadata import CompressionResult
-from rankwise.cli.common import Bars, app, calib_batch_option, calib_source_option, out_console, user_errors
+from rankwise.errors import RankwiseError
+from rankwise.compress.outputs import check_output_file, write_text_atomic
 
+from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, console, eora_rank_option,
+                                 out_console, quiet_option, user_errors)
+from rankwise.compress.describe import pipeline_name, ratio_warning
 
-def _fmt(n) -> str:
-    return f"{n:,}" if isinstance(n, int) else str(n)
+if TYPE_CHECKING:  # the CLI's import stays free of torch until a command runs
+    from rankwise.compress.metadata import CompressionResult
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -23,22 +27,21 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def summary_table(meta: CompressionResult) -> Table:
-    t = Table(title=f"Rankwise: {meta.method} on {meta.source_model}", show_header=True)
-    t.add_column("")
-    t.add_column("before", justify="right")
-    t.add_column("after", justify="right")
-    t.add_column("removed", justify="right")
-    t.add_row("targeted Linear params", _fmt(meta.targeted_params_before), _fmt(meta.targeted_params_after),
+    """The end-of-run table: parameter counts and ratios, time and memory of the run."""
+    t = Table(title=f"Rankwise: {pipeline_name(meta)} on {meta.source_model}", show_header=True)
+    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("removed", "right")):
+        t.add_column(col, justify=justify)
+    t.add_row("targeted Linear params", f"{meta.targeted_params_before:,}", f"{meta.targeted_params_after:,}",
               f"{meta.ratio_achieved:.2%} (asked {meta.ratio_requested:.2%})")
     if meta.compensation_params:
-        t.add_row("  without the EoRA path", "", _fmt(meta.targeted_params_after - meta.compensation_params),
+        t.add_row("  without the EoRA path", "", f"{meta.targeted_params_after - meta.compensation_params:,}",
                   f"{meta.ratio_achieved_without_compensation:.2%}")
-    t.add_row("whole model params", _fmt(meta.model_params_before), _fmt(meta.model_params_after),
+    t.add_row("whole model params", f"{meta.model_params_before:,}", f"{meta.model_params_after:,}",
               f"{meta.model_ratio_achieved:.2%}")
     mem = f"host {meta.host_peak_gib:.2f} GiB" + (f", GPU {meta.gpu_peak_gib:.2f} GiB"
                                                    if meta.gpu_peak_gib is not None else "")
     dense = meta.kept_dense
-    t.caption = (f"factorized {len(meta.modules)} Linears, kept dense {len(dense)}"
+    t.caption = (f"factorized {sum(m.rank is not None for m in meta.modules.values())} Linears, kept dense {len(dense)}"
                  + (f" ({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})" if dense else "") + "; "
                  f"wall {meta.wall_seconds:.1f} s; peak memory {mem}")
     return t
@@ -66,7 +69,7 @@ def model_cmd(
                                               "make an extra statistics pass over the dense model."),
     compensate: str = typer.Option("none", help="Residual path after truncation: none or eora (its parameters "
                                                 "count inside --ratio)."),
-    eora_rank: int = typer.Option(32, help="EoRA: rank of the residual path of every factorized Linear."),
+    eora_rank: int = eora_rank_option("EoRA: rank of the residual path of every factorized Linear."),
     refit: bool = typer.Option(False, help="Re-solve B in closed form to match the dense model's layer outputs "
                                            "(keeps a second, dense stream of activations: 2x activation memory)."),
     refit_damp: float = typer.Option(1.0, help="Refit / EoRA: ridge damping of the least squares, relative to the mean input energy; shrinks the fit toward the plain truncation (1.0 chosen on held-out Austen text)."),
@@ -96,6 +99,9 @@ def model_cmd(
                                                     "names are the model's; not with --method fwsvd."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own modeling code from the hub."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the run's summary (the checkpoint's "
+                                                                  "metadata, time, memory) as JSON here."),
+    quiet: bool = quiet_option(),
 ):
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
     from rankwise.compress.config import CompressConfig
@@ -109,9 +115,19 @@ def model_cmd(
     if preset != "none":  # the preset fills in what the command line left at its default
         options = {k: v for k, v in options.items() if k in ("model", "preset") or _given(ctx, k)}
     cfg = CompressConfig(**options)
-    with Bars() as bars:
+    if json_path is not None:  # before the work, not after it
+        check_output_file(json_path, "--json")
+        if json_path.exists() and not overwrite:
+            raise RankwiseError(f"--json {str(json_path)!r} already exists (use --overwrite to replace it)")
+    with Bars(quiet) as bars:
         meta = run_compress(cfg, output, overwrite, bars)
     out_console.print(summary_table(meta))
-    out_console.print(f"wrote {output}")
+    warning = ratio_warning(meta)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json_path, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
+    out_console.print(f"wrote {output}" + (f" and {json_path}" if json_path else ""))
 
 

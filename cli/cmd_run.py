@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from rankwise.errors import RankwiseError
-from rankwise.cli.common import Bars, app, console, out_console, user_errors
+from rankwise.cli.common import Bars, app, console, out_console, quiet_option, user_errors
 
 
 def plan_table(plan, statuses: dict) -> Table:
@@ -29,6 +29,7 @@ def run_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their folders; run nothing."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs at once, each in its own process on its own GPU "
                                                       "(1: one after another in this process)."),
+    quiet: bool = quiet_option(),
 ):
     """Run every job of a sweep (skipping finished ones), then write results.csv, results.md and plots."""
     from rankwise.cli.sweep import gpu_slots, load_plan, run_in_process, run_in_subprocesses, visible_gpus
@@ -66,7 +67,7 @@ def run_cmd(
         for job in todo:
             console.print(f"[{finished + 1}/{len(todo)}] {job.name}: {job.method} "
                           f"{'' if not job.compress else job.compress['ratio']} on {job.model}", highlight=False)
-            with Bars() as bars:
+            with Bars(quiet) as bars:
                 error = run_in_process(job, bars)
             on_done(job, error)
     report = write_report(plan.output_dir)

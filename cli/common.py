@@ -1,25 +1,54 @@
-"""Shared CLI pieces: the typer app, one-line user errors, rich progress bars."""
+"""Shared CLI pieces: the typer app, one-line user errors, progress (bars on a terminal, log lines elsewhere)."""
 from __future__ import annotations
 
 import functools
 import os
+import time
 import warnings
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
+from rankwise import __version__
 from rankwise.errors import RankwiseError, RankwiseWarning
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and messages only
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# -h as well as --help; help text wrapped at 80 columns whatever the terminal's width (click's plain help
+# formatter honours max_content_width; typer's rich one takes the terminal's width, hence rich_markup_mode=None)
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 80}
 app = typer.Typer(
     name="compress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings=CONTEXT, rich_markup_mode=None,
     help="Rankwise: SVD-family low-rank compression of Hugging Face causal LMs, and what it cost in quality.")
 console = Console(stderr=True)
 out_console = Console()
+
+
+def _print_version(value: bool):
+    if value:
+        out_console.print(f"rankwise {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Rankwise: SVD-family low-rank compression of Hugging Face causal LMs, and what it cost in quality."""
+
+
+def quiet_option():
+    return typer.Option(False, "--quiet", "-q", help="No progress output (the result is still printed).")
+
+
+def eora_rank_option(help_text: str):
+    """--eora-rank, one default for every command that fits EoRA paths."""
+    from rankwise.compress.defaults import EORA_RANK_DEFAULT
+    return typer.Option(EORA_RANK_DEFAULT, "--eora-rank", help=help_text)
 
 
 def calib_source_option():
@@ -73,16 +102,56 @@ def user_errors(fn):
     return wrapper
 
 
-class Bars:
-    """A rich progress display fed by the library's (stage, done, total) callbacks."""
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
-    def __init__(self):
+
+class LogLines:
+    """Progress as plain lines (stage, step i/N, elapsed, ETA) for logs that are not a terminal (nohup, SLURM,
+    CI): a stage's first and last step, and at most one line per `interval` seconds in between. A stage whose
+    first report is already past step 0 started when the previous report came (the stages run one after
+    another), so its elapsed time and ETA count that first step too."""
+
+    def __init__(self, out: Console, interval: float):
+        self.out, self.interval = out, interval
+        self.started: dict[str, float] = {}
+        self.last_line: dict[str, float] = {}
+        self.last_report = time.monotonic()
+
+    def __call__(self, stage: str, done: int, total: int):
+        now = time.monotonic()
+        start = self.started.setdefault(stage, now if done == 0 else self.last_report)
+        self.last_report = now
+        if done < total and stage in self.last_line and now - self.last_line[stage] < self.interval:
+            return
+        self.last_line[stage] = now
+        elapsed = now - start
+        eta = elapsed / done * (total - done) if done else None
+        self.out.print(f"{time.strftime('%H:%M:%S')} {stage}: {done}/{total}, elapsed {_duration(elapsed)}, "
+                       f"ETA {_duration(eta)}", highlight=False, markup=False, soft_wrap=True)
+
+
+class Bars:
+    """Progress for the library's (stage, done, total) callbacks: rich bars with ETA on a terminal, periodic log
+    lines otherwise (every RANKWISE_LOG_INTERVAL seconds, default 30), nothing with quiet=True."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bars = console.is_terminal and not quiet
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=False,
-                                 disable=not console.is_terminal and not os.environ.get("RANKWISE_PROGRESS"))
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                                 transient=False, disable=not self.bars)
+        self.lines = LogLines(console, float(os.environ.get("RANKWISE_LOG_INTERVAL", "30")))
         self.tasks = {}
 
     def __enter__(self):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # e.g. "Writing model shards": these bars or lines are the only ones
         self.progress.__enter__()
         return self
 
@@ -90,6 +159,11 @@ class Bars:
         return self.progress.__exit__(*exc)
 
     def __call__(self, stage: str, done: int, total: int):
+        if self.quiet:
+            return
+        if not self.bars:
+            self.lines(stage, done, total)
+            return
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)

@@ -134,11 +134,17 @@ class EvalBlock(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     seqlen: int = Field(2048, ge=2)
     max_windows: Optional[int] = Field(None, ge=1)
-    limit: Optional[int] = Field(None, ge=1)
+    limit: Optional[Union[int, float]] = Field(None, gt=0, description="examples per task, or a fraction below 1")
     batch_size: Union[int, Literal["auto"]] = 1
     bos: Optional[bool] = None  # None: as the tokenizer does in normal use
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: Optional[str] = None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v):
+        from rankwise.compress.loading import DTYPE_ALIASES
+        return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("ppl", "tasks", mode="before")
     @classmethod

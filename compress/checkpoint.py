@@ -17,6 +17,7 @@ from typing import Iterable
 from rankwise.errors import RankwiseError
 from rankwise.compress.outputs import atomic_output_dir, check_output_dir  # noqa: F401 (the writers' entry points)
 from rankwise.compress import lowrank
+from rankwise.compress.describe import pipeline_name
 from rankwise.compress.lowrank import AUTO_MAP, RANKWISE_KEY, checkpoint_file
 from rankwise.compress.metadata import CompressionResult
 
@@ -40,7 +41,7 @@ library_name: transformers
 tags: [rankwise, low-rank, svd, compression]
 base_model: {meta.source_model}
 ---
-# {Path(meta.source_model or 'model').name} compressed with Rankwise ({meta.method})
+# {Path(meta.source_model or 'model').name} compressed with Rankwise ({pipeline_name(meta)})
 
 Low-rank factorization of every decoder Linear (W ~ B A) with `{meta.method}`, rank allocation
 `{meta.ranks_allocation}`.

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rankwise.compress.defaults import EORA_RANK_DEFAULT
 from rankwise.compress.methods import REGISTRY
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -25,7 +26,7 @@ class CompressConfig(BaseModel):
     ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
     ranks: Literal["uniform", "welore", "loss-aware"] = Field("uniform", description="rank allocation")
     compensate: Literal["none", "eora"] = Field("none", description="residual low-rank path after truncation")
-    eora_rank: int = Field(32, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
+    eora_rank: int = Field(EORA_RANK_DEFAULT, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
     refit: bool = Field(False, description="re-solve B by least squares on the dense layer's outputs")
     refit_damp: float = Field(1.0, ge=0, description="ridge damping of refit / EoRA solves, relative (1.0: chosen on austen.txt)")
     refine: bool = Field(False, description="train each block's low-rank factors (Adam, MSE) to match the dense "
@@ -64,6 +65,12 @@ class CompressConfig(BaseModel):
         if not 0.0 < v < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (fraction of targeted parameters removed), got {v}")
         return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v):
+        from rankwise.compress.loading import DTYPE_ALIASES
+        return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("method")
     @classmethod

@@ -14,6 +14,16 @@ from rankwise.compress.lowrank import RANKWISE_KEY, CheckpointError, load_rankwi
 # Checkpoint names a normal load drops silently (transformers' own exceptions, modeling_utils.py).
 ALWAYS_IGNORED = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$")
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch's spellings (as lm-eval and transformers take them) for the short names
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def normalize_dtype(name: str) -> str:
+    """auto, fp32, fp16 or bf16 from those or float32, float16, bfloat16; anything else is one clear error."""
+    short = DTYPE_ALIASES.get(name, name)
+    if short != "auto" and short not in DTYPE_NAMES:
+        raise RankwiseError(f"unknown dtype {name!r}: use auto, fp32 (float32), fp16 (float16) or bf16 (bfloat16)")
+    return short
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,10 +38,9 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
     """'auto' keeps the checkpoint's dtype on GPU and uses float32 on CPU (fp16 matmuls are slow there)."""
+    name = normalize_dtype(name)
     if name == "auto":
         return "auto" if device.type == "cuda" else torch.float32
-    if name not in DTYPE_NAMES:
-        raise RankwiseError(f"unknown dtype {name!r}: use auto, fp32, fp16 or bf16")
     return DTYPE_NAMES[name]
 
 

@@ -15,10 +15,12 @@ compensated layer, `<name>.lora_A.weight` [r, n], `<name>.lora_B.weight` [m, r].
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -229,7 +231,36 @@ def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str
     model.to(device)
     # bound to this instance (the base class knows nothing of this file); a deepcopy binds it to the copy
     model.save_pretrained = types.MethodType(_save_pretrained_with_modeling_file, model)
+    if hasattr(model, "load_adapter"):  # transformers' PEFT integration, taught our layer type
+        model.load_adapter = types.MethodType(_load_adapter, model)
     return model.eval()
+
+
+def peft_lora_config(config):
+    """`config` (a PEFT LoraConfig) with LowRankLinear registered as a LoRA target: PEFT's own lora.Linear
+    computes base(x) + lora_B(lora_A(x)) * scaling and needs only in/out features from its base layer."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    config._register_custom_module({LowRankLinear: PeftLoraLinear})
+    return config
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT warns "Unsupported layer type ... proceed at your own risk" for every registered custom layer, and
+    calls transformers' deprecated names (FutureWarning): neither is the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def _load_adapter(self, peft_model_id, adapter_name=None, **kwargs):
+    """transformers' `model.load_adapter`, able to target the low-rank layers (an exported EoRA adapter)."""
+    from peft import PeftConfig
+    config = kwargs.pop("peft_config", None) or PeftConfig.from_pretrained(str(peft_model_id))
+    with quiet_peft():
+        return type(self).load_adapter(self, str(peft_model_id), adapter_name=adapter_name,
+                                       peft_config=peft_lora_config(config), **kwargs)
 
 
 class RankwiseForCausalLM(PreTrainedModel):

@@ -7,8 +7,10 @@ needs in/out features from the base, so it serves as that class. Dense layers th
 e.g. `compress compensate` on a pruned or quantized model) export their plain nn.Linear base directly.
 
 Files: adapter_model.safetensors + adapter_config.json (rank_pattern / alpha_pattern give per-module ranks;
-alpha = r so the scaling is 1, the EoRA path exactly). The adapter loads onto the checkpoint with its EoRA
-paths stripped (the base), via `load_eora_adapter`.
+alpha = r so the scaling is 1, the EoRA path exactly), README.md with the load snippet, and base/: the
+checkpoint without its EoRA paths, which `base_model_name_or_path` names. A checkpoint loaded through
+transformers (`trust_remote_code`) takes the adapter with its own `model.load_adapter(DIR)`; in Rankwise,
+`load_eora_adapter` does the same through PeftModel.
 """
 from __future__ import annotations
 
@@ -17,18 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
+from rankwise.compress.metadata import CompressionResult
+from rankwise.compress.lowrank import (LoraLinear, LowRankLinear, get_submodule_parent, peft_lora_config,
+                                       quiet_peft)
+
+BASE_DIR = "base"  # the checkpoint without EoRA paths, inside the adapter folder
 
 
-def _lora_config(ranks: dict[str, int], base_model_name: str | None = None):
+def _lora_config(ranks: dict[str, int]):
     from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
     r0 = max(ranks.values())
-    cfg = LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(ranks), rank_pattern=dict(ranks),
-                     alpha_pattern=dict(ranks), lora_dropout=0.0, bias="none", init_lora_weights=False,
-                     base_model_name_or_path=base_model_name)
-    cfg._register_custom_module({LowRankLinear: PeftLoraLinear})
-    return cfg
+    return peft_lora_config(LoraConfig(
+        r=r0, lora_alpha=r0, target_modules=sorted(ranks), rank_pattern=dict(ranks), alpha_pattern=dict(ranks),
+        lora_dropout=0.0, bias="none", init_lora_weights=False))
 
 
 def strip_compensation(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -53,21 +56,59 @@ def export_eora_adapter(model: nn.Module, out_dir: str | Path, base_model_name: 
     if not paths:
         from rankwise.errors import RankwiseError
         raise RankwiseError("the model has no EoRA compensation path to export")
-    peft_model = get_peft_model(model, _lora_config({n: a.shape[0] for n, (b, a) in paths.items()},
-                                                    base_model_name))
+    with quiet_peft():
+        peft_model = get_peft_model(model, _lora_config({n: a.shape[0] for n, (b, a) in paths.items()}))
+    if base_model_name is not None:  # set after get_peft_model, which fills it from the model's own name
+        peft_model.peft_config["default"].base_model_name_or_path = base_model_name
     with torch.no_grad():
         for name, (lB, lA) in paths.items():
             layer = peft_model.base_model.model.get_submodule(name)
             layer.lora_A["default"].weight.copy_(lA)
             layer.lora_B["default"].weight.copy_(lB)
-    peft_model.save_pretrained(str(out_dir))
+    peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)  # LoRA on Linears only
+    peft_model.unload()  # `model` back to the base, without PEFT's wrappers
     return Path(out_dir)
+
+
+def base_meta(meta: CompressionResult) -> CompressionResult:
+    """The compression record of the checkpoint once its EoRA paths are stripped (layers that were dense
+    with only a path are plain Linears again and leave the record)."""
+    lora = meta.compensation_params
+    modules = {n: m.model_copy(update={"lora_rank": 0}) for n, m in meta.modules.items() if m.rank is not None}
+    after = meta.model_params_after - lora
+    return meta.model_copy(update={
+        "compensate": "none", "eora_rank": 0, "compensation_params": 0, "modules": modules,
+        "targeted_params_after": meta.targeted_params_after - lora, "model_params_after": after,
+        "ratio_achieved": meta.ratio_achieved_without_compensation,
+        "model_ratio_achieved": 1 - after / meta.model_params_before})
+
+
+def adapter_card(adapter: str, base: str, n_paths: int) -> str:
+    return f"""---
+library_name: peft
+tags: [rankwise, eora, lora]
+base_model: {base}
+---
+# EoRA residual paths as a LoRA adapter
+
+{n_paths} residual low-rank paths (EoRA) of a Rankwise checkpoint, exported as a PEFT LoRA adapter (per-module
+ranks in `adapter_config.json`, alpha = rank so the scaling is 1). `{BASE_DIR}/` holds the compressed checkpoint
+without the paths; the adapter on top of it computes exactly what the full checkpoint computes.
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{base}", trust_remote_code=True)
+model.load_adapter("{adapter}")
+```
+
+`trust_remote_code` runs the base's `modeling_rankwise.py` (its low-rank layer, which `load_adapter` is taught
+to target; `peft` must be installed).
+"""
 
 
 def load_eora_adapter(base: nn.Module, adapter_dir: str | Path):
     """PeftModel of `base` (a checkpoint without its EoRA paths) with the exported adapter loaded."""
     from peft import LoraConfig, PeftModel
-    cfg = LoraConfig.from_pretrained(str(adapter_dir))
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    cfg._register_custom_module({LowRankLinear: PeftLoraLinear})
-    return PeftModel.from_pretrained(base, str(adapter_dir), config=cfg)
+    cfg = peft_lora_config(LoraConfig.from_pretrained(str(adapter_dir)))
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(adapter_dir), config=cfg)

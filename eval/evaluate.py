@@ -11,7 +11,8 @@ from rankwise.calib.data import load_text, resolve_bos, tokenize, validate_sourc
 from rankwise.errors import RankwiseError, first_line
 from rankwise.compress.checkpoint import package_versions
 from rankwise.compress.metadata import read_result
-from rankwise.compress.loading import load_config, load_model, max_context, resolve_device, resolve_dtype
+from rankwise.compress.loading import (load_config, load_model, max_context, normalize_dtype, resolve_device,
+                                        resolve_dtype)
 from rankwise.eval.ppl import perplexity
 
 
@@ -87,24 +88,40 @@ def load_for_eval(model_ref: str, dtype: str = "auto", device: str = "auto", tru
     return model, tokenizer, model.config
 
 
+def check_limit(limit: int | float | None) -> int | float | None:
+    """lm-eval's --limit: below 1 a fraction of each task's examples, else a whole number of examples."""
+    if limit is None:
+        return None
+    if limit <= 0:
+        raise RankwiseError(f"--limit must be above 0 (a count of examples, or a fraction below 1), got {limit:g}")
+    if limit >= 1:
+        if limit != int(limit):
+            raise RankwiseError(f"--limit above 1 must be a whole number of examples, got {limit:g}")
+        return int(limit)
+    return float(limit)
+
+
 def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), seqlen: int = 2048,
-                   max_windows: int | None = None, limit: int | None = None, batch_size: int | str = 1,
+                   max_windows: int | None = None, limit: int | float | None = None, batch_size: int | str = 1,
                    dtype: str = "auto", device: str = "auto", bos: bool | None = None, trust_remote_code: bool = False,
                    progress=None, gguf_file: str | None = None, num_fewshot: int | None = None,
-                   bootstrap_iters: int = 1000) -> dict:
-    """All evaluations of one model, loaded once, in one result dict: {"model", "rankwise", "ppl": {source:
-    {...}}, "tasks": {task: {metric: value, metric_stderr: value, requests_per_second, ...}}, "settings",
-    "versions", "wall_seconds", ...}. Bad input fails before the model is loaded."""
+                   bootstrap_iters: int = 1000, seed: int | None = None, log_samples: bool = False) -> dict:
+    """All evaluations of one model, loaded once, in one result dict: Rankwise's sections {"model",
+    "rankwise", "ppl": {source: {...}}, "tasks": {task: {metric: value, metric_stderr: value,
+    requests_per_second, ...}}, "settings", "package_versions", "wall_seconds", ...} beside lm-eval's own
+    ("results" with its "acc,none" keys, "versions", "n-shot", "higher_is_better", "configs", "config", ...),
+    so that tools reading lm-eval output read this too. With log_samples, "samples" holds lm-eval's per-task
+    samples (written to their own files, not into the JSON). Bad input fails before the model is loaded."""
     t_start = time.perf_counter()
     ppl, tasks = list(ppl), list(tasks)
     if not ppl and not tasks:
         raise RankwiseError("nothing to evaluate: give at least one perplexity source or task")
-    if limit is not None and limit < 1:
-        raise RankwiseError(f"--limit must be at least 1, got {limit}")
+    limit = check_limit(limit)
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise RankwiseError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
     if max_windows is not None and max_windows < 1:
         raise RankwiseError(f"--max-windows must be at least 1, got {max_windows}")
+    dtype = normalize_dtype(dtype)
     for s in ppl:
         validate_source(s)
     if gguf_file is None and not model_ref.endswith(".gguf"):
@@ -127,14 +144,18 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
         ppl_batch = 1 if batch_size == "auto" else int(batch_size)
         result["ppl"] = evaluate_ppl(model_ref, ppl, seqlen, dtype, str(dev), ppl_batch, bos, max_windows,
                                      trust_remote_code, progress, loaded=loaded)["ppl"]
+    from rankwise.eval.zeroshot import TaskRun, run_tasks
+    run = TaskRun()
     if tasks:
-        from rankwise.eval.zeroshot import run_tasks
-        result["tasks"] = run_tasks(model, tokenizer, prepared, limit,
-                                    batch_size if batch_size == "auto" else int(batch_size), bos, num_fewshot,
-                                    bootstrap_iters, task_set, progress)
+        run = run_tasks(model, tokenizer, prepared, limit, batch_size if batch_size == "auto" else int(batch_size),
+                        bos, num_fewshot, bootstrap_iters, task_set, progress, seed, log_samples)
+    result["tasks"] = run.metrics
     result["settings"] = {"ppl": ppl, "tasks": tasks, "seqlen": seqlen, "max_windows": max_windows,
                           "limit": limit, "batch_size": batch_size, "bos": bos, "num_fewshot": num_fewshot or 0,
-                          "bootstrap_iters": bootstrap_iters, "dtype": dtype, "device": device}
-    result["versions"] = _versions()
+                          "bootstrap_iters": bootstrap_iters, "dtype": dtype, "device": device, "seed": seed}
+    result["package_versions"] = _versions()
+    result.update(run.lm_eval)  # lm-eval's own keys; none of them collides with the ones above
+    if log_samples:
+        result["samples"] = run.samples
     result["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     return result

@@ -184,7 +184,14 @@ def rank_grid(modules: dict[str, ModuleSpec]) -> tuple[list[int], list[str], lis
 
 
 def plot_rank_heatmap(row: dict, path: Path) -> bool:
-    layers, kinds, ranks, frac = rank_grid(row.get("_modules") or {})
+    title = f"{row['method']} {row['ranks']} ratio {row['ratio_asked']:g}\n{Path(row['model']).name}"
+    return plot_module_ranks(row.get("_modules") or {}, title, path)
+
+
+def plot_module_ranks(modules: dict[str, ModuleSpec], title: str, path: Path) -> bool:
+    """A layer x module-kind heatmap of kept rank / min(in, out), ranks written in the cells; False when no
+    Linear was factorized."""
+    layers, kinds, ranks, frac = rank_grid(modules)
     if not layers:
         return False
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.28 * len(layers)))
@@ -199,8 +206,7 @@ def plot_rank_heatmap(row: dict, path: Path) -> bool:
                     ax.text(x, y, f"{int(v)}", ha="center", va="center", fontsize=6,
                             color="white" if frac[y][x] < 0.5 else "black")
     fig.colorbar(im, ax=ax, label="rank / min(in, out)")
-    ax.set_title(f"{row['method']} {row['ranks']} ratio {row['ratio_asked']:g}\n{Path(row['model']).name}",
-                 fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 from rankwise.errors import RankwiseError
+from rankwise.compress.describe import pipeline_name
+from rankwise.compress.metadata import parse_result
 from rankwise.compress.outputs import write_text_atomic
 
 STDERR = "_stderr"
@@ -108,8 +110,9 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['model']}", ""]
     meta = result.get("rankwise")
     if meta:
-        lines += [f"Rankwise checkpoint: method `{meta['method']}`, ratio requested "
-                  f"{meta['ratio_requested']}, achieved {_fmt(meta['ratio_achieved'])}.", ""]
+        info = parse_result(meta, "results")
+        lines += [f"Rankwise checkpoint: {pipeline_name(info)}; ratio requested {info.ratio_requested:g}, achieved "
+                  f"{info.ratio_achieved:.4f}.", ""]
     lines += [f"dtype {result.get('dtype')}, device {result.get('device')} ({result.get('device_name')}), "
               f"wall time {result.get('wall_seconds')} s.", ""]
     if deltas is not None:
@@ -148,11 +151,41 @@ def markdown(result: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _results_json(result: dict) -> str:
+    """The result as JSON text; per-sample logs go to their own files, not into it."""
+    body = {k: v for k, v in result.items() if k != "samples"}
+    return json.dumps(_clean(body), indent=2, default=_json_default) + "\n"
+
+
 def write_results(result: dict, json_path: str | Path) -> tuple[Path, Path]:
     """JSON at `json_path` and Markdown beside it (same name, .md), each written atomically."""
     json_path = Path(json_path)
     md_path = json_path.with_suffix(".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json_path, json.dumps(_clean(result), indent=2, default=_json_default) + "\n")
+    write_text_atomic(json_path, _results_json(result))
     write_text_atomic(md_path, markdown(result))
     return json_path, md_path
+
+
+def write_output_path(result: dict, output_path: str | Path) -> list[Path]:
+    """lm-eval's --output_path layout: a folder gets MODEL/results_DATE.json (MODEL the sanitized model name),
+    a path ending in .json gets STEM_DATE.json beside it; per-task samples_TASK_DATE.jsonl go next to the
+    results file when the run logged samples."""
+    from datetime import datetime
+
+    from lm_eval.utils import handle_non_serializable, sanitize_model_name
+    path = Path(output_path)
+    date_id = datetime.now().isoformat().replace(":", "-")
+    if path.suffix == ".json":
+        folder, results_file = path.parent, path.with_name(f"{path.stem}_{date_id}.json")
+    else:
+        folder = path / sanitize_model_name(str(result["model"]))
+        results_file = folder / f"results_{date_id}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(results_file, _results_json(result))
+    written = [results_file]
+    for task, samples in (result.get("samples") or {}).items():
+        lines = "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n" for s in samples)
+        written.append(folder / f"samples_{task}_{date_id}.jsonl")
+        write_text_atomic(written[-1], lines)
+    return written

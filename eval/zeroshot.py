@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankwise.errors import RankwiseError, first_line
@@ -26,6 +29,51 @@ def _quiet_lm_eval():
     # lm-eval logs every request batch and task at INFO/WARNING; our CLI shows its own progress and messages
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# the sections of lm-eval's result dict that are keyed by task: merged over the specs of one run
+LM_EVAL_TASK_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+                         "higher_is_better", "n-samples")
+
+
+@dataclass
+class TaskRun:
+    """What the task specs of one evaluation gave: Rankwise's flat per-task metrics, lm-eval's own result dict
+    (its per-task sections merged over specs, the rest from the last spec) and, when asked, the samples."""
+    metrics: dict = field(default_factory=dict)
+    lm_eval: dict = field(default_factory=lambda: {k: {} for k in LM_EVAL_TASK_SECTIONS})
+    samples: dict = field(default_factory=dict)
+
+    def add(self, out: dict) -> None:
+        for key, value in out.items():
+            if key == "samples":
+                self.samples.update(value)
+            elif key in LM_EVAL_TASK_SECTIONS and isinstance(value, dict):
+                self.lm_eval.setdefault(key, {}).update(value)
+            else:
+                self.lm_eval[key] = value
+
+
+def _quiet_git_hash():
+    """lm-eval's git_hash without the "fatal: not a git repository" that `git describe` prints to the
+    terminal outside a repository (its stderr is not captured)."""
+    from lm_eval.loggers.utils import get_commit_from_path
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextmanager
+def _git_quiet():
+    import lm_eval.evaluator as evaluator
+    loud = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _quiet_git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = loud
 
 
 def _absolute_data_files(data_files, base: Path, task: str):
@@ -180,12 +228,22 @@ def _counting_hflm():
     return CountingHFLM
 
 
-def run_tasks(model, tokenizer, prepared: list, limit: int | None = None, batch_size: int | str = 1,
+def _seeds(seed: int | None) -> dict:
+    """lm-eval's --seed N: the same seed for python, numpy, torch and the few-shot sampler."""
+    if seed is None:
+        return {}
+    return {"random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed,
+            "fewshot_random_seed": seed}
+
+
+def run_tasks(model, tokenizer, prepared: list, limit: int | float | None = None, batch_size: int | str = 1,
               bos: bool = False, num_fewshot: int | None = None, bootstrap_iters: int = 1000,
-              task_set: TaskSet | None = None, progress=None) -> dict:
-    """{task: {metric: value, metric_stderr: value, "samples": n, "requests": n, "requests_per_second": r,
-    "seconds": s, "source": yaml path or "lm-eval"}}, one simple_evaluate per spec. `prepared` is
-    TaskSet.prepare(specs) (or a list of specs, prepared here)."""
+              task_set: TaskSet | None = None, progress=None, seed: int | None = None,
+              log_samples: bool = False) -> TaskRun:
+    """One simple_evaluate per spec. TaskRun.metrics: {task: {metric: value, metric_stderr: value, "samples": n,
+    "requests": n, "requests_per_second": r, "seconds": s, "source": yaml path or "lm-eval"}}. `limit` below 1
+    is a fraction of each task's examples (as lm-eval's). `prepared` is TaskSet.prepare(specs) (or a list of
+    specs, prepared here)."""
     import lm_eval
     _quiet_lm_eval()
     task_set = task_set or TaskSet()
@@ -193,15 +251,16 @@ def run_tasks(model, tokenizer, prepared: list, limit: int | None = None, batch_
         prepared = task_set.prepare(prepared)
     lm = _counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64,
                           add_bos_token=bos or None)
-    results = {}
+    run = TaskRun()
     for i, (spec, tasks, tm) in enumerate(prepared):
         if progress:
             progress("lm-eval tasks", i, len(prepared))
         before_req, before_s = lm.requests, lm.model_seconds
         t0 = time.perf_counter()
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=tm, limit=limit,
-                                      num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
-                                      log_samples=False, batch_size=batch_size)
+        with _git_quiet():
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=tm, limit=limit,
+                                          num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                                          log_samples=log_samples, batch_size=batch_size, **_seeds(seed))
         seconds = time.perf_counter() - t0
         n_req, model_s = lm.requests - before_req, lm.model_seconds - before_s
         for name, res in out["results"].items():
@@ -213,7 +272,8 @@ def run_tasks(model, tokenizer, prepared: list, limit: int | None = None, batch_
                 "source": "lm-eval" if not (is_task_path(spec) or spec in task_set._local_names)
                 else str(Path(spec if is_task_path(spec) else task_set._local_names[spec]).resolve()),
             })
-            results[name] = metrics
+            run.metrics[name] = metrics
+        run.add(out)
         if progress:
             progress("lm-eval tasks", i + 1, len(prepared))
-    return results
+    return run

@@ -29,7 +29,7 @@ def test_local_task_result_json_markdown_and_foundation_ppl(cli, tiny_dirs, aust
     assert 0.0 <= task["acc"] <= 1.0 and task["acc_stderr"] > 0
     assert task["samples"] == LIMIT and task["requests"] == 4 * LIMIT  # four choices per item
     assert task["requests_per_second"] > 0
-    assert res["settings"]["limit"] == LIMIT and res["versions"]["lm_eval"]
+    assert res["settings"]["limit"] == LIMIT and res["package_versions"]["lm_eval"]
     assert res["wall_seconds"] > 0 and res["rankwise"] is None
     # the ppl numbers are exactly those of the foundation's evaluator
     ref = evaluate_ppl(str(tiny_dirs["llama"]), [f"text:{austen_file}"], SEQLEN, device="cpu",
@@ -39,6 +39,32 @@ def test_local_task_result_json_markdown_and_foundation_ppl(cli, tiny_dirs, aust
     assert got["tokens_per_second"] > 0
     md = (tmp_path / "res" / "base.md").read_text()
     assert "austen_mc" in md and "| acc |" in md and "token ppl" in md and f"{got['ppl']:.4f}" in md
+
+
+def test_results_json_reads_as_lm_eval_output(cli, tiny_dirs, tmp_path, monkeypatch, capfd):
+    """lm-eval's own sections beside ours; a fractional --limit, --seed, torch's dtype spelling, the
+    --output-path layout with samples; no git noise outside a repository."""
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    out = tmp_path / "r.json"
+    res = run_eval(cli, tiny_dirs["llama"], out, "--tasks", "austen_mc", "--limit", "0.5", "--seed", "7",
+                   "--dtype", "float32", "--output-path", tmp_path / "lm", "--log-samples")
+    block = res["results"]["austen_mc"]
+    for key in ("acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"):
+        assert isinstance(block[key], float), key
+    assert block["acc,none"] == res["tasks"]["austen_mc"]["acc"]
+    assert res["versions"]["austen_mc"] is not None and res["n-shot"]["austen_mc"] == 0
+    assert res["higher_is_better"]["austen_mc"]["acc"] is True
+    assert res["config"]["random_seed"] == 7 and res["config"]["limit"] == 0.5
+    n = res["n-samples"]["austen_mc"]
+    assert n["effective"] == -(-n["original"] // 2) == res["tasks"]["austen_mc"]["samples"]
+    assert res["dtype"] == "float32" and res["settings"]["dtype"] == "fp32"
+    assert "samples" not in res  # per-sample logs go to their own files
+    folder = tmp_path / "lm" / str(tiny_dirs["llama"]).replace("/", "__")
+    [results_file] = folder.glob("results_*.json")
+    assert json.loads(results_file.read_text())["results"] == res["results"]
+    [samples_file] = folder.glob("samples_austen_mc_*.jsonl")
+    assert len(samples_file.read_text().splitlines()) == n["effective"]
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_baseline_adds_deltas_and_repeats_its_evaluations(cli, tiny_dirs, austen_file, tmp_path):
@@ -93,19 +119,25 @@ def small_lm_eval_index(monkeypatch):
                                                                include_defaults=False))
 
 
-@pytest.mark.parametrize("case", ["unknown_task", "missing_yaml", "bad_baseline", "limit0", "missing_model"])
+@pytest.mark.parametrize("case", ["unknown_task", "missing_yaml", "bad_baseline", "limit0", "limit1.5",
+                                  "missing_model", "samples_nowhere", "dtype"])
 def test_bad_input_exits_2_with_one_line(cli, tiny_dirs, tmp_path, small_lm_eval_index, case):
     model, args = str(tiny_dirs["llama"]), ["--tasks", "austen_mc", "--limit", "2"]
     expect = {"unknown_task": "nosuch_task", "missing_yaml": "nope.yaml", "bad_baseline": "baseline",
-              "limit0": "--limit", "missing_model": "no_model_here"}[case]
+              "limit0": "--limit", "limit1.5": "1.5", "missing_model": "no_model_here",
+              "samples_nowhere": "--output-path", "dtype": "float8"}[case]
     if case == "unknown_task":
         args = ["--tasks", "nosuch_task"]
     elif case == "missing_yaml":
         args = ["--tasks", str(tmp_path / "nope.yaml")]
     elif case == "bad_baseline":
         args += ["--baseline", _write(tmp_path / "b.json", "{not json")]
-    elif case == "limit0":
-        args = ["--tasks", "austen_mc", "--limit", "0"]
+    elif case in ("limit0", "limit1.5"):
+        args = ["--tasks", "austen_mc", "--limit", case.removeprefix("limit")]
+    elif case == "samples_nowhere":
+        args += ["--log-samples"]
+    elif case == "dtype":
+        args += ["--dtype", "float8"]
     else:
         model = str(tmp_path / "no_model_here")
     r = cli("evaluate", model, *args, "--json", tmp_path / "out.json")

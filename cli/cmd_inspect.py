@@ -1,0 +1,85 @@
+"""`compress inspect`: what a Rankwise checkpoint is (pipeline, ratios, ranks, dense layers, calibration)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+from rich.table import Table
+
+from rankwise.errors import RankwiseError
+from rankwise.cli.common import app, out_console, user_errors
+from rankwise.compress.describe import block_and_kind, pipeline_name
+
+if TYPE_CHECKING:
+    from rankwise.compress.metadata import CompressionResult
+
+# the usual forward order of a decoder block's Linears (metadata keys are sorted by name)
+FORWARD_ORDER = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                 "down_proj", "c_attn", "c_proj", "c_fc", "fc1", "fc2", "out_proj"]
+
+
+def ratio_table(info: CompressionResult) -> Table:
+    t = Table(title="Parameters removed", title_justify="left")
+    for col in ("", "before", "after", "removed"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("targeted Linears, asked", "", "", f"{info.ratio_requested:.2%}")
+    t.add_row("targeted Linears, achieved", f"{info.targeted_params_before:,}", f"{info.targeted_params_after:,}",
+              f"{info.ratio_achieved:.2%}")
+    if info.compensation_params:
+        t.add_row("  without the EoRA paths", "", f"{info.targeted_params_after - info.compensation_params:,}",
+                  f"{info.ratio_achieved_without_compensation:.2%}")
+    t.add_row("whole model", f"{info.model_params_before:,}", f"{info.model_params_after:,}",
+              f"{info.model_ratio_achieved:.2%}")
+    return t
+
+
+def rank_table(info: CompressionResult) -> Table:
+    """One row per decoder block, one column per Linear kind: its rank (+ EoRA rank), 'dense' if kept."""
+    cells = {block_and_kind(name): (str(m.rank) if m.rank is not None else "dense")
+             + (f"+{m.lora_rank}" if m.lora_rank else "") for name, m in info.modules.items()}
+    for name in info.kept_dense:
+        cells[block_and_kind(name)] = "dense"
+    kinds = sorted({kind for _, kind in cells},
+                   key=lambda k: (FORWARD_ORDER.index(k) if k in FORWARD_ORDER else len(FORWARD_ORDER), k))
+    t = Table(title="Ranks per block" + (" (+ EoRA rank)" if info.compensation_params else ""),
+              title_justify="left")
+    t.add_column("block", justify="right")
+    for kind in kinds:
+        t.add_column(kind, justify="right")
+    for layer in sorted({k[0] for k in cells}, key=lambda x: -1 if x is None else x):
+        t.add_row("-" if layer is None else str(layer), *(cells.get((layer, k), "") for k in kinds))
+    return t
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    checkpoint: Path = typer.Argument(..., help="A Rankwise checkpoint folder."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw the per-block rank heatmap into this PNG."),
+):
+    """Show what a checkpoint is: pipeline, ratios, per-module ranks, dense layers, calibration, versions."""
+    if not (checkpoint / "config.json").is_file():
+        raise RankwiseError(f"{str(checkpoint)!r} is not a checkpoint folder (no config.json)")
+    from rankwise.compress.metadata import read_result
+    info = read_result(checkpoint)
+    if info is None:
+        raise RankwiseError(f"{str(checkpoint)!r} is a dense checkpoint (its config.json has no rankwise section)")
+    cal = info.calibration
+    out = out_console
+    out.print(f"{checkpoint}: Rankwise checkpoint of {info.source_model}", highlight=False, markup=False)
+    out.print(f"pipeline: {pipeline_name(info)}", highlight=False, markup=False)
+    out.print(ratio_table(info))
+    out.print(rank_table(info))
+    out.print(f"kept dense: {', '.join(info.kept_dense) if info.kept_dense else 'none'}", highlight=False,
+              markup=False, soft_wrap=True)
+    out.print(f"calibration: {cal.source}, {cal.nsamples} x {cal.seqlen} tokens, seed {cal.seed}",
+              highlight=False, markup=False, soft_wrap=True)
+    versions = ", ".join(f"{k} {v}" for k, v in info.versions.items())
+    out.print(f"format_version {info.format_version}" + (f"; written with {versions}" if versions else ""),
+              highlight=False, markup=False, soft_wrap=True)
+    if plot is not None:
+        from rankwise.eval.report import plot_module_ranks
+        if not plot_module_ranks(info.modules, f"{pipeline_name(info)}\n{Path(info.source_model).name}", plot):
+            raise RankwiseError(f"{str(checkpoint)!r} has no factorized Linear to plot")
+        out.print(f"wrote {plot}", highlight=False, markup=False)
