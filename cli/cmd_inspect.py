@@ -80,6 +80,7 @@ def inspect_cmd(
               highlight=False, markup=False, soft_wrap=True)
     if plot is not None:
         from rankwise.eval.report import plot_module_ranks
-        if not plot_module_ranks(info.modules, f"{pipeline_name(info)}\n{Path(info.source_model).name}", plot):
+        title = f"{pipeline_name(info)}\n{Path(info.source_model).name}"
+        if not plot_module_ranks(info.modules, title, plot, info.kept_dense):
             raise RankwiseError(f"{str(checkpoint)!r} has no factorized Linear to plot")
         out.print(f"wrote {plot}", highlight=False, markup=False)

@@ -12,10 +12,12 @@ from rankwise.cli.common import app, out_console, user_errors
 @app.command("report")
 @user_errors
 def report_cmd(run_dir: Path = typer.Argument(..., help="The output_dir of a `compress run`.")):
-    """Tabulate and plot every finished (and failed) job of a run folder."""
+    """Tabulate and plot the jobs of the run folder's last run file (job folders of earlier ones listed apart)."""
     from rankwise.eval.report import describe_files, write_report
     if not (run_dir / "jobs").is_dir():
         raise RankwiseError(f"{str(run_dir)!r} is not a run folder (it has no jobs/ folder)")
     report = write_report(run_dir)
-    done = sum(r["status"] == "done" for r in report["rows"])
-    out_console.print(f"{done} done, {len(report['rows']) - done} failed; wrote {describe_files(report['files'])}")
+    count = {s: sum(r["status"] == s for r in report.rows) for s in ("done", "failed", "pending")}
+    earlier = f" ({len(report.earlier)} job folders of earlier run files listed apart)" if report.earlier else ""
+    out_console.print(f"{count['done']} done, {count['failed']} failed, {count['pending']} pending{earlier}; "
+                      f"wrote {describe_files(report.files)}")

@@ -1,10 +1,13 @@
 """`compress run`: a YAML batch of compression + evaluation jobs, resumable, with a results table and plots."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rankwise.errors import RankwiseError
@@ -12,14 +15,37 @@ from rankwise.cli.common import Bars, app, console, out_console, quiet_option, u
 
 
 def plan_table(plan, statuses: dict) -> Table:
+    from rankwise.eval.report import setting_value, varying_settings
+    settings = varying_settings([j.compress for j in plan.jobs])
     t = Table(title=f"{len(plan.jobs)} jobs from {plan.path}", caption=f"job folders: {plan.output_dir}/jobs/")
-    for col in ("#", "status", "model", "method", "ratio", "job folder"):
+    for col in ("#", "status", "model", "method", "ratio", *settings, "job folder"):
         t.add_column(col, justify="right" if col in ("#", "ratio") else "left",
                      overflow="fold" if col in ("model", "job folder") else "ellipsis")
     for i, job in enumerate(plan.jobs, 1):
         ratio = f"{job.compress['ratio']:g}" if job.compress else "-"
-        t.add_row(str(i), statuses[job.name], job.model, job.method, ratio, job.name)
+        t.add_row(str(i), statuses[job.name], job.model, job.method, ratio,
+                  *(setting_value(job.compress, s) for s in settings), job.name)
     return t
+
+
+def _engine(plan, jobs: int, ray: bool, ray_address: Optional[str]):
+    """None: one job after another in this process; else the RayTarget to run on."""
+    import os
+
+    from rankwise.cli.engine import RayTarget, import_ray
+    address = ray_address or plan.ray_address
+    if not (ray or plan.ray or address or jobs > 1):
+        return None  # RAY_ADDRESS alone does not send a sequential sweep to Ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    import_ray()  # missing extra: one line before anything runs
+    return RayTarget(address=address, max_parallel=jobs if jobs > 1 else None)
+
+
+def _write_plan(plan) -> None:
+    from rankwise.compress.outputs import write_text_atomic
+    shutil.copyfile(plan.path, plan.output_dir / "run.yaml")  # what produced these results
+    write_text_atomic(plan.output_dir / "plan.json", json.dumps(
+        {"run_file": str(plan.path), "jobs": [j.to_json() for j in plan.jobs]}, indent=2, default=str) + "\n")
 
 
 @app.command("run")
@@ -27,12 +53,19 @@ def plan_table(plan, statuses: dict) -> Table:
 def run_cmd(
     config: Path = typer.Argument(..., help="Run file (YAML): output_dir, model, calib:, eval:, sweep:, jobs:."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their folders; run nothing."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs at once, each in its own process on its own GPU "
-                                                      "(1: one after another in this process)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Jobs at once, each a Ray task in its own process (one GPU "
+                                                      "each for CUDA jobs) on a local Ray cluster; 1: one after "
+                                                      "another in this process, no Ray needed."),
+    ray: bool = typer.Option(False, "--ray", help="Run the jobs as Ray tasks (YAML `ray: true`): on the cluster "
+                                                  "of --ray-address or RAY_ADDRESS, else on a local one."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="An existing Ray cluster (e.g. "
+                                              "ray://head:10001 or auto); output_dir must be on storage every "
+                                              "node sees."),
     quiet: bool = quiet_option(),
 ):
-    """Run every job of a sweep (skipping finished ones), then write results.csv, results.md and plots."""
-    from rankwise.cli.sweep import gpu_slots, load_plan, run_in_process, run_in_subprocesses, visible_gpus
+    """Run every job of a sweep (skipping finished ones), then write results.csv, results.md and plots.
+    Exit code 0 when every job succeeded, 1 when any failed (the count is printed), 2 for bad input."""
+    from rankwise.cli.sweep import load_plan, run_in_process, sole_runner
     from rankwise.eval.report import describe_files, write_report
     if jobs < 1:
         raise RankwiseError(f"--jobs must be at least 1, got {jobs}")
@@ -43,10 +76,7 @@ def run_cmd(
         out_console.print(plan_table(plan, statuses))
         out_console.print(f"{len(todo)} to run, {len(plan.jobs) - len(todo)} already done")
         return
-    slots = gpu_slots(todo, min(jobs, len(todo)), visible_gpus()) if jobs > 1 and todo else []
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config, plan.output_dir / "run.yaml")  # what produced these results
-    console.print(f"{len(plan.jobs)} jobs: {len(plan.jobs) - len(todo)} done already, {len(todo)} to run")
+    target = _engine(plan, jobs, ray, ray_address) if todo else None
     failed: dict[str, str] = {}
     finished = 0
 
@@ -55,24 +85,36 @@ def run_cmd(
         finished += 1
         if error:
             failed[job.name] = error
-            console.print(f"[red]failed[/] [{finished}/{len(todo)}] {job.name}: {error}", highlight=False)
+            console.print(f"[red]failed[/] [{finished}/{len(todo)}] {job.name}: {escape(error)}", highlight=False)
         else:
             console.print(f"[green]done[/]   [{finished}/{len(todo)}] {job.name}", highlight=False)
 
-    if slots:
-        console.print(f"running {len(todo)} jobs on {len(slots)} workers "
-                      f"({'GPUs ' + ','.join(slots) if slots[0] is not None else 'CPU'}); logs in each job folder")
-        run_in_subprocesses(todo, slots, on_done)
-    else:
-        for job in todo:
-            console.print(f"[{finished + 1}/{len(todo)}] {job.name}: {job.method} "
-                          f"{'' if not job.compress else job.compress['ratio']} on {job.model}", highlight=False)
-            with Bars(quiet) as bars:
-                error = run_in_process(job, bars)
-            on_done(job, error)
-    report = write_report(plan.output_dir)
-    out_console.print(f"wrote {describe_files(report['files'])}")
+    with sole_runner(plan.output_dir):
+        _write_plan(plan)
+        console.print(f"{len(plan.jobs)} jobs: {len(plan.jobs) - len(todo)} done already, {len(todo)} to run")
+        try:
+            if target is not None:
+                from rankwise.cli.engine import run_on_ray
+                console.print(f"running {len(todo)} jobs as Ray tasks ({target.address or 'local cluster'}"
+                              f"{f', {target.max_parallel} at once' if target.max_parallel else ''}); "
+                              "logs in each job folder", highlight=False)
+                run_on_ray(todo, target, on_done)
+            else:
+                for job in todo:
+                    console.print(f"[{finished + 1}/{len(todo)}] {job.name}: {job.method} "
+                                  f"{'' if not job.compress else job.compress['ratio']} on {job.model}",
+                                  highlight=False)
+                    with Bars(quiet) as bars:
+                        error = run_in_process(job, bars)
+                    on_done(job, error)
+        except KeyboardInterrupt as e:  # the running jobs were stopped; their results are atomic, never partial
+            write_report(plan.output_dir)
+            console.print(f"interrupted ({e or 'the running job was stopped'}): {finished} finished jobs are kept; "
+                          "rerun to continue", highlight=False)
+            raise typer.Exit(130)
+        report = write_report(plan.output_dir)
+    out_console.print(f"wrote {describe_files(report.files)}")
     if failed:
         console.print(f"[red]{len(failed)} of {len(plan.jobs)} jobs failed[/]; rerun to retry them "
-                      f"(errors in {plan.output_dir}/jobs/*/error.json)", highlight=False)
-        raise typer.Exit(min(len(failed), 125))  # the exit code is the number of failed jobs
+                      f"(errors in results.md and {plan.output_dir}/jobs/*/error.json)", highlight=False)
+        raise typer.Exit(1)

@@ -4,17 +4,23 @@ A run file names defaults (any `compress model` option, same names), a `calib:` 
 `sweep:` of lists whose cartesian product gives the jobs, optional `jobs:` (extra jobs, not crossed) and
 `overrides:` ({match: {...}, set: {...}}: settings for the jobs that match). Each job is resolved into a full
 CompressConfig (its extra="forbid" rejects unknown keys, so new compression options just work) plus evaluation
-settings, and lives in OUTPUT_DIR/jobs/NAME-HASH/, HASH being a short hash of its resolved settings:
+settings. The compression settings and the evaluation settings are hashed apart:
 
-    job.json     the resolved job (a worker subprocess needs nothing else)
-    model/       the compressed checkpoint (reused if a crash came after it was written)
-    result.json  written atomically at the end: the job is done when it exists
-    error.json   the failure of the last attempt (the job is retried on the next run)
+    jobs/NAME_CHASH-EHASH/job.json      the resolved job (a worker process needs nothing else)
+    jobs/NAME_CHASH-EHASH/result.json   written atomically at the end: the job is done when it holds a valid result
+    jobs/NAME_CHASH-EHASH/error.json    the failure of the last attempt (the job is retried on the next run)
+    checkpoints/NAME_CHASH/model/       the compressed checkpoint, reused by every evaluation of it
+    plan.json                           the job names of the last run file (the report shows those)
+
+NAME is readable (model, method, ratio and the non-default settings that change a checkpoint: see setting_tags);
+CHASH covers every compression setting, EHASH every evaluation setting, so a new evaluation setting re-evaluates
+the existing checkpoints. Where a job runs (device, offload, streaming) is in neither hash.
 
 It sits in cli/ because it is configuration: it drives compress and eval and nothing imports it back.
 """
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import itertools
@@ -23,14 +29,12 @@ import os
 import re
 import resource
 import shutil
-import subprocess
-import sys
+import socket
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Queue
 from typing import Any, Literal, Optional, Union
 
 import yaml
@@ -55,36 +59,71 @@ def _expand(s: str) -> str:
     return re.sub(r"(^|^text:|^jsonl:)~(?=/|$)", lambda m: m.group(1) + os.path.expanduser("~"), s)
 
 
+# A run file is a few dozen keys: a document that expands (through aliases) beyond this many nodes is refused
+# before it can exhaust memory (a "billion laughs" alias bomb).
+MAX_YAML_NODES = 100_000
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 def load_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
-    """The document (env-expanded strings) and the line of every key / list item, keyed by its path."""
+    """The document (env-expanded strings) and the line of every key / list item, keyed by its path.
+    Plain YAML only: no language tags, no duplicate keys, no recursive aliases, bounded alias expansion."""
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RankwiseError(f"cannot read run file {str(path)!r}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RankwiseError(f"cannot read run file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise RankwiseError(f"{path}: nested too deeply to be a run file") from None
     except yaml.YAMLError as e:
         raise RankwiseError(f"{path}: not valid YAML: {str(e).splitlines()[0]} "
                             f"(line {getattr(getattr(e, 'problem_mark', None), 'line', -1) + 1})") from None
     lines: dict[tuple, int] = {}
     constructor = yaml.SafeLoader("")
+    visited = 0
 
-    def build(node, where: tuple):
+    def refuse(node, what: str) -> RankwiseError:
+        return RankwiseError(f"{path} line {node.start_mark.line + 1}: {what}")
+
+    def scalar(node):
+        if not isinstance(node, yaml.ScalarNode):
+            raise refuse(node, "a key must be a plain value, not a list or mapping")
+        try:
+            return constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as e:  # e.g. !!python/object: SafeLoader builds no language objects
+            raise refuse(node, f"not allowed: {str(e).splitlines()[-1].strip() or e}") from None
+
+    def build(node, where: tuple, ancestors: frozenset):
+        nonlocal visited
+        visited += 1
+        if visited > MAX_YAML_NODES:
+            raise refuse(node, f"the document expands to more than {MAX_YAML_NODES} values (an alias bomb?)")
+        if id(node) in ancestors:
+            raise refuse(node, "recursive alias (a value that contains itself)")
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+            raise refuse(node, f"tag {node.tag!r} is not allowed (plain YAML only)")
+        inner = ancestors | {id(node)}
         if isinstance(node, yaml.MappingNode):
             out = {}
             for k, v in node.value:
-                key = constructor.construct_object(k, deep=True)
+                key = scalar(k)
+                if key in out:
+                    raise refuse(k, f"duplicate key {key!r} (first on line {lines[where + (key,)]})")
                 lines[where + (key,)] = k.start_mark.line + 1
-                out[key] = build(v, where + (key,))
+                out[key] = build(v, where + (key,), inner)
             return out
         if isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 lines[where + (i,)] = item.start_mark.line + 1
-            return [build(item, where + (i,)) for i, item in enumerate(node.value)]
-        value = constructor.construct_object(node, deep=True)
+            return [build(item, where + (i,), inner) for i, item in enumerate(node.value)]
+        value = scalar(node)
         return _expand(value) if isinstance(value, str) else value
 
-    data = build(root, ()) if root is not None else {}
+    try:
+        data = build(root, (), frozenset()) if root is not None else {}
+    except RecursionError:
+        raise RankwiseError(f"{path}: nested too deeply to be a run file") from None
     if not isinstance(data, dict):
         raise RankwiseError(f"{path}: the run file must be a mapping of keys (output_dir, model, sweep, ...)")
     return data, lines
@@ -171,6 +210,8 @@ class RunFile(BaseModel):
     overrides: list[Override] = Field(default_factory=list)
     baseline: bool = Field(False, description="add a dense (uncompressed) job per model")
     keep_checkpoints: bool = Field(True, description="False: delete each compressed model once evaluated")
+    ray: bool = Field(False, description="run the jobs as Ray tasks (as --ray)")
+    ray_address: Optional[str] = Field(None, description="an existing Ray cluster (as --ray-address)")
 
     @field_validator("sweep", mode="before")
     @classmethod
@@ -182,23 +223,38 @@ class RunFile(BaseModel):
 
 @dataclass
 class Job:
+    """One compression (or the dense model) evaluated once. Its folder is jobs/NAME/, NAME = readable settings +
+    COMPRESSION_HASH-EVALUATION_HASH; the checkpoint lives in checkpoints/CHECKPOINT_NAME/model (NAME without the
+    evaluation hash), so a new evaluation setting re-evaluates the same checkpoint instead of recompressing."""
     name: str
     model: str
     compress: dict | None  # CompressConfig fields; None for the dense baseline
     eval: dict
+    checkpoint_name: str | None = None  # None: dense, nothing to compress
     keep_checkpoint: bool = True
     dir: Path = field(default=Path("."))
+    checkpoint_dir: Path | None = None
 
     @property
     def method(self) -> str:
         return self.compress["method"] if self.compress else DENSE
 
+    @property
+    def wants_gpu(self) -> bool:
+        return any(str(part.get("device", "")).startswith("cuda") for part in (self.compress or {}, self.eval))
+
     def to_json(self) -> dict:
         return {"name": self.name, "model": self.model, "compress": self.compress, "eval": self.eval,
-                "keep_checkpoint": self.keep_checkpoint}
+                "checkpoint": self.checkpoint_name, "keep_checkpoint": self.keep_checkpoint}
+
+    def result(self) -> dict | None:
+        from rankwise.eval.report import read_job_result
+        return read_job_result(self.dir, self.name)
 
     def status(self) -> str:
-        if (self.dir / "result.json").is_file():
+        """done (a valid result.json), failed (error.json of the last attempt) or pending. A truncated or foreign
+        result.json does not count: the job is redone."""
+        if self.result() is not None:
             return "done"
         return "failed" if (self.dir / "error.json").is_file() else "pending"
 
@@ -208,18 +264,53 @@ class Plan:
     path: Path
     output_dir: Path
     jobs: list[Job]
+    ray: bool = False
+    ray_address: str | None = None
 
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(s).rstrip("/")).name).strip("-").lower()[:40] or "model"
 
 
-def _job_name(model: str, compress: dict | None, ev: dict) -> str:
-    hashed = {"model": model, "eval": {k: v for k, v in ev.items() if k not in UNHASHED},
-              "compress": {k: v for k, v in compress.items() if k not in UNHASHED} if compress else None}
-    digest = hashlib.sha1(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    what = f"{compress['method']}_{compress['ratio']:g}" if compress else "dense"
-    return f"{_slug(model)}_{what}_{digest}"
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def setting_tags(compress: dict) -> list[str]:
+    """Short name parts for the settings that change a checkpoint beside method and ratio, when not default.
+    (Calibration settings are told apart by the hash and by their own report columns.)"""
+    from rankwise.compress.config import CompressConfig
+    default = {k: f.default for k, f in CompressConfig.model_fields.items()}
+    tags = []
+    if compress["ranks"] != default["ranks"]:
+        tags.append(compress["ranks"])
+    if compress["compensate"] == "eora":
+        tags.append(f"eora{compress['eora_rank']}")
+    if compress["refit"]:
+        tags.append("refit")
+    if (compress["refit"] or compress["compensate"] != "none") and compress["refit_damp"] != default["refit_damp"]:
+        tags.append(f"damp{compress['refit_damp']:g}")
+    if compress["method"] == "asvd" and compress["alpha"] != default["alpha"]:
+        tags.append(f"alpha{compress['alpha']:g}")
+    if compress["rank_multiple"] != default["rank_multiple"]:
+        tags.append(f"mult{compress['rank_multiple']}")
+    if compress["keep_dense"]:
+        tags.append("dense-" + "+".join(_slug(k) for k in compress["keep_dense"]))
+    return tags
+
+
+def job_names(model: str, compress: dict | None, ev: dict) -> tuple[str, str]:
+    """(checkpoint name, job name). The compression hash covers what changes the checkpoint, the evaluation
+    hash what changes the numbers measured on it; where things run (device, offload, streaming) is in neither."""
+    if compress:
+        what = "_".join([compress["method"], f"{compress['ratio']:g}", *setting_tags(compress)])
+        c_hash = _digest({"model": model, "compress": {k: v for k, v in compress.items() if k not in UNHASHED}})
+    else:  # the dense checkpoint is the model itself, loaded in the evaluation's dtype
+        what = "dense"
+        c_hash = _digest({"model": model, "dtype": ev.get("dtype")})
+    e_hash = _digest({k: v for k, v in ev.items() if k != "device"})
+    base = f"{_slug(model)}_{what}_{c_hash}"
+    return base, f"{base}-{e_hash}"
 
 
 def _resolve(options: dict, origin: dict, ev: EvalBlock, keep: bool, path: Path, lines: dict) -> Job:
@@ -243,7 +334,8 @@ def _resolve(options: dict, origin: dict, ev: EvalBlock, keep: bool, path: Path,
     compress = None if dense else cfg.model_dump(mode="json")
     if dense:
         evald["dtype"] = evald["dtype"] if ev.dtype != "auto" else cfg.dtype
-    return Job(_job_name(cfg.model, compress, evald), cfg.model, compress, evald, keep)
+    checkpoint, name = job_names(cfg.model, compress, evald)
+    return Job(name, cfg.model, compress, evald, None if dense else checkpoint, keep)
 
 
 def _matches(options: dict, match: dict) -> bool:
@@ -303,39 +395,53 @@ def load_plan(path: str | Path) -> Plan:
             continue
         seen.add(job.name)
         job.dir = out / "jobs" / job.name
+        if job.checkpoint_name:
+            job.checkpoint_dir = out / "checkpoints" / job.checkpoint_name
         jobs.append(job)
     if not jobs:
         raise RankwiseError(f"{path}: no jobs (give model and ratio, a sweep: or jobs:)")
-    return Plan(path, out, jobs)
+    jobs.sort(key=lambda j: j.compress is not None)  # dense baselines first: the reference rows come in first
+    return Plan(path, out, jobs, run.ray or bool(run.ray_address), run.ray_address)
 
 
 # ---------------------------------------------------------------- running
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    from rankwise.eval.results import write_text_atomic
+    from rankwise.compress.outputs import write_text_atomic
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _existing_checkpoint(ckpt: Path):
+    """The CompressionResult of a checkpoint an earlier attempt (or another evaluation of it) finished, else
+    None."""
+    from rankwise.compress.metadata import read_result
+    from rankwise.compress.outputs import remove_stale_temporaries
+    remove_stale_temporaries(ckpt)  # a killed save's leftovers (or the checkpoint it was swapping out)
+    try:
+        return read_result(ckpt)
+    except RankwiseError:  # an unreadable config.json or metadata: compress again
+        return None
+
+
 def run_job(job: Job, progress=None) -> dict:
-    """Compress (unless dense or already compressed by an earlier attempt), evaluate, write result.json."""
+    """Compress (unless dense or already compressed), evaluate, write result.json."""
     import torch
 
     from rankwise.compress.config import CompressConfig
     from rankwise.compress.job import run_compress
-    from rankwise.compress.metadata import read_result
     from rankwise.eval.evaluate import evaluate_model
     t0 = time.perf_counter()
     job.dir.mkdir(parents=True, exist_ok=True)
     _atomic_json(job.dir / "job.json", job.to_json())
-    for stale in job.dir.glob(".model.*"):  # leftovers of a save interrupted by a crash
-        shutil.rmtree(stale, ignore_errors=True)
+    (job.dir / "result.json").unlink(missing_ok=True)  # only an invalid one can be here: the job is redone
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    ckpt = job.dir / "model"
     meta, resumed = None, False
     model_ref = job.model
     if job.compress:
-        meta = read_result(ckpt)
+        ckpt = job.checkpoint_dir / "model"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        meta = _existing_checkpoint(ckpt)
         resumed = meta is not None
         if not resumed:
             meta = run_compress(CompressConfig(**job.compress), ckpt, overwrite=ckpt.exists(), progress=progress)
@@ -352,8 +458,8 @@ def run_job(job: Job, progress=None) -> dict:
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _atomic_json(job.dir / "result.json", result)
     (job.dir / "error.json").unlink(missing_ok=True)
-    if not job.keep_checkpoint and ckpt.exists():
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if not job.keep_checkpoint and job.checkpoint_dir is not None:
+        shutil.rmtree(job.checkpoint_dir / "model", ignore_errors=True)
     return result
 
 
@@ -391,73 +497,29 @@ def run_in_process(job: Job, progress=None) -> str | None:
         _free_memory()
 
 
-def visible_gpus() -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip()]
+@contextmanager
+def sole_runner(output_dir: Path):
+    """Hold an exclusive lock on OUTPUT_DIR/.run.lock while a sweep runs: a second `compress run` on the same
+    folder is refused instead of racing the first (the lock goes with the process, however it ends)."""
     try:
-        import torch
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except ImportError:  # pragma: no cover
-        return []
-
-
-def gpu_slots(jobs: list[Job], n: int, gpus: list[str]) -> list[str | None]:
-    """One worker slot per GPU (CUDA_VISIBLE_DEVICES value), or plain CPU slots when no job uses a GPU."""
-    wants_gpu = any(j.eval["device"].startswith("cuda") or (j.compress or {}).get("device", "").startswith("cuda")
-                    or (j.eval["device"] == "auto" and gpus) for j in jobs)
-    if not wants_gpu:
-        return [None] * n
-    if n > len(gpus):
-        raise RankwiseError(f"--jobs {n} needs {n} GPUs, but {len(gpus)} are visible "
-                            f"(CUDA_VISIBLE_DEVICES={','.join(gpus) or 'none'})")
-    return gpus[:n]
-
-
-def run_in_subprocesses(jobs: list[Job], slots: list[str | None], on_done) -> None:
-    """Run the jobs on len(slots) worker subprocesses (each: `python -m rankwise.cli.sweep JOB_DIR`, its log in
-    JOB_DIR/log.txt); on_done(job, error_or_None) is called as each finishes."""
-    free: Queue = Queue()
-    for s in slots:
-        free.put(s)
-
-    def work(job: Job):
-        slot = free.get()
-        try:
-            job.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_json(job.dir / "job.json", job.to_json())
-            env = dict(os.environ)
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slot
-                env["RANKWISE_ONE_GPU"] = "1"
-            with open(job.dir / "log.txt", "w") as log:
-                rc = subprocess.call([sys.executable, "-m", "rankwise.cli.sweep", str(job.dir)], stdout=log,
-                                     stderr=subprocess.STDOUT, env=env)
-            if rc == 0 and (job.dir / "result.json").is_file():
-                on_done(job, None)
-                return
-            err = job.dir / "error.json"
-            msg = json.loads(err.read_text())["error"] if err.is_file() else f"worker exited with code {rc}"
-            if not err.is_file():
-                record_failure(job, RuntimeError(msg))
-            on_done(job, msg)
-        finally:
-            free.put(slot)
-
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        list(pool.map(work, jobs))
-
-
-def _worker(job_dir: str) -> int:
-    """Entry point of a worker subprocess: run the job described by JOB_DIR/job.json."""
-    d = json.loads((Path(job_dir) / "job.json").read_text())
-    job = Job(d["name"], d["model"], d["compress"], d["eval"], d.get("keep_checkpoint", True), Path(job_dir))
-    if os.environ.get("RANKWISE_ONE_GPU"):  # the one visible GPU is cuda:0 whatever its number outside
-        for part in (job.compress, job.eval):
-            if part and str(part.get("device", "")).startswith("cuda:"):
-                part["device"] = "cuda"
-    return 0 if run_in_process(job) is None else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1]))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(output_dir / ".run.lock", "a+")
+    except OSError as e:
+        raise RankwiseError(f"cannot write into output_dir {str(output_dir)!r}: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RankwiseError(f"another `compress run` ({holder}) is running on {output_dir}: "
+                            "wait for it or stop it first") from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()

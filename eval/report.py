@@ -1,8 +1,10 @@
 """Tables and plots of a batch run: RUN_DIR/results.csv, results.md and RUN_DIR/plots/*.png.
 
 Reads what the jobs left in RUN_DIR/jobs/*/: result.json (a finished job: config, compression metadata,
-evaluation results, time, peak memory) or error.json + job.json (a failed one). Nothing here runs a model,
-so `compress report` can be run at any time, also while a sweep is still going.
+evaluation results, time, peak memory) or error.json + job.json (a failed one). RUN_DIR/plan.json names the
+jobs of the current run file: only those are tabulated and plotted; job folders of earlier run files (e.g.
+evaluations with other settings) are listed apart. Nothing here runs a model, so `compress report` can be run
+at any time, also while a sweep is still going.
 """
 from __future__ import annotations
 
@@ -10,37 +12,96 @@ import csv
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 from rankwise.compress.metadata import ModuleSpec, parse_result
+from rankwise.errors import RankwiseError
 
 matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-FIXED_COLUMNS = ["job", "status", "model", "method", "ranks", "compensate", "ratio_asked", "ratio_achieved",
-                 "model_ratio_achieved"]
+from rankwise.eval.results import STDERR, task_metrics  # noqa: E402
+
+FIXED_COLUMNS = ["job", "status", "model", "method", "ratio_asked", "ratio_achieved", "model_ratio_achieved"]
 TAIL_COLUMNS = ["compress_s", "eval_s", "wall_s", "host_peak_gib", "gpu_peak_gib", "error"]
+# Compression settings that are not a column of their own: named by the fixed columns, or not changing a
+# checkpoint (where it runs).
+NOT_SETTINGS = {"model", "method", "ratio", "device", "offload", "stream_weights", "trust_remote_code"}
+# The usual forward order of a decoder block's Linears: the heatmap's columns, whatever order a checkpoint lists
+MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "o_proj", "out_proj", "dense",
+                "gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "down_proj", "fc2", "c_proj"]
 
 
-def _read(path: Path) -> dict | None:
+@dataclass
+class Report:
+    rows: list[dict]  # the current run file's jobs, dense baselines first
+    earlier: list[tuple[str, str]] = field(default_factory=list)  # (job folder, status) of other run files
+    files: list[Path] = field(default_factory=list)
+
+
+def read_job_result(job_dir: Path, name: str | None = None) -> dict | None:
+    """A job's result.json if it is complete: a truncated or empty file, one of another job, or one whose
+    compression metadata does not validate is None (the job is redone)."""
+    r = _read(job_dir / "result.json")
+    if not isinstance(r, dict) or not isinstance(r.get("eval"), dict) or not isinstance(r.get("config"), dict):
+        return None
+    if r.get("job") != (name or job_dir.name):
+        return None
+    try:
+        if r.get("compress") is not None:
+            parse_result(r["compress"], str(job_dir))
+    except (RankwiseError, AttributeError):
+        return None
+    return r
+
+
+def _read(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def collect_rows(run_dir: str | Path) -> list[dict]:
-    """One row per job folder, finished or failed (pending ones have neither file and are left out)."""
-    rows = []
-    for d in sorted(Path(run_dir, "jobs").glob("*/")):
-        result, error = _read(d / "result.json"), _read(d / "error.json")
-        if result:
-            rows.append(_row(result["config"], result, None))
-        elif error:
-            rows.append(_row(_read(d / "job.json") or {"name": d.name}, None, error))
-    return rows
+def varying_settings(compress_settings: list[dict | None]) -> list[str]:
+    """The compression settings (beside model, method and ratio) whose values differ between jobs: each gets
+    its own column and goes into the plot's line labels."""
+    present = [c for c in compress_settings if c]
+    keys = [k for k in (present[0] if present else {}) if k not in NOT_SETTINGS]
+    return [k for k in keys if len({setting_value(c, k) for c in present}) > 1]
+
+
+def setting_value(compress: dict | None, key: str) -> str:
+    if not compress:
+        return ""
+    v = compress.get(key)
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "-"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def collect_rows(run_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(rows of the current plan's jobs, (folder, status) of the other job folders). Without a plan.json
+    (a folder written before plans were recorded) every job folder is current."""
+    run_dir = Path(run_dir)
+    plan = _read(run_dir / "plan.json")
+    planned = {j["name"]: j for j in plan["jobs"]} if isinstance(plan, dict) else None
+    rows, earlier = [], []
+    folders = {d.name: d for d in sorted(Path(run_dir, "jobs").glob("*/"))}
+    for name in (planned or folders):
+        d = run_dir / "jobs" / name
+        result, error = read_job_result(d, name), _read(d / "error.json")
+        config = result["config"] if result else (planned or {}).get(name) or _read(d / "job.json")
+        if result or error or planned:
+            rows.append(_row(config or {"name": name}, result, error if not result else None))
+    for name, d in folders.items():
+        if planned is not None and name not in planned:
+            earlier.append((name, "done" if read_job_result(d) else "failed" if (d / "error.json").is_file()
+                            else "pending"))
+    return rows, earlier
 
 
 def _row(config: dict, result: dict | None, error: dict | None) -> dict:
@@ -48,21 +109,20 @@ def _row(config: dict, result: dict | None, error: dict | None) -> dict:
     section = (result or {}).get("compress")
     meta = parse_result(section, f"job {config.get('name', '')}") if section else None
     compressed = meta is not None
-    row = {"job": config.get("name", ""), "status": "done" if result else "failed",
+    row = {"job": config.get("name", ""), "status": "done" if result else "failed" if error else "pending",
            "model": config.get("model", ""), "method": comp.get("method", "none") if config.get("model") else "",
-           "ranks": comp.get("ranks", "") if comp else "", "compensate": comp.get("compensate", "") if comp else "",
            "ratio_asked": comp.get("ratio", 0.0) if comp else 0.0,
            "ratio_achieved": meta.ratio_achieved if compressed else (0.0 if not comp else ""),
            "model_ratio_achieved": meta.model_ratio_achieved if compressed else (0.0 if not comp else ""),
-           "error": (error or {}).get("error", "")}
+           "error": (error or {}).get("error", ""), "_compress": comp or None}
     if result:
         ev = result.get("eval") or {}
         for source, r in (ev.get("ppl") or {}).items():
-            row[f"ppl {source}"] = r.get("ppl")
+            row[f"ppl {source}"] = _num(r.get("ppl"))
         for task, metrics in (ev.get("tasks") or {}).items():
-            for metric, value in metrics.items():
-                if not metric.endswith("_stderr") and isinstance(value, (int, float)):
-                    row[f"{task} {metric}"] = value
+            for metric, value in task_metrics(metrics).items():
+                row[f"{task} {metric}"] = _num(value)
+                row[f"{task} {metric} stderr"] = _num(metrics.get(metric + STDERR))
         row["compress_s"] = meta.wall_seconds if compressed else (0.0 if not comp else "")
         row["eval_s"] = ev.get("wall_seconds", "")
         row["wall_s"] = result.get("wall_seconds", "")
@@ -72,19 +132,56 @@ def _row(config: dict, result: dict | None, error: dict | None) -> dict:
         row["host_peak_gib"] = max(peak.get("host_gib", 0), host or 0) or ""
         row["gpu_peak_gib"] = max(peak.get("gpu_gib", 0), gpu or 0) or ""
         row["_modules"] = meta.modules if compressed else {}
+        row["_kept_dense"] = meta.kept_dense if compressed else []
     return row
 
 
+def _num(x):
+    try:
+        return float(x)  # "inf" strings come back as floats
+    except (TypeError, ValueError):
+        return None
+
+
+def add_dense_comparisons(rows: list[dict]) -> None:
+    """`ppl X x dense` (this ppl / the dense job's) and `Δ task metric` (this - dense), per model."""
+    dense = {r["model"]: r for r in rows if r["method"] == "none" and r["status"] == "done"}
+    for r in rows:
+        base = dense.get(r["model"])
+        if base is None or r["status"] != "done":
+            continue
+        for k, v in list(r.items()):
+            b = base.get(k)
+            if v is None or b is None or k.endswith(" stderr") or not isinstance(v, float):
+                continue
+            if k.startswith("ppl "):
+                r[f"{k} x dense"] = v / b if b else None
+            elif k in base and k not in FIXED_COLUMNS and k not in TAIL_COLUMNS:
+                r[f"Δ {k}"] = v - b
+
+
 def _columns(rows: list[dict]) -> list[str]:
+    settings = varying_settings([r["_compress"] for r in rows])
     ppl, tasks = [], []
     for r in rows:
         for k in r:
-            if k.startswith("ppl ") and k not in ppl:
-                ppl.append(k)
-            elif k not in FIXED_COLUMNS and k not in TAIL_COLUMNS and not k.startswith(("ppl ", "_")) \
-                    and k not in tasks:
-                tasks.append(k)
-    return FIXED_COLUMNS + ppl + tasks + TAIL_COLUMNS
+            if k.startswith("_") or k in FIXED_COLUMNS or k in TAIL_COLUMNS or k in ppl or k in tasks:
+                continue
+            (ppl if k.startswith("ppl ") else tasks).append(k)
+    tail = [c for c in TAIL_COLUMNS if c == "error" or any(r.get(c) not in ("", None) for r in rows)]
+    return FIXED_COLUMNS + settings + sorted(ppl) + _task_order(tasks) + tail
+
+
+def _task_order(columns: list[str]) -> list[str]:
+    """Each task metric followed by its stderr and its delta."""
+    values = [c for c in columns if not c.endswith(" stderr") and not c.startswith("Δ ")]
+    return [c for v in values for c in (v, f"{v} stderr", f"Δ {v}") if c in columns]
+
+
+def _cell(row: dict, column: str):
+    if column in row:
+        return row[column]
+    return setting_value(row["_compress"], column) if column in (row["_compress"] or {}) else ""
 
 
 def _fmt(v) -> str:
@@ -101,7 +198,9 @@ def _short(column: str) -> str:
 
 
 def _sort_key(r: dict):
-    return (r["model"], r["method"] != "none", r["method"], r["ranks"], r["compensate"], r["ratio_asked"])
+    settings = tuple(sorted((k, setting_value(r["_compress"], k)) for k in (r["_compress"] or {})
+                            if k not in NOT_SETTINGS))
+    return (r["model"], r["method"] != "none", r["method"], settings, r["ratio_asked"])
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
@@ -109,126 +208,165 @@ def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in columns})
+            w.writerow({k: _cell(r, k) for k in columns})
 
 
-def write_markdown(rows: list[dict], path: Path, columns: list[str]) -> None:
-    shown = [c for c in columns if c not in ("job", "error")]
-    heads = [_short(c) for c in shown]
-    lines = [f"# Results ({sum(r['status'] == 'done' for r in rows)} done, "
-             f"{sum(r['status'] == 'failed' for r in rows)} failed)", "",
+def write_markdown(report: Report, path: Path, columns: list[str]) -> None:
+    rows = report.rows
+    shown = [c for c in columns if c != "job"]
+    count = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "pending")}
+    lines = [f"# Results ({count['done']} done, {count['failed']} failed, {count['pending']} pending)", "",
              "ratio = fraction of the targeted Linear parameters removed (model_ratio: of all parameters); "
-             "ppl = token perplexity; time in seconds; peak memory in GiB.", "",
-             "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in shown) + "|"]
+             "ppl = token perplexity; `x dense` = ppl / the dense model's; Δ = value - the dense model's; "
+             "time in seconds; peak memory in GiB.", "",
+             "| " + " | ".join(_short(c) for c in shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |")
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        lines += ["", "## Failed jobs", ""] + [f"- `{r['job']}`: {r['error']}" for r in failed]
+        lines.append("| " + " | ".join(_fmt(_cell(r, c)).replace("|", "/") for c in shown) + " |")
     lines += ["", "Job folders: `jobs/<job>/` (" + ", ".join(f"`{r['job']}`" for r in rows) + ")."]
+    if report.earlier:
+        lines += ["", "## Job folders of earlier run files (not in the table)", ""]
+        lines += [f"- `{name}` ({status})" for name, status in report.earlier]
     path.write_text("\n".join(lines) + "\n")
 
 
+def line_label(row: dict, settings: list[str], multi_model: bool) -> str:
+    parts = [row["method"]] + [f"{k}={setting_value(row['_compress'], k)}" for k in settings]
+    return " ".join(parts) + (f" ({Path(row['model']).name})" if multi_model else "")
+
+
+def _readable_y(ax, values: list[float]) -> None:
+    """Log scale only over a wide range; tick labels as plain numbers (no 2x10^1, no offsets)."""
+    lo, hi = min(values), max(values)
+    if lo > 0 and hi / lo > 4:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    else:
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
 def plot_ppl_vs_ratio(rows: list[dict], path: Path) -> bool:
-    """One panel per perplexity suite; a line per (model, method, ranks, compensation); dense at ratio 0."""
+    """One panel per perplexity suite; a line per model, method and setting that differs; dense at ratio 0."""
     done = [r for r in rows if r["status"] == "done"]
-    suites = sorted({k for r in done for k in r if k.startswith("ppl ")})
+    suites = sorted({k for r in done for k in r if k.startswith("ppl ") and not k.endswith(" x dense")})
     if not suites:
         return False
-    fig, axes = plt.subplots(1, len(suites), figsize=(5.5 * len(suites), 4.2), squeeze=False)
+    settings = varying_settings([r["_compress"] for r in done])
+    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.5), squeeze=False)
     multi_model = len({r["model"] for r in done}) > 1
     for ax, suite in zip(axes[0], suites):
-        groups: dict[tuple, list] = {}
+        groups: dict[str, list] = {}
         for r in done:
-            if r.get(suite) is None or not math.isfinite(r[suite]):
-                continue
-            key = (r["model"], r["method"], r["ranks"], r["compensate"])
-            groups.setdefault(key, []).append((float(r["ratio_asked"]), float(r[suite])))
-        for (model, method, ranks, comp), pts in sorted(groups.items()):
-            label = method + (f" {ranks}" if ranks not in ("", "uniform") else "") + \
-                (f" +{comp}" if comp not in ("", "none") else "") + (f" ({Path(model).name})" if multi_model else "")
+            if r.get(suite) is not None and math.isfinite(r[suite]):
+                groups.setdefault(line_label(r, settings, multi_model) if r["method"] != "none" else
+                                  "dense" + (f" ({Path(r['model']).name})" if multi_model else ""),
+                                  []).append((float(r["ratio_asked"]), float(r[suite])))
+        for label, pts in sorted(groups.items()):
             pts.sort()
-            if method == "none":
+            if label.startswith("dense"):
                 ax.axhline(pts[0][1], ls="--", color="gray", lw=1)
-                ax.plot([0], [pts[0][1]], "k*", label=f"dense{f' ({Path(model).name})' if multi_model else ''}")
+                ax.plot([0], [pts[0][1]], "k*", label=label)
             else:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        values = [p[1] for pts in groups.values() for p in pts]
+        if values:
+            _readable_y(ax, values)
+        ax.set_xticks(sorted({p[0] for pts in groups.values() for p in pts}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("compression ratio (fraction of targeted parameters removed)")
         ax.set_ylabel("perplexity")
         ax.set_title(_short(suite))
-        if any(p[1] > 0 for pts in groups.values() for p in pts):
-            ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def rank_grid(modules: dict[str, ModuleSpec]) -> tuple[list[int], list[str], list[list[float]], list[list[float]]]:
-    """(layers, module kinds, rank[layer][kind], kept fraction rank / min(in, out)) from `rankwise.modules`;
-    NaN where a Linear was kept dense."""
+def _kind_order(kind: str) -> tuple:
+    return (MODULE_ORDER.index(kind) if kind in MODULE_ORDER else len(MODULE_ORDER), kind)
+
+
+def rank_grid(modules: dict[str, ModuleSpec], kept_dense: list[str] = ()) -> tuple[
+        list[int], list[str], list[list[float]], list[list[float]]]:
+    """(layers, module kinds in MODULE_ORDER, rank[layer][kind], kept fraction rank / min(in, out)) from the
+    checkpoint's `modules`; NaN where a Linear was kept dense (`kept_dense`, or a rank of None) or is absent."""
     cells = {}
-    for name, spec in modules.items():
+    for name in list(modules) + list(kept_dense):
         m = re.search(r"\.(\d+)\.(.+)$", name)
-        if not m or not spec.rank:
-            continue
-        cells[(int(m.group(1)), m.group(2).split(".")[-1])] = spec
+        spec = modules.get(name)
+        if m:
+            cells[(int(m.group(1)), m.group(2).split(".")[-1])] = spec if spec is not None and spec.rank else None
     layers = sorted({k[0] for k in cells})
-    kinds = list(dict.fromkeys(k[1] for k in cells))  # the model's own order (q, k, v, o, gate, ...)
-    ranks = [[float(cells[(i, k)].rank) if (i, k) in cells else float("nan") for k in kinds] for i in layers]
-    frac = [[cells[(i, k)].rank / min(cells[(i, k)].in_features, cells[(i, k)].out_features) if (i, k) in cells
+    kinds = sorted({k[1] for k in cells}, key=_kind_order)
+    ranks = [[float(cells[(i, k)].rank) if cells.get((i, k)) else float("nan") for k in kinds] for i in layers]
+    frac = [[cells[(i, k)].rank / min(cells[(i, k)].in_features, cells[(i, k)].out_features) if cells.get((i, k))
              else float("nan") for k in kinds] for i in layers]
     return layers, kinds, ranks, frac
 
 
 def plot_rank_heatmap(row: dict, path: Path) -> bool:
-    title = f"{row['method']} {row['ranks']} ratio {row['ratio_asked']:g}\n{Path(row['model']).name}"
-    return plot_module_ranks(row.get("_modules") or {}, title, path)
+    kept = " (hatched: kept dense)" if row.get("_kept_dense") else ""
+    title = f"{row['method']} ratio {row['ratio_asked']:g}{kept}\n{row['job']}"
+    return plot_module_ranks(row.get("_modules") or {}, title, path, row.get("_kept_dense") or [])
 
 
-def plot_module_ranks(modules: dict[str, ModuleSpec], title: str, path: Path) -> bool:
-    """A layer x module-kind heatmap of kept rank / min(in, out), ranks written in the cells; False when no
-    Linear was factorized."""
-    layers, kinds, ranks, frac = rank_grid(modules)
+def plot_module_ranks(modules: dict[str, ModuleSpec], title: str, path: Path, kept_dense: list[str] = ()) -> bool:
+    """A layer x module-kind heatmap of kept rank / min(in, out), ranks written in the cells, the Linears in
+    `kept_dense` hatched; False when no Linear was factorized."""
+    layers, kinds, ranks, frac = rank_grid(modules, kept_dense)
     if not layers:
         return False
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.28 * len(layers)))
-    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    dense_cells = {(int(m.group(1)), m.group(2).split(".")[-1])
+                   for m in (re.search(r"\.(\d+)\.(.+)$", n) for n in kept_dense) if m}
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(kinds), max(3.2, 1.4 + 0.28 * len(layers))))
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightgray")  # kept dense: no rank
+    im = ax.imshow(frac, aspect="auto", cmap=cmap, vmin=0, vmax=1)
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(i) for i in layers])
     ax.set_ylabel("layer")
-    if len(layers) * len(kinds) <= 400:  # rank numbers in the cells while they stay legible
-        for y, rr in enumerate(ranks):
-            for x, v in enumerate(rr):
-                if math.isfinite(v):
-                    ax.text(x, y, f"{int(v)}", ha="center", va="center", fontsize=6,
-                            color="white" if frac[y][x] < 0.5 else "black")
+    legible = len(layers) * len(kinds) <= 400  # numbers in the cells while they stay legible
+    for y, layer in enumerate(layers):
+        for x, kind in enumerate(kinds):
+            if (layer, kind) in dense_cells:
+                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="//", lw=0))
+                if legible:
+                    ax.text(x, y, "dense", ha="center", va="center", fontsize=6)
+            elif legible and math.isfinite(ranks[y][x]):
+                ax.text(x, y, f"{int(ranks[y][x])}", ha="center", va="center", fontsize=6,
+                        color="white" if frac[y][x] < 0.5 else "black")
     fig.colorbar(im, ax=ax, label="rank / min(in, out)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def write_report(run_dir: str | Path) -> dict:
-    """Write results.csv, results.md and the plots; returns {"rows", "files"}."""
+def write_report(run_dir: str | Path) -> Report:
+    """Write results.csv, results.md and the plots of the current plan's jobs."""
     run_dir = Path(run_dir)
-    rows = sorted(collect_rows(run_dir), key=_sort_key)
+    rows, earlier = collect_rows(run_dir)
+    rows.sort(key=_sort_key)
+    add_dense_comparisons(rows)
+    report = Report(rows, earlier)
     columns = _columns(rows)
-    files = [run_dir / "results.csv", run_dir / "results.md"]
-    write_csv(rows, files[0], columns)
-    write_markdown(rows, files[1], columns)
+    report.files = [run_dir / "results.csv", run_dir / "results.md"]
+    write_csv(rows, report.files[0], columns)
+    write_markdown(report, report.files[1], columns)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
+    for stale in plots.glob("ranks_*.png"):  # heatmaps of jobs no longer in the plan
+        stale.unlink()
     if plot_ppl_vs_ratio(rows, plots / "ppl_vs_ratio.png"):
-        files.append(plots / "ppl_vs_ratio.png")
+        report.files.append(plots / "ppl_vs_ratio.png")
     for r in rows:
         if r["status"] == "done" and r.get("_modules") and plot_rank_heatmap(r, plots / f"ranks_{r['job']}.png"):
-            files.append(plots / f"ranks_{r['job']}.png")
-    return {"rows": rows, "files": files}
+            report.files.append(plots / f"ranks_{r['job']}.png")
+    return report
 
 
 def describe_files(files: list[Path]) -> str:

@@ -83,7 +83,8 @@ def test_failing_job_is_recorded_and_others_complete(cli, tiny_dirs, austen_file
     assert sorted(row["status"] for row in rows) == ["done", "done", "failed"]
     dense = [row for row in rows if row["method"] == "none"]
     assert len(dense) == 1 and float(dense[0][f"ppl text:{austen_file}"]) > 1
-    assert "Failed jobs" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "1 failed" in md and "| failed |" in md and "cannot load model" in md  # the error column
     # report alone rebuilds the files
     (out / "results.md").unlink()
     r = cli("report", out)
@@ -114,9 +115,10 @@ def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monke
     monkeypatch.setenv("RW_TINY", str(tiny_dirs["llama"].parent))
     run = write_run(tmp_path, "${RW_TINY}/llama", austen_file, extra="baseline: true",
                     sweep="method: [none, svd, asvd]\n  ratio: [0.3, 0.6]")
-    from rankwise.cli.sweep import gpu_slots, load_plan
+    from rankwise.cli.sweep import load_plan
     plan = load_plan(run)
-    # none x 2 ratios and baseline: true collapse into one dense job
+    # none x 2 ratios and baseline: true collapse into one dense job, which runs first
+    assert [j.method for j in plan.jobs][0] == "none"
     assert sorted(j.method for j in plan.jobs) == ["asvd", "asvd", "none", "svd", "svd"]
     assert all(j.model == str(tiny_dirs["llama"]) for j in plan.jobs)
     assert len({j.dir for j in plan.jobs}) == 5
@@ -125,14 +127,6 @@ def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monke
     assert r.exit_code == 0, r.output
     assert "5 to run" in r.output
     assert not (tmp_path / "out").exists()
-    # --jobs: one GPU per worker; CPU jobs need no GPU
-    cpu_jobs = plan.jobs
-    assert gpu_slots(cpu_jobs, 2, []) == [None, None]
-    for j in cpu_jobs:
-        j.eval["device"] = "cuda"
-    assert gpu_slots(cpu_jobs, 2, ["3", "5", "7"]) == ["3", "5"]
-    with pytest.raises(RankwiseError, match="--jobs 3 needs 3 GPUs"):
-        gpu_slots(cpu_jobs, 3, ["0"])
 
 
 def test_path_expansion(monkeypatch):
@@ -146,3 +140,130 @@ def test_path_expansion(monkeypatch):
     assert _expand("$RW_SET/b") == "/data/b"
     assert _expand("${RW_NOPE}/b") == "${RW_NOPE}/b"  # unset and no default: left as written
     assert _expand("org/model") == "org/model"
+
+
+def test_refit_jobs_apart_and_new_eval_setting_reuses_checkpoints(cli, tiny_dirs, austen_file, tmp_path):
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="refit: [false, true]\n  ratio: [0.3]")
+    out = tmp_path / "out"
+    r = cli("run", run, "--dry-run")
+    assert r.exit_code == 0 and "refit" in r.output, r.output
+    assert cli("run", run).exit_code == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and len({row["job"] for row in rows}) == 2
+    assert sorted(row["refit"] for row in rows) == ["False", "True"]  # its own column
+    assert any("refit" in row["job"] for row in rows)
+    checkpoints = sorted((out / "checkpoints").glob("*/model/config.json"))
+    assert len(checkpoints) == 2
+    stamps = [c.stat().st_mtime_ns for c in checkpoints]
+
+    run.write_text(run.read_text().replace("max_windows: 3", "max_windows: 2"))
+    assert cli("run", run).exit_code == 0
+    assert [c.stat().st_mtime_ns for c in sorted((out / "checkpoints").glob("*/model/config.json"))] == stamps
+    new_rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(new_rows) == 2 and not {row["job"] for row in new_rows} & {row["job"] for row in rows}
+    for row in new_rows:
+        result = json.loads((out / "jobs" / row["job"] / "result.json").read_text())
+        assert result["compress_resumed"] is True
+        assert result["eval"]["ppl"][f"text:{austen_file}"]["windows"] == 2
+    md = (out / "results.md").read_text()
+    assert "earlier run files" in md and all(row["job"] in md.split("earlier run files")[1] for row in rows)
+
+
+def test_truncated_result_is_redone_and_exit_code_is_one_on_failure(cli, tiny_dirs, austen_file, tmp_path):
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3]")
+    out = tmp_path / "out"
+    assert cli("run", run).exit_code == 0
+    (job,) = job_dirs(out)
+    text = (job / "result.json").read_text()
+    (job / "result.json").write_text(text[: len(text) // 2])  # a crash of the storage mid-write
+    r = cli("run", run)
+    assert r.exit_code == 0 and "1 to run" in r.output, r.output
+    assert json.loads((job / "result.json").read_text())["compress_resumed"] is True
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [row["status"] for row in rows] == ["done"]
+
+    for n in range(3):  # three failing jobs: the exit code stays 1, not the count (2 means bad input)
+        missing = tmp_path / f"no{n}"
+        run.write_text(run.read_text() + ("jobs:\n" if n == 0 else "") + f"  - {{model: {missing}, ratio: 0.3}}\n")
+    r = cli("run", run)
+    assert r.exit_code == 1 and "3 of 4 jobs failed" in r.output, r.output
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(cli, tiny_dirs, austen_file, tmp_path):
+    from rankwise.cli.sweep import sole_runner
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3]")
+    with sole_runner(tmp_path / "out"):
+        r = cli("run", run)
+    assert r.exit_code == 2 and "another `compress run`" in r.output, r.output
+    assert not (tmp_path / "out" / "jobs").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9 if i else ['x'] * 9)}]\n" for i in range(9)),
+     "alias bomb"),
+    ("a: &x\n  b: *x\n", "recursive alias"),
+    ("output_dir: !!python/object/apply:os.system ['true']\n", "not allowed"),
+    ("output_dir: !!python/name:os.system\n", "not allowed"),
+    ("output_dir: a\nmodel: m\noutput_dir: b\n", "duplicate key 'output_dir'"),
+])
+def test_hostile_yaml_is_one_line_exit_2(cli, tmp_path, body, message):
+    import time
+    run = tmp_path / "run.yaml"
+    run.write_text(body)
+    t0 = time.perf_counter()
+    r = cli("run", run, "--dry-run")
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert time.perf_counter() - t0 < 10
+
+
+def test_parallel_without_ray_says_what_to_install(cli, tiny_dirs, austen_file, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the `ray` extra were not installed
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file)
+    for args in (["--jobs", "2"], ["--ray"]):
+        r = cli("run", run, *args)
+        assert r.exit_code == 2 and "pip install 'rankwise[ray]'" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: float, modules=None, kept=()):
+    d = run_dir / "jobs" / name
+    d.mkdir(parents=True)
+    task = {"acc": acc, "acc_stderr": 0.01, "samples": 50, "requests": 100, "seconds": 2.0,
+            "requests_per_second": 50.0}
+    meta = None
+    if compress:
+        from rankwise.compress.metadata import CompressionResult
+        meta = CompressionResult(
+            method="svd", ranks_allocation="uniform", ratio_requested=compress["ratio"],
+            ratio_achieved=compress["ratio"], ratio_achieved_without_compensation=compress["ratio"],
+            targeted_params_before=100, targeted_params_after=60, model_params_before=200, model_params_after=160,
+            model_ratio_achieved=0.2, kept_dense=list(kept), calibration={"source": "s", "nsamples": 1, "seqlen": 2},
+            modules=modules or {}).to_json()
+    (d / "result.json").write_text(json.dumps({
+        "job": name, "config": {"name": name, "model": "m", "compress": compress}, "compress": meta,
+        "eval": {"ppl": {"text:/x/wiki.txt": {"ppl": ppl}}, "tasks": {"piqa": task}},
+        "peak_memory": {"host_gib": 1.0}, "wall_seconds": 1.0}))
+
+
+def test_report_columns_against_dense_and_heatmap_order(tmp_path):
+    from rankwise.compress.metadata import ModuleSpec
+    from rankwise.eval.report import rank_grid, write_report
+    spec = ModuleSpec(rank=4, in_features=8, out_features=8)
+    modules = {f"model.layers.{i}.{part}": spec for i in (1, 0)
+               for part in ("mlp.down_proj", "self_attn.v_proj", "self_attn.q_proj")}
+    _fake_job(tmp_path, "dense", None, 20.0, 0.70)
+    _fake_job(tmp_path, "svd", {"method": "svd", "ratio": 0.4, "refit": False}, 30.0, 0.60, modules,
+              kept=["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"])
+    report = write_report(tmp_path)
+    rows = {row["job"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert [r["job"] for r in report.rows] == ["dense", "svd"]
+    assert float(rows["svd"]["ppl text:/x/wiki.txt x dense"]) == pytest.approx(1.5)
+    assert float(rows["svd"]["Δ piqa acc"]) == pytest.approx(-0.10)
+    assert float(rows["svd"]["piqa acc stderr"]) == pytest.approx(0.01)
+    header = next(csv.reader(open(tmp_path / "results.csv")))
+    assert not [c for c in header if "requests" in c or "samples" in c or "gpu" in c]  # no noise columns
+    layers, kinds, ranks, _ = rank_grid(modules, ["model.layers.0.self_attn.k_proj"])
+    assert layers == [0, 1] and kinds == ["q_proj", "k_proj", "v_proj", "down_proj"]
+    assert ranks[0][1] != ranks[0][1] and ranks[1][1] != ranks[1][1]  # kept dense / absent: NaN, no rank
+    assert (tmp_path / "plots" / "ranks_svd.png").stat().st_size > 0
