@@ -1,7 +1,9 @@
 """Quality benchmark (not a test): perplexity of SmolLM2-135M compressed by each method, vs its dense self.
 
-Protocol: calibration 32 x 512 tokens of wiki_calib.txt (seed 0), perplexity on the first
-64 non-overlapping 512-token windows of wiki_eval.txt. Assets from ../shared/assets/prepare.py.
+Protocol: calibration 32 x 512 tokens of wiki_calib.txt (seed 0), perplexity on the first 64
+non-overlapping 512-token windows of wiki_eval.txt; out of domain, the first `--ood-windows` 512-token windows
+of the last 400,000 characters of ../shared/data/austen.txt (public-domain Austen), so overfitting to the
+calibration domain shows. Assets from ../shared/assets/prepare.py.
 
     python bench/quality.py [--rows svd,svd-llm] [--ratios 0.2,0.4] [--threads 1] [--json out.json]
 """
@@ -23,6 +25,8 @@ from rankwise.compress.loading import load_model
 from rankwise.eval.ppl import perplexity
 
 ASSETS = Path(os.environ.get("RANKWISE_ASSETS", Path.home() / ".cache" / "rankwise-assets"))
+AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen.txt"
+OOD_CHARS = 400_000
 
 # name -> CompressConfig options (beyond model / ratio / calibration). Add a row by adding a line.
 ROWS = {
@@ -41,6 +45,13 @@ ROWS = {
     "svd-llm+refit-d1": {"method": "svd-llm", "refit": True, "refit_damp": 1.0},
     "svd-llm+refit-d10": {"method": "svd-llm", "refit": True, "refit_damp": 10.0},
     "svd-llm+refit+eora32": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32},
+    # allocation from the whitened truncation loss, block refinement, and their combinations
+    "svd-llm+loss-aware": {"method": "svd-llm", "ranks": "loss-aware"},
+    "svd-llm+refit+loss-aware": {"method": "svd-llm", "refit": True, "ranks": "loss-aware"},
+    "svd-llm+refit+refine": {"method": "svd-llm", "refit": True, "refine": True},
+    "svd-llm+refit+eora32+refine": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32,
+                                    "refine": True},
+    "preset-best": {"preset": "best"},
 }
 
 
@@ -54,6 +65,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--ood", type=Path, default=AUSTEN, help="out-of-domain text (its last 400,000 characters)")
+    ap.add_argument("--ood-windows", type=int, default=64, help="0: no out-of-domain column")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path)
@@ -68,14 +81,24 @@ def main() -> None:
     model, tokenizer, _ = load_model(args.model, "auto", args.device)
     device = next(model.parameters()).device
     ids = tokenize(tokenizer, load_text(args.eval, "test"))
+    ood_ids = None
+    if args.ood_windows:
+        ood_ids = tokenize(tokenizer, args.ood.read_text(encoding="utf-8")[-OOD_CHARS:])
 
     def ppl_of(m) -> float:
         return perplexity(m, ids, args.seqlen, device, max_windows=args.windows)["ppl"]
 
-    dense = ppl_of(model)
+    def ood_of(m) -> float | None:
+        if ood_ids is None:
+            return None
+        return perplexity(m, ood_ids, args.seqlen, device, max_windows=args.ood_windows)["ppl"]
+
+    dense, dense_ood = ppl_of(model), ood_of(model)
     del model
-    results = [{"row": "dense", "ratio": 0.0, "ppl": dense, "rel": 1.0, "achieved": 0.0, "seconds": 0.0}]
-    print(f"dense ppl {dense:.3f}  (threads {torch.get_num_threads()}, device {device})", flush=True)
+    results = [{"row": "dense", "ratio": 0.0, "ppl": dense, "rel": 1.0, "ood_ppl": dense_ood, "ood_rel": 1.0,
+                "achieved": 0.0, "seconds": 0.0}]
+    print(f"dense ppl {dense:.3f}, out of domain {dense_ood}  (threads {torch.get_num_threads()}, device {device})",
+          flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for row in rows:
             cfg = CompressConfig(model=args.model, ratio=ratio, calib=args.calib, nsamples=args.nsamples,
@@ -84,22 +107,24 @@ def main() -> None:
             m, _, meta = compress_in_memory(cfg, torch.device(device))
             seconds = time.perf_counter() - t0
             m.to(device)
-            p = ppl_of(m)
-            res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "achieved": meta.ratio_achieved,
+            p, ood = ppl_of(m), ood_of(m)
+            res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "ood_ppl": ood,
+                   "ood_rel": ood / dense_ood if ood is not None else None, "achieved": meta.ratio_achieved,
                    "achieved_without_compensation": meta.ratio_achieved_without_compensation,
                    "seconds": round(seconds, 1), **peak_memory(torch.device(device))}
             results.append(res)
-            print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), achieved "
+            print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), ood {ood}, achieved "
                   f"{meta.ratio_achieved:.4f}, {seconds:.0f} s", flush=True)
             del m
 
     print()
-    print("| pipeline | ratio asked | ratio achieved (w/o compensation) | ppl | ppl / dense | time (s) | peak host GiB "
-          "| peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pipeline | ratio asked | ratio achieved (w/o compensation) | ppl | ppl / dense | Austen ppl "
+          "| Austen / dense | time (s) | peak host GiB | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        ood = f"{r['ood_ppl']:.3f} | {r['ood_rel']:.2f}" if r.get("ood_ppl") is not None else "- | -"
         print(f"| {r['row']} | {r['ratio']:.2f} | {r['achieved']:.4f} ({r.get('achieved_without_compensation', 0):.4f})"
-              f" | {r['ppl']:.3f} | {r['rel']:.2f} | {r['seconds']} | {r.get('host_peak_gib', '')} "
+              f" | {r['ppl']:.3f} | {r['rel']:.2f} | {ood} | {r['seconds']} | {r.get('host_peak_gib', '')} "
               f"| {r.get('gpu_peak_gib', '')} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

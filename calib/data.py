@@ -116,6 +116,27 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts an encoded text with BOS in normal use (Llama 3, Gemma: yes; GPT-2,
+    SmolLM2: no). Asked of the tokenizer itself, so its own post-processor decides."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return len(ids) > 0 and ids[0] == bos_id
+
+
+def resolve_bos(tokenizer, bos: bool | None) -> int | None:
+    """The BOS id every window starts with, or None: `bos` None follows the tokenizer's own setting."""
+    if bos is None:
+        bos = tokenizer_adds_bos(tokenizer)
+    if not bos:
+        return None
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        raise RankwiseError("--bos given but the tokenizer has no BOS token")
+    return tokenizer.bos_token_id
+
+
 @dataclass
 class CalibrationSet:
     input_ids: torch.Tensor  # [nsamples, seqlen]
@@ -123,24 +144,30 @@ class CalibrationSet:
     nsamples: int
     seqlen: int
     seed: int
+    bos: bool = False        # every window starts with BOS, then seqlen - 1 text tokens
 
     def describe(self) -> dict:
         return {"source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
-                "tokens": self.nsamples * self.seqlen}
+                "bos": self.bos, "tokens": self.nsamples * self.seqlen}
 
 
 def calibration_set(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
-                    text: str | None = None) -> CalibrationSet:
+                    text: str | None = None, bos: bool | None = None) -> CalibrationSet:
     """`nsamples` random windows of `seqlen` tokens from the train split (GPTQ / SVD-LLM sampling).
 
-    Deterministic for a seed: the start offsets come from `random.Random(seed)` only.
+    Calibration sees the model as it runs: when the tokenizer adds BOS in normal use (or `bos` is True),
+    each window is BOS + seqlen - 1 text tokens, so a model that uses BOS as an attention sink is
+    calibrated on the activations it has in use. Deterministic for a seed: the start offsets come from
+    `random.Random(seed)` only.
     """
     if nsamples < 1 or seqlen < 2:
         raise RankwiseError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    bos_id = resolve_bos(tokenizer, bos)
+    body = seqlen - 1 if bos_id is not None else seqlen
     ids = tokenize(tokenizer, text if text is not None else load_text(source, "train"))
     if len(ids) == 0:
         raise RankwiseError(f"calibration text {source!r} yields no tokens")
-    if len(ids) <= seqlen:
+    if len(ids) <= body:
         raise RankwiseError(f"calibration text {source!r} has {len(ids)} tokens, not more than "
                             f"--seqlen {seqlen}: use a longer text or a shorter seqlen")
     if nsamples * seqlen > len(ids):
@@ -148,5 +175,8 @@ def calibration_set(tokenizer, source: str, nsamples: int, seqlen: int, seed: in
                       f"the {len(ids):,} that {source!r} holds: the windows repeat the text, which costs time "
                       f"and adds little", RankwiseWarning, stacklevel=2)
     rng = random.Random(seed)
-    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
-    return CalibrationSet(torch.stack([ids[s:s + seqlen] for s in starts]), source, nsamples, seqlen, seed)
+    starts = [rng.randint(0, len(ids) - body - 1) for _ in range(nsamples)]
+    windows = torch.stack([ids[s:s + body] for s in starts])
+    if bos_id is not None:
+        windows = torch.cat([torch.full((nsamples, 1), bos_id, dtype=windows.dtype), windows], dim=1)
+    return CalibrationSet(windows, source, nsamples, seqlen, seed, bos_id is not None)

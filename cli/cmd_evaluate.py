@@ -35,7 +35,8 @@ def evaluate_cmd(
     limit: Optional[float] = typer.Option(None, help="Score only the first N examples of each task, or a "
                                                       "fraction of them below 1 (as lm-eval's --limit)."),
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per task (default 0: zero-shot)."),
-    bos: bool = typer.Option(False, help="Start every ppl window / lm-eval request with BOS (Gemma needs it)."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start every ppl window / lm-eval request "
+                                       "with BOS (default: as the model's tokenizer does in normal use)."),
     batch_size: str = typer.Option("1", help="Windows / requests per forward pass, or 'auto' (lm-eval's search)."),
     dtype: str = typer.Option("auto", help="auto, fp32 / float32, fp16 / float16, bf16 / bfloat16."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu, cuda, cuda:N."),
@@ -82,7 +83,7 @@ def evaluate_cmd(
         seqlen = seqlen or s.get("seqlen")
         max_windows = max_windows if max_windows is not None else s.get("max_windows")
         limit = limit if limit is not None else s.get("limit")
-        bos = bos or bool(s.get("bos"))
+        bos = bos if bos is not None else s.get("bos")
     elif not sources and not task_list:
         sources = ["wikitext2"]
     with Bars(quiet) as bars:

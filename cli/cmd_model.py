@@ -19,6 +19,13 @@ if TYPE_CHECKING:  # the CLI's import stays free of torch until a command runs
     from rankwise.compress.metadata import CompressionResult
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option came from the command line or the environment, not from its default (typer keeps
+    its own copy of click's ParameterSource enum, so it is compared by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
 def summary_table(meta: CompressionResult) -> Table:
     """The end-of-run table: parameter counts and ratios, time and memory of the run."""
     t = Table(title=f"Rankwise: {pipeline_name(meta)} on {meta.source_model}", show_header=True)
@@ -43,8 +50,12 @@ def summary_table(meta: CompressionResult) -> Table:
 @app.command("model")
 @user_errors
 def model_cmd(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Hub id (e.g. HuggingFaceTB/SmolLM2-135M) or local checkpoint folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for the compressed checkpoint."),
+    preset: str = typer.Option("none", help="A recommended pipeline: best (the combination that measures best in "
+                                            "bench/README.md, section Quality: svd-llm, refit, EoRA rank 32 inside "
+                                            "the ratio). Options given explicitly beside it override its values."),
     method: str = typer.Option("svd-llm", "--method", "-m",
                                help="Factorization: svd (plain), asvd (activation-scaled), svd-llm (whitened), fwsvd "
                                     "(Fisher-weighted: one extra forward+backward pass over the calibration set, one "
@@ -53,18 +64,26 @@ def model_cmd(
     ratio: float = typer.Option(..., "--ratio", "-r",
                                 help="Fraction of the targeted Linear parameters REMOVED, in (0, 1): 0.2 keeps 80%."),
     ranks: str = typer.Option("uniform", help="Rank allocation: uniform (same fraction of every matrix) or welore "
-                                              "(one global threshold on normalised spectra; an extra statistics "
-                                              "pass over the dense model)."),
+                                              "(one global threshold on normalised spectra) or loss-aware "
+                                              "(components kept by predicted output error per parameter); both "
+                                              "make an extra statistics pass over the dense model."),
     compensate: str = typer.Option("none", help="Residual path after truncation: none or eora (its parameters "
                                                 "count inside --ratio)."),
     eora_rank: int = eora_rank_option("EoRA: rank of the residual path of every factorized Linear."),
     refit: bool = typer.Option(False, help="Re-solve B in closed form to match the dense model's layer outputs "
                                            "(keeps a second, dense stream of activations: 2x activation memory)."),
     refit_damp: float = typer.Option(1.0, help="Refit / EoRA: ridge damping of the least squares, relative to the mean input energy; shrinks the fit toward the plain truncation (1.0 chosen on held-out Austen text)."),
+    refine: bool = typer.Option(False, help="Block refinement: train each block's low-rank factors (Adam, MSE, "
+                                            "cosine schedule, seeded) so the block's outputs match the dense "
+                                            "block's on the dense stream of activations (2x activation memory)."),
+    refine_steps: int = typer.Option(32, help="Block refinement: optimizer steps per block, one calibration batch each."),
+    refine_lr: float = typer.Option(1e-4, help="Block refinement: Adam's peak learning rate."),
     calib: str = calib_source_option(),
     nsamples: int = typer.Option(256, help="Number of random calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window (at most the model's context)."),
     seed: int = typer.Option(0, help="Seed of the window sampling (same seed, same windows)."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start every calibration window with BOS "
+                                       "(default: as the model's tokenizer does in normal use)."),
     batch_size: int = calib_batch_option(),
     alpha: float = typer.Option(0.5, help="ASVD: exponent on mean |x| in the channel scaling."),
     rank_multiple: int = typer.Option(1, help="Round every rank down to a multiple of this (GPU-friendly shapes)."),
@@ -87,12 +106,15 @@ def model_cmd(
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
     from rankwise.compress.config import CompressConfig
     from rankwise.compress.job import run_compress
-    cfg = CompressConfig(model=model, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
-                         eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                         seed=seed, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype,
-                         device=device, offload=offload, stream_weights=stream_weights,
-                         trust_remote_code=trust_remote_code,
-                         keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
+    options = dict(model=model, preset=preset, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
+                   eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, refine=refine, refine_steps=refine_steps,
+                   refine_lr=refine_lr, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
+                   batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype, device=device,
+                   offload=offload, stream_weights=stream_weights, trust_remote_code=trust_remote_code,
+                   keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
+    if preset != "none":  # the preset fills in what the command line left at its default
+        options = {k: v for k, v in options.items() if k in ("model", "preset") or _given(ctx, k)}
+    cfg = CompressConfig(**options)
     if json_path is not None:  # before the work, not after it
         check_output_file(json_path, "--json")
         if json_path.exists() and not overwrite:

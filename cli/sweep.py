@@ -175,7 +175,7 @@ class EvalBlock(BaseModel):
     max_windows: Optional[int] = Field(None, ge=1)
     limit: Optional[Union[int, float]] = Field(None, gt=0, description="examples per task, or a fraction below 1")
     batch_size: Union[int, Literal["auto"]] = 1
-    bos: bool = False
+    bos: Optional[bool] = None  # None: as the tokenizer does in normal use
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: Optional[str] = None
 

@@ -7,7 +7,10 @@ others make up for it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 from rankwise.errors import RankwiseError
 
@@ -164,4 +167,55 @@ def welore_ranks(shapes: dict[str, MatrixShape], spectra: dict, ratio: float,
     if total_params(shapes, ranks) > budget:
         raise RankwiseError(f"ratio {ratio} cannot be reached by WeLore thresholds: even tau = 1 keeps "
                             f"{total_params(shapes, ranks) / dense:.1%} of the parameters")
+    return ranks
+
+
+def truncation_scores(spectra: dict, shapes: dict[str, MatrixShape],
+                      importance: dict[str, float] | None = None) -> dict:
+    """Predicted loss per parameter of each singular component: w_j sigma_ij^2 / (m_j + n_j), descending.
+
+    For whitened methods (SVD-LLM: SVD of W L, L L^T = X^T X) dropping sigma_i adds exactly sigma_i^2 to the
+    layer's output error ||(W - W_k) X^T||_F^2 (Wang et al., ICLR 2025, Theorem 1; SVD-LLM V2, Wang et al.
+    NAACL 2025, allocates from this truncation loss). w_j says what that error costs the model: by default
+    1 / sum_i sigma_ij^2, the error relative to the layer's output energy, so a layer whose outputs are
+    large is not favoured for being large. Each component costs m + n parameters.
+    """
+    scores = {}
+    for name, s in spectra.items():
+        sq = s.double().flatten().sort(descending=True).values ** 2
+        w = importance[name] if importance is not None else 1.0 / float(sq.sum().clamp_min(1e-300))
+        scores[name] = sq * (w / (shapes[name].out + shapes[name].inp))
+    return scores
+
+
+def _loss_aware_at(shapes, scores, tau: float, multiple: int) -> dict[str, int | None]:
+    out = {}
+    for name, s in shapes.items():
+        k = int((scores[name] >= tau).sum())        # scores descend: the components above tau are a prefix
+        k = min(round_rank(k, multiple), min(s.out, s.inp))
+        out[name] = k if s.saves(k) else None
+    return out
+
+
+def loss_aware_ranks(shapes: dict[str, MatrixShape], spectra: dict, ratio: float, multiple: int = 1,
+                     importance: dict[str, float] | None = None) -> dict[str, int | None]:
+    """Spend the parameter budget where the predicted loss per parameter is smallest to lose: keep every
+    singular component whose score (`truncation_scores`) is above one global threshold tau, found by
+    bisection (on log tau) so the kept parameters are at most (1 - ratio) of the targeted ones. Taking
+    components in score order is the greedy solution of the knapsack; the bisection only finds where the
+    budget ends (to within one component of one matrix). A matrix whose rank would not save parameters
+    stays dense. spectra: name -> singular values of what the method truncates."""
+    check_ratio(ratio)
+    scores = truncation_scores(spectra, shapes, importance)
+    positive = torch.cat([s[s > 0] for s in scores.values()])
+    if positive.numel() == 0:
+        raise RankwiseError("loss-aware ranks: every spectrum is zero (no calibration signal)")
+    lo, hi = math.log(float(positive.min())) - 1.0, math.log(float(positive.max())) + 1.0
+    budget = (1.0 - ratio) * sum(s.dense_params for s in shapes.values())
+    fits = lambda t: total_params(shapes, _loss_aware_at(shapes, scores, math.exp(t), multiple)) <= budget
+    log_tau = _bisect(fits, hi, lo)                 # kept params fall as tau grows: the smallest tau in budget
+    ranks = _loss_aware_at(shapes, scores, math.exp(log_tau), multiple)
+    if total_params(shapes, ranks) > budget:
+        raise RankwiseError(f"ratio {ratio} cannot be reached by loss-aware ranks: even the smallest ranks keep "
+                            f"{total_params(shapes, ranks) / (budget / (1.0 - ratio)):.1%} of the parameters")
     return ranks

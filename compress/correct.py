@@ -11,15 +11,17 @@ For SVD-LLM with x_d = x_c this is exactly the truncated B already; with the den
 error that earlier compressed layers put into x_c.
 
 EoRA (Liu et al. 2024, arXiv:2410.21271): residual R = W G C^-1 - W_c (= W - W_c when x_d = x_c), the
-correction that would make W_c x_c match W x_d. C = Q L Q^T; SVD of R Q L^1/2, keep r;
-    B' = U_r sqrt(S_r),  A' = sqrt(S_r) V_r^T L^-1/2 Q^T
+correction that would make W_c x_c match W x_d. C = L L^T (any square root serves; the paper uses the
+eigendecomposition, Cholesky is cheaper and already at hand); SVD of R L, keep r;
+    B' = U_r sqrt(S_r),  A' = sqrt(S_r) V_r^T L^-1
 so B' A' is the best rank-r correction in the data-weighted norm E||(.) x_c||.
 """
 from __future__ import annotations
 
 import torch
 
-from rankwise.compress.methods.base import Decomposition, derived
+from rankwise.compress.methods.base import Decomposition, derived, truncated_factors
+from rankwise.compress.methods.svd_llm import cholesky_with_fallback
 
 
 def _ridge(M: torch.Tensor, damp: float) -> torch.Tensor:
@@ -60,17 +62,18 @@ def target_weight(weight: torch.Tensor, stats, damp: float = 1e-4) -> torch.Tens
     return W + torch.cholesky_solve((W @ (G - C)).T, L).T   # C symmetric
 
 
-def covariance_eigh(covariance: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """C = Q diag(lam) Q^T (float64), null and negative eigenvalues clamped to eps * lam_max."""
-    lam, Q = torch.linalg.eigh(covariance.double())
-    return lam.clamp_min(eps * lam.max().clamp_min(1e-12)), Q
-
-
-def eora_factors(residual: torch.Tensor, stats, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EoRA: best rank-r B' A' for E||(R - B'A') x||^2 via the eigendecomposition of C = E[x x^T]
-    (computed once per statistics object: q/k/v share it)."""
+def eora_factors(residual: torch.Tensor, stats, rank: int, truncated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """EoRA: best rank-r B' A' for E||(R - B'A') x||^2. Any square root of C = E[x x^T] whitens the problem:
+    with C = L L^T (Cholesky, the factor SVD-LLM already computed for this statistics object, so q/k/v share
+    it and svd-llm pays nothing more), the best rank-r fit of R L, then A' L^-1 (triangular solve).
+    Only the top r triplets are needed: randomized subspace iteration (`truncated_factors`) gives them
+    without a full decomposition; `truncated=False` takes the full one (the reference it is tested against)."""
     R = residual.double()
-    lam, Q = derived(stats, ("eigh", R.device), lambda: covariance_eigh(stats.covariance.to(R.device)))
-    sq = lam.sqrt()
-    whitened = Decomposition(R @ (Q * sq[None, :]), undo_right=lambda A: (A / sq[None, :]) @ Q.T)
-    return whitened.factors(min(rank, *R.shape))
+    dev = R.device
+    L = derived(stats, ("cholesky", dev), lambda: cholesky_with_fallback(stats.covariance.to(dev)))
+    undo = lambda A: torch.linalg.solve_triangular(L, A.to(L.dtype), upper=False, left=False)  # noqa: E731
+    r = min(rank, *R.shape)
+    if not truncated or 2 * r >= min(R.shape):  # a rank near full: the full decomposition is as cheap
+        return Decomposition(R @ L, undo_right=undo).factors(r)
+    B, A = truncated_factors(R @ L, r)
+    return B, undo(A)

@@ -11,6 +11,7 @@ from rankwise.calib.data import calibration_set, source_path, validate_source
 from rankwise.errors import RankwiseError
 from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
 from rankwise.compress.config import CompressConfig
+from rankwise.compress.metadata import Calibration
 from rankwise.compress.loading import load_config, load_model, max_context, resolve_device
 from rankwise.compress.lowrank import RANKWISE_KEY
 from rankwise.compress.metadata import CompressionResult
@@ -68,8 +69,10 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     if progress:
         progress("load", 1, 1)
     try:
-        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, bos=cfg.bos)
         meta = compress_model(model, calib.input_ids, cfg, progress, block_source=stream)
+        meta.calibration = Calibration(source=calib.source, nsamples=calib.nsamples, seqlen=calib.seqlen,
+                                       seed=calib.seed, bos=calib.bos)
     finally:
         if stream is not None:
             stream.close()

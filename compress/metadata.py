@@ -40,6 +40,23 @@ class Calibration(BaseModel):
     nsamples: int
     seqlen: int
     seed: int = 0
+    bos: bool = False  # every window started with BOS (as the tokenizer does in normal use)
+
+
+class BlockRefinement(BaseModel):
+    """One block's output error (mean squared, calibration set) before and after refinement; kept: whether the
+    refined factors were kept (only when they lowered it)."""
+    mse_before: float
+    mse_after: float
+    kept: bool
+
+
+class Refinement(BaseModel):
+    """Block refinement's settings and what it did to each block (prefix -> BlockRefinement)."""
+    steps: int
+    lr: float
+    seed: int
+    blocks: dict[str, BlockRefinement] = Field(default_factory=dict)
 
 
 class CompressionResult(BaseModel):
@@ -65,6 +82,7 @@ class CompressionResult(BaseModel):
     model_ratio_achieved: float
     kept_dense: list[str] = Field(default_factory=list)
     calibration: Calibration
+    refine: Refinement | None = None
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     modules: dict[str, ModuleSpec]
     # filled in by the job around the pipeline

@@ -171,7 +171,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     for i in range(len(walk.blocks)):
         modules.update(walk.compress_block(i, ranks))
     del walk
-    return _result(cfg, job.shapes, ranks, modules, params_before, count_params(model), timer)
+    extra = {k: v for c in recipe.block_correctors for k, v in c.result_fields().items()}
+    return _result(cfg, job.shapes, ranks, modules, params_before, count_params(model), timer, extra)
 
 
 class BlockWalk:
@@ -282,7 +283,7 @@ def _spec(layer: LowRankLinear) -> ModuleSpec:
 
 
 def _result(cfg: CompressConfig, shapes, ranks, modules: dict[str, ModuleSpec], params_before: int,
-            params_after: int, timer: StageTimer) -> CompressionResult:
+            params_after: int, timer: StageTimer, extra: dict | None = None) -> CompressionResult:
     lora_params = sum(m.lora_params for m in modules.values())
     summary = summarize(shapes, ranks, extra=lora_params)
     base = summarize(shapes, ranks)
@@ -296,4 +297,4 @@ def _result(cfg: CompressConfig, shapes, ranks, modules: dict[str, ModuleSpec], 
         model_params_after=params_after, model_ratio_achieved=1 - params_after / params_before,
         kept_dense=summary["kept_dense"],
         calibration=Calibration(source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed),
-        stage_seconds={k: round(v, 3) for k, v in timer.seconds.items()}, modules=modules)
+        stage_seconds={k: round(v, 3) for k, v in timer.seconds.items()}, modules=modules, **(extra or {}))

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from rankwise.calib.data import load_text, tokenize, validate_source
+from rankwise.calib.data import load_text, resolve_bos, tokenize, validate_source
 from rankwise.errors import RankwiseError, first_line
 from rankwise.compress.checkpoint import package_versions
 from rankwise.compress.metadata import read_result
@@ -23,7 +23,7 @@ def _rankwise_section(model_ref: str) -> dict | None:
 
 
 def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: str = "auto",
-                 device: str = "auto", batch_size: int = 1, bos: bool = False, max_windows: int | None = None,
+                 device: str = "auto", batch_size: int = 1, bos: bool | None = None, max_windows: int | None = None,
                  trust_remote_code: bool = False, progress=None, loaded=None) -> dict:
     for s in sources:
         validate_source(s)
@@ -35,11 +35,7 @@ def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: 
     if ctx is not None and seqlen > ctx:
         raise RankwiseError(f"--seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
     model, tokenizer, config = loaded or load_model(model_ref, dtype, device, trust_remote_code)
-    bos_id = None
-    if bos:
-        bos_id = tokenizer.bos_token_id
-        if bos_id is None:
-            raise RankwiseError("--bos given but the tokenizer has no BOS token")
+    bos_id = resolve_bos(tokenizer, bos)
     results = {}
     for source in sources:
         ids = tokenize(tokenizer, load_text(source, "test"))
@@ -51,7 +47,8 @@ def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: 
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(dev),
         "ppl": results,
-        "settings": {"seqlen": seqlen, "batch_size": batch_size, "bos": bos, "max_windows": max_windows},
+        "settings": {"seqlen": seqlen, "batch_size": batch_size, "bos": bos_id is not None,
+                     "max_windows": max_windows},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
 
@@ -106,7 +103,7 @@ def check_limit(limit: int | float | None) -> int | float | None:
 
 def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), seqlen: int = 2048,
                    max_windows: int | None = None, limit: int | float | None = None, batch_size: int | str = 1,
-                   dtype: str = "auto", device: str = "auto", bos: bool = False, trust_remote_code: bool = False,
+                   dtype: str = "auto", device: str = "auto", bos: bool | None = None, trust_remote_code: bool = False,
                    progress=None, gguf_file: str | None = None, num_fewshot: int | None = None,
                    bootstrap_iters: int = 1000, seed: int | None = None, log_samples: bool = False) -> dict:
     """All evaluations of one model, loaded once, in one result dict: Rankwise's sections {"model",
@@ -136,6 +133,7 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
         prepared = task_set.prepare(tasks)
     loaded = load_for_eval(model_ref, dtype, device, trust_remote_code, gguf_file)
     model, tokenizer, _ = loaded
+    bos = resolve_bos(tokenizer, bos) is not None  # None: the tokenizer's own setting
     dev = next(model.parameters()).device
     result = {"model": model_ref, "gguf_file": gguf_file, "rankwise": _rankwise_section(model_ref),
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),

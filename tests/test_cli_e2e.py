@@ -25,7 +25,8 @@ def test_compress_reload_both_ways_gives_in_memory_logits(family, tiny_dirs, aus
     assert meta["ratio_requested"] == 0.3
     assert 0.3 <= meta["ratio_achieved"] < 0.4
     assert meta["model_params_after"] < meta["model_params_before"]
-    assert meta["calibration"] == {"source": f"text:{austen_file}", "nsamples": 4, "seqlen": 32, "seed": 0}
+    assert meta["calibration"] == {"source": f"text:{austen_file}", "nsamples": 4, "seqlen": 32, "seed": 0,
+                                   "bos": False}  # the tiny tokenizer adds no BOS
     assert {"torch", "transformers"} <= set(meta["versions"])
 
     model, _, mem_meta = compress_in_memory(CompressConfig(model=str(src), **args), torch.device("cpu"))

@@ -56,13 +56,13 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def pipeline_peak(layers: int, leak_stats: bool = False) -> tuple[int, int]:
+def pipeline_peak(layers: int, leak_stats: bool = False, **options) -> tuple[int, int]:
     """(peak working bytes, one block's weight bytes) of compressing a tiny Llama with `layers` blocks."""
     model = tiny_model("llama", layers=layers)
     block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     calib = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
     cfg = CompressConfig(model="tiny", method="svd-llm", ratio=0.4, nsamples=8, seqlen=32, batch_size=4,
-                         device="cpu")
+                         device="cpu", **options)
     tracker = LiveBytes()
     tracker.exclude([*model.parameters(), *model.buffers(), calib])
     kept = []
@@ -88,6 +88,12 @@ def test_peak_memory_does_not_grow_with_blocks():
     peak2, block_bytes = pipeline_peak(2)
     peak8, _ = pipeline_peak(8)
     assert peak2 > 0
+    assert abs(peak8 - peak2) < block_bytes, (peak2, peak8, block_bytes)
+
+
+def test_peak_memory_with_block_refinement_does_not_grow_with_blocks():
+    peak2, block_bytes = pipeline_peak(2, refine=True, refine_steps=2)
+    peak8, _ = pipeline_peak(8, refine=True, refine_steps=2)
     assert abs(peak8 - peak2) < block_bytes, (peak2, peak8, block_bytes)
 
 

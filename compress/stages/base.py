@@ -200,6 +200,10 @@ class BlockCorrector(Stage):
     def correct_block(self, work: BlockWork) -> None:
         raise NotImplementedError
 
+    def result_fields(self) -> dict:
+        """Fields this stage adds to the CompressionResult (e.g. {"refine": Refinement(...)}), after the walk."""
+        return {}
+
 
 PASSES: dict[str, type[ModelPass]] = {}
 ALLOCATORS: dict[str, type[Allocator]] = {}

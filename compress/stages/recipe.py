@@ -9,7 +9,8 @@ from rankwise.compress.methods import Method, get_method
 from rankwise.compress.stages.base import (
     ALLOCATORS, BLOCK_CORRECTORS, CORRECTORS, PASSES, Allocator, BlockCorrector, Corrector, ModelPass, Statistics)
 from rankwise.compress.stages import (  # noqa: F401  (the built-in stages register themselves)
-    allocate_uniform, allocate_welore, correct_eora, correct_refit, pass_fisher, pass_spectra)
+    allocate_loss_aware, allocate_uniform, allocate_welore, correct_eora, correct_refit, pass_fisher, pass_spectra,
+    refine_block)
 from rankwise.errors import RankwiseError
 
 
@@ -28,10 +29,13 @@ class Recipe:
 
     @classmethod
     def from_config(cls, cfg, correctors: Sequence[str] | None = None,
-                    block_correctors: Sequence[str] = ()) -> "Recipe":
-        """The settings' recipe; `correctors` replaces the list the settings imply (refit, then eora)."""
+                    block_correctors: Sequence[str] | None = None) -> "Recipe":
+        """The settings' recipe; `correctors` replaces the list the settings imply (refit, then eora), and
+        `block_correctors` the one they imply (block-refine with --refine)."""
         if correctors is None:
             correctors = (["refit"] if cfg.refit else []) + (["eora"] if cfg.compensate == "eora" else [])
+        if block_correctors is None:
+            block_correctors = ["block-refine"] if cfg.refine else []
         return cls(allocator=_lookup(ALLOCATORS, cfg.ranks, "rank allocation")(cfg),
                    factorizer=get_method(cfg.method, **cfg.method_options()),
                    correctors=[_lookup(CORRECTORS, n, "corrector")(cfg) for n in correctors],

@@ -25,7 +25,8 @@ CORRECTORS = {"plain": {}, "refit": {"refit": True}, "eora": {"compensate": "eor
 
 def combinations() -> dict[str, dict]:
     """Name -> CompressConfig options: every method x corrector with uniform ranks, every method with WeLore,
-    WeLore with both correctors, and the rank-multiple / keep-dense options."""
+    WeLore with both correctors, the rank-multiple / keep-dense options, loss-aware ranks with and without
+    the refit and block refinement."""
     combos = {}
     for method in METHODS:
         for corr, opts in CORRECTORS.items():
@@ -35,6 +36,9 @@ def combinations() -> dict[str, dict]:
     combos["svd-llm/uniform/multiple8"] = {"method": "svd-llm", "rank_multiple": 8}
     combos["svd/uniform/keep-k"] = {"method": "svd", "keep_dense": ["k_proj"]}
     combos["asvd/uniform/keep-k+refit"] = {"method": "asvd", "keep_dense": ["k_proj"], "refit": True}
+    combos["svd-llm/loss-aware/plain"] = {"method": "svd-llm", "ranks": "loss-aware"}
+    combos["svd-llm/loss-aware/refit+refine"] = {"method": "svd-llm", "ranks": "loss-aware", "refit": True,
+                                                "refine": True, "refine_steps": 4, "refine_lr": 1e-3}
     return combos
 
 
