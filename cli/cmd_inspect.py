@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from rankwise.errors import RankwiseError
-from rankwise.cli.common import app, out_console, user_errors
+from rankwise.cli.common import app, out_console, ratio_table, user_errors
 from rankwise.compress.describe import block_and_kind, pipeline_name
 
 if TYPE_CHECKING:
@@ -17,21 +17,6 @@ if TYPE_CHECKING:
 # the usual forward order of a decoder block's Linears (metadata keys are sorted by name)
 FORWARD_ORDER = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
                  "down_proj", "c_attn", "c_proj", "c_fc", "fc1", "fc2", "out_proj"]
-
-
-def ratio_table(info: CompressionResult) -> Table:
-    t = Table(title="Parameters removed", title_justify="left")
-    for col in ("", "before", "after", "removed"):
-        t.add_column(col, justify="left" if not col else "right")
-    t.add_row("targeted Linears, asked", "", "", f"{info.ratio_requested:.2%}")
-    t.add_row("targeted Linears, achieved", f"{info.targeted_params_before:,}", f"{info.targeted_params_after:,}",
-              f"{info.ratio_achieved:.2%}")
-    if info.compensation_params:
-        t.add_row("  without the EoRA paths", "", f"{info.targeted_params_after - info.compensation_params:,}",
-                  f"{info.ratio_achieved_without_compensation:.2%}")
-    t.add_row("whole model", f"{info.model_params_before:,}", f"{info.model_params_after:,}",
-              f"{info.model_ratio_achieved:.2%}")
-    return t
 
 
 def rank_table(info: CompressionResult) -> Table:
@@ -69,7 +54,7 @@ def inspect_cmd(
     out = out_console
     out.print(f"{checkpoint}: Rankwise checkpoint of {info.source_model}", highlight=False, markup=False)
     out.print(f"pipeline: {pipeline_name(info)}", highlight=False, markup=False)
-    out.print(ratio_table(info))
+    out.print(ratio_table(info, "Parameters removed"))
     out.print(rank_table(info))
     out.print(f"kept dense: {', '.join(info.kept_dense) if info.kept_dense else 'none'}", highlight=False,
               markup=False, soft_wrap=True)

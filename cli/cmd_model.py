@@ -12,7 +12,7 @@ from rankwise.errors import RankwiseError
 from rankwise.compress.outputs import check_output_file, write_text_atomic
 
 from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, console, eora_rank_option,
-                                 out_console, quiet_option, user_errors)
+                                 out_console, quiet_option, ratio_table, user_errors)
 from rankwise.compress.describe import pipeline_name, ratio_warning
 
 if TYPE_CHECKING:  # the CLI's import stays free of torch until a command runs
@@ -28,16 +28,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def summary_table(meta: CompressionResult) -> Table:
     """The end-of-run table: parameter counts and ratios, time and memory of the run."""
-    t = Table(title=f"Rankwise: {pipeline_name(meta)} on {meta.source_model}", show_header=True)
-    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("removed", "right")):
-        t.add_column(col, justify=justify)
-    t.add_row("targeted Linear params", f"{meta.targeted_params_before:,}", f"{meta.targeted_params_after:,}",
-              f"{meta.ratio_achieved:.2%} (asked {meta.ratio_requested:.2%})")
-    if meta.compensation_params:
-        t.add_row("  without the EoRA path", "", f"{meta.targeted_params_after - meta.compensation_params:,}",
-                  f"{meta.ratio_achieved_without_compensation:.2%}")
-    t.add_row("whole model params", f"{meta.model_params_before:,}", f"{meta.model_params_after:,}",
-              f"{meta.model_ratio_achieved:.2%}")
+    t = ratio_table(meta, f"Rankwise: {pipeline_name(meta)} on {meta.source_model}")
     mem = f"host {meta.host_peak_gib:.2f} GiB" + (f", GPU {meta.gpu_peak_gib:.2f} GiB"
                                                    if meta.gpu_peak_gib is not None else "")
     dense = meta.kept_dense

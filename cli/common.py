@@ -5,6 +5,7 @@ import functools
 import os
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import typer
 from pydantic import ValidationError
@@ -12,9 +13,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.table import Table
 
 from rankwise import __version__
 from rankwise.errors import RankwiseError, RankwiseWarning
+
+if TYPE_CHECKING:  # the CLI's import stays free of torch until a command runs
+    from rankwise.compress.metadata import CompressionResult
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and messages only
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -168,3 +173,19 @@ class Bars:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+def ratio_table(meta: CompressionResult, title: str) -> Table:
+    """Parameters before and after, and the ratios asked and achieved (with and without the EoRA paths):
+    the table `compress model` ends with and `compress inspect` shows."""
+    t = Table(title=title, show_header=True)
+    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("removed", "right")):
+        t.add_column(col, justify=justify)
+    t.add_row("targeted Linear params", f"{meta.targeted_params_before:,}", f"{meta.targeted_params_after:,}",
+              f"{meta.ratio_achieved:.2%} (asked {meta.ratio_requested:.2%})")
+    if meta.compensation_params:
+        t.add_row("  without the EoRA paths", "", f"{meta.targeted_params_after - meta.compensation_params:,}",
+                  f"{meta.ratio_achieved_without_compensation:.2%}")
+    t.add_row("whole model params", f"{meta.model_params_before:,}", f"{meta.model_params_after:,}",
+              f"{meta.model_ratio_achieved:.2%}")
+    return t

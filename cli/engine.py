@@ -34,7 +34,7 @@ class RayTarget:
     """Which cluster, and how many jobs at once (None: as many as its resources allow)."""
     address: str | None = None  # None: start a local cluster for this run (--ray-address, RAY_ADDRESS)
     max_parallel: int | None = None
-    local_cpus: int | None = None  # local cluster size (default: every CPU of this machine)
+    local_cpus: int | None = None  # local cluster size (default: every local CPU)
 
 
 def import_ray():

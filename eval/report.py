@@ -2,7 +2,7 @@
 
 Reads what the jobs left in RUN_DIR/jobs/*/: result.json (a finished job: config, compression metadata,
 evaluation results, time, peak memory) or error.json + job.json (a failed one). RUN_DIR/plan.json names the
-jobs of the current run file: only those are tabulated and plotted; job folders of earlier run files (e.g.
+jobs of the current run file: only those are tabulated and plotted; job folders of other run files (e.g.
 evaluations with other settings) are listed apart. Nothing here runs a model, so `compress report` can be run
 at any time, also while a sweep is still going.
 """
@@ -224,7 +224,7 @@ def write_markdown(report: Report, path: Path, columns: list[str]) -> None:
         lines.append("| " + " | ".join(_fmt(_cell(r, c)).replace("|", "/") for c in shown) + " |")
     lines += ["", "Job folders: `jobs/<job>/` (" + ", ".join(f"`{r['job']}`" for r in rows) + ")."]
     if report.earlier:
-        lines += ["", "## Job folders of earlier run files (not in the table)", ""]
+        lines += ["", "## Job folders of other run files (not in the table)", ""]
         lines += [f"- `{name}` ({status})" for name, status in report.earlier]
     path.write_text("\n".join(lines) + "\n")
 

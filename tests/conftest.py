@@ -23,7 +23,7 @@ def austen_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """Tiny Llama / Mistral / Qwen2 checkpoints saved to disk once per session."""
+    """Tiny Llama / Mistral / Qwen2 checkpoints saved to disk once per test run."""
     root = tmp_path_factory.mktemp("models")
     return {fam: save_tiny(root / fam, fam) for fam in ("llama", "mistral", "qwen2")}
 

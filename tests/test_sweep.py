@@ -166,7 +166,7 @@ def test_refit_jobs_apart_and_new_eval_setting_reuses_checkpoints(cli, tiny_dirs
         assert result["compress_resumed"] is True
         assert result["eval"]["ppl"][f"text:{austen_file}"]["windows"] == 2
     md = (out / "results.md").read_text()
-    assert "earlier run files" in md and all(row["job"] in md.split("earlier run files")[1] for row in rows)
+    assert "other run files" in md and all(row["job"] in md.split("other run files")[1] for row in rows)
 
 
 def test_truncated_result_is_redone_and_exit_code_is_one_on_failure(cli, tiny_dirs, austen_file, tmp_path):

@@ -16,17 +16,10 @@ from typing import Callable
 
 import torch
 
-from rankwise.compress.stages.base import Stage
+from rankwise.compress.stages.base import Stage, registrar
 
 REGISTRY: dict[str, type["Method"]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-    return deco
+register = registrar(REGISTRY)
 
 
 class Decomposition:

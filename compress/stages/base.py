@@ -211,7 +211,8 @@ CORRECTORS: dict[str, type[Corrector]] = {}
 BLOCK_CORRECTORS: dict[str, type[BlockCorrector]] = {}
 
 
-def _registrar(registry: dict):
+def registrar(registry: dict):
+    """A class decorator factory: @register(name) sets cls.name and files the class in `registry`."""
     def register(name: str):
         def deco(cls):
             cls.name = name
@@ -221,7 +222,7 @@ def _registrar(registry: dict):
     return register
 
 
-register_pass = _registrar(PASSES)
-register_allocator = _registrar(ALLOCATORS)
-register_corrector = _registrar(CORRECTORS)
-register_block_corrector = _registrar(BLOCK_CORRECTORS)
+register_pass = registrar(PASSES)
+register_allocator = registrar(ALLOCATORS)
+register_corrector = registrar(CORRECTORS)
+register_block_corrector = registrar(BLOCK_CORRECTORS)
