@@ -11,12 +11,11 @@ from rankwise.calib.data import calibration_set, source_path, validate_source
 from rankwise.errors import RankwiseError
 from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
 from rankwise.compress.config import CompressConfig
-from rankwise.compress.metadata import Calibration
 from rankwise.compress.loading import load_config, load_model, max_context, resolve_device
 from rankwise.compress.lowrank import RANKWISE_KEY
-from rankwise.compress.metadata import CompressionResult
-from rankwise.compress.methods import REGISTRY
-from rankwise.compress.pipeline import FWSVD_UNSUPPORTED, Progress, compress_model
+from rankwise.compress.metadata import Calibration, CompressionResult
+from rankwise.compress.pipeline import Progress, compress_model, refuse_unstreamable
+from rankwise.compress.stages.recipe import Recipe
 from rankwise.compress.streaming import open_streaming_model
 
 
@@ -43,8 +42,8 @@ def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
     check_output_dir(output, overwrite, job_inputs(cfg))
     validate_source(cfg.calib)
     device = resolve_device(cfg.device)
-    if cfg.stream_weights and "fisher" in REGISTRY[cfg.method].model_passes:
-        raise RankwiseError(FWSVD_UNSUPPORTED)
+    if cfg.stream_weights:  # the pipeline's own check, before any weight is loaded
+        refuse_unstreamable(Recipe.from_config(cfg), cfg)
     config = load_config(cfg.model, cfg.trust_remote_code)
     if getattr(config, RANKWISE_KEY, None):
         raise RankwiseError(f"{cfg.model!r} is already a Rankwise checkpoint: compress its dense source model "

@@ -37,7 +37,6 @@ from rankwise.compress.stages.recipe import Recipe
 from rankwise.errors import RankwiseError
 
 Progress = Callable[[str, int, int], None]
-FWSVD_UNSUPPORTED = "--stream-weights does not support fwsvd: its Fisher pass needs every block at once"
 
 
 class BlockSource(Protocol):
@@ -141,9 +140,10 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
             progress(stage, i + 1, len(blocks))
 
 
-def _refuse_unstreamable(recipe: Recipe, cfg: CompressConfig, block_source) -> None:
+def refuse_unstreamable(recipe: Recipe, cfg: CompressConfig) -> None:
+    """A whole-model pass that needs every block at once (FWSVD's Fisher pass) cannot run on streamed weights."""
     for p in recipe.model_passes:
-        if block_source is not None and not p.streams:
+        if not p.streams:
             raise RankwiseError(f"--stream-weights does not support {cfg.method}: {p.unsupported_reason}")
 
 
@@ -157,7 +157,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     recipe = recipe or Recipe.from_config(cfg)
     device = resolve_device(cfg.device)
     timer = timer or StageTimer(device)
-    _refuse_unstreamable(recipe, cfg, block_source)
+    if block_source is not None:
+        refuse_unstreamable(recipe, cfg)
     check_finite_weights(named_target_linears(model))  # streamed blocks: checked as they are read
     job = CompressionJob(model, calib_ids, cfg, device, torch.device("cpu") if cfg.offload else device,
                          target_shapes(model), recipe.factorizer, block_source, progress)
