@@ -23,7 +23,8 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from rankwise.calib.capture import BlockInputs, capture_block_inputs, collect_linear_stats, propagate
+from rankwise.calib.capture import (BlockInputs, LinearStats, capture_block_inputs, collect_linear_stats,
+                                    propagate)
 from rankwise.calib.paired import Shortcuts, collect_group_stats, linear_groups, output_owners
 from rankwise.compress.allocate import MatrixShape, summarize
 from rankwise.compress.arch import (check_finite_weights, dense_weight, find_decoder_blocks, find_linears,
@@ -94,9 +95,9 @@ def target_shapes(model: nn.Module) -> dict[str, MatrixShape]:
     return shapes
 
 
-def check_finite_stats(stats, layers: list[str]) -> None:
+def check_finite_stats(stats: LinearStats, layers: list[str]) -> None:
     """Refuse statistics with NaN / Inf (activations that overflowed), naming the layer they feed."""
-    bad = stats.first_nonfinite() if hasattr(stats, "first_nonfinite") else None
+    bad = stats.first_nonfinite()
     if bad is not None:
         raise RankwiseError(f"the calibration statistics ({bad}) of the input of layer {layers[0]!r} are not "
                             f"finite: its activations overflow (try --dtype fp32)")
