@@ -3,9 +3,11 @@
 Protocol: calibration 32 x 512 tokens of wiki_calib.txt (seed 0), perplexity on the first 64
 non-overlapping 512-token windows of wiki_eval.txt; out of domain, the first `--ood-windows` 512-token windows
 of the last 400,000 characters of ../shared/data/austen.txt (public-domain Austen), so overfitting to the
-calibration domain shows. Assets from ../shared/assets/prepare.py.
+calibration domain shows; with `--tasks`, zero-shot accuracy (lm-eval, on the in-memory model) beside them.
+Assets from ../shared/assets/prepare.py.
 
-    python bench/quality.py [--rows svd,svd-llm] [--ratios 0.2,0.4] [--threads 1] [--json out.json]
+    python bench/quality.py [--rows svd,svd-llm] [--ratios 0.2,0.4] [--threads 1] [--tasks austen_mc]
+                            [--json out.json]
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ ROWS = {
     "svd-llm+refit+refine": {"method": "svd-llm", "refit": True, "refine": True},
     "svd-llm+refit+eora32+refine": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32,
                                     "refine": True},
+    "svd-llm+loss-aware+refit+eora32": {"method": "svd-llm", "ranks": "loss-aware", "refit": True,
+                                        "compensate": "eora", "eora_rank": 32},
+    "svd-llm+loss-aware+refit+eora32+refine": {"method": "svd-llm", "ranks": "loss-aware", "refit": True,
+                                               "compensate": "eora", "eora_rank": 32, "refine": True},
     "preset-best": {"preset": "best"},
 }
 
@@ -67,6 +73,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--ood", type=Path, default=AUSTEN, help="out-of-domain text (its last 400,000 characters)")
     ap.add_argument("--ood-windows", type=int, default=64, help="0: no out-of-domain column")
+    ap.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (e.g. austen_mc); accuracy columns")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path)
@@ -93,10 +100,18 @@ def main() -> None:
             return None
         return perplexity(m, ood_ids, args.seqlen, device, max_windows=args.ood_windows)["ppl"]
 
-    dense, dense_ood = ppl_of(model), ood_of(model)
+    tasks = [t for t in args.tasks.split(",") if t]
+
+    def accuracy_of(m) -> dict:
+        if not tasks:
+            return {}
+        from rankwise.eval.zeroshot import run_tasks
+        return {t: metrics["acc"] for t, metrics in run_tasks(m, tokenizer, tasks, seed=0).metrics.items()}
+
+    dense, dense_ood, dense_acc = ppl_of(model), ood_of(model), accuracy_of(model)
     del model
     results = [{"row": "dense", "ratio": 0.0, "ppl": dense, "rel": 1.0, "ood_ppl": dense_ood, "ood_rel": 1.0,
-                "achieved": 0.0, "seconds": 0.0}]
+                "acc": dense_acc, "achieved": 0.0, "seconds": 0.0}]
     print(f"dense ppl {dense:.3f}, out of domain {dense_ood}  (threads {torch.get_num_threads()}, device {device})",
           flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -107,24 +122,27 @@ def main() -> None:
             m, _, meta = compress_in_memory(cfg, torch.device(device))
             seconds = time.perf_counter() - t0
             m.to(device)
-            p, ood = ppl_of(m), ood_of(m)
+            p, ood, acc = ppl_of(m), ood_of(m), accuracy_of(m)
             res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "ood_ppl": ood,
-                   "ood_rel": ood / dense_ood if ood is not None else None, "achieved": meta.ratio_achieved,
+                   "ood_rel": ood / dense_ood if ood is not None else None, "acc": acc,
+                   "achieved": meta.ratio_achieved,
                    "achieved_without_compensation": meta.ratio_achieved_without_compensation,
                    "seconds": round(seconds, 1), **peak_memory(torch.device(device))}
             results.append(res)
-            print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), ood {ood}, achieved "
-                  f"{meta.ratio_achieved:.4f}, {seconds:.0f} s", flush=True)
+            print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), ood {ood}, acc {acc}, "
+                  f"achieved {meta.ratio_achieved:.4f}, {seconds:.0f} s", flush=True)
             del m
 
     print()
+    task_head = "".join(f" {t} acc | of dense |" for t in tasks)
     print("| pipeline | ratio asked | ratio achieved (w/o compensation) | ppl | ppl / dense | Austen ppl "
-          "| Austen / dense | time (s) | peak host GiB | peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"| Austen / dense |{task_head} time (s) | peak host GiB | peak GPU GiB |")
+    print("|---" * (10 + 2 * len(tasks)) + "|")
     for r in results:
         ood = f"{r['ood_ppl']:.3f} | {r['ood_rel']:.2f}" if r.get("ood_ppl") is not None else "- | -"
+        acc = "".join(f" {r['acc'][t]:.4f} | {r['acc'][t] / dense_acc[t]:.1%} |" for t in tasks)
         print(f"| {r['row']} | {r['ratio']:.2f} | {r['achieved']:.4f} ({r.get('achieved_without_compensation', 0):.4f})"
-              f" | {r['ppl']:.3f} | {r['rel']:.2f} | {ood} | {r['seconds']} | {r.get('host_peak_gib', '')} "
+              f" | {r['ppl']:.3f} | {r['rel']:.2f} | {ood} |{acc} {r['seconds']} | {r.get('host_peak_gib', '')} "
               f"| {r.get('gpu_peak_gib', '')} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,14 +1,22 @@
-"""Empirical Fisher row importance for FWSVD (Hsu et al., ICLR 2022, arXiv:2207.00112).
+"""Gradient statistics: the two calibration statistics that need backward passes through the whole model.
 
-I_ij = sum over calibration sequences of (dL/dW_ij)^2, with L the causal-LM loss of one sequence; FWSVD uses
-the row sums d_i^2 = sum_j I_ij. This is the one statistic that needs backward passes through the whole
-model. Memory is bounded: the model runs one sequence at a time with gradient checkpointing (activations of
-one decoder block at a time are kept for backward), only the targeted weights require gradients, and each
-weight's gradient is folded into its row sums and freed as soon as it is accumulated
+- Row Fisher for FWSVD (Hsu et al., ICLR 2022, arXiv:2207.00112): I_ij = sum over calibration sequences of
+  (dL/dW_ij)^2, L the causal-LM loss of one sequence; FWSVD uses the row sums d_i^2 = sum_j I_ij.
+- Output Fisher diagonal for loss-aware ranks: f_o = sum over calibration tokens of (dL/dy_o)^2, y the
+  Linear's output. Under the diagonal empirical Fisher, a change dy of that output costs about
+  1/2 sum_o f_o dy_o^2 of loss (the second-order term of the loss around the dense model; the first-order
+  term averages out near a minimum), which is what makes output errors of different layers comparable.
+
+Memory is bounded: the model runs one sequence at a time with gradient checkpointing (activations of one
+decoder block at a time are kept for backward), only the targeted weights require gradients, and each
+weight's gradient is folded into its sums (or dropped) and freed as soon as it is accumulated
 (`register_post_accumulate_grad_hook`), so at most a few gradients of single matrices are alive at once.
 Peak: model weights + one sequence's checkpointed hidden states + the logits of one sequence.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,16 +29,66 @@ def row_fisher(model: nn.Module, input_ids: torch.Tensor, weights: dict[str, tor
     weights: name -> the parameter ([out, in]; names in `transposed` are stored [in, out], as GPT-2's Conv1D).
     Returns name -> [out] float64 on CPU. The model is put back where it was, in eval mode, grads off.
     """
-    homes = {id(p): p.data.device for p in model.parameters()}
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     sums = {name: torch.zeros(w.shape[1] if name in transposed else w.shape[0], dtype=torch.float64)
             for name, w in weights.items()}
+
+    def fold(name, grad):
+        sums[name] += grad.float().pow(2).sum(0 if name in transposed else 1).double().cpu()
+
+    with backward_mode(model, device, weights, fold):
+        _backward_each(model, input_ids, device, "fisher", progress)
+    return sums
+
+
+def output_fisher(model: nn.Module, input_ids: torch.Tensor, linears: dict[str, nn.Module], device,
+                  progress=None) -> dict[str, torch.Tensor]:
+    """Sum over calibration tokens of the squared loss gradient at each Linear's output (module docstring).
+
+    linears: name -> the module (nn.Linear or Conv1D; the last dimension of its output is `out`).
+    Returns name -> [out] float64 on CPU; the model is restored as by `row_fisher`."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, grad_input, grad_output):
+            g = grad_output[0].detach().float()
+            folded = g.reshape(-1, g.shape[-1]).pow(2).sum(0).double().cpu()
+            sums[name] = sums[name] + folded if name in sums else folded
+        return hook
+
+    weights = {name: lin.weight for name, lin in linears.items()}
+    handles = [lin.register_full_backward_hook(hook_for(name)) for name, lin in linears.items()]
+    try:
+        with backward_mode(model, device, weights, lambda name, grad: None):
+            _backward_each(model, input_ids, device, "output-fisher", progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def _backward_each(model, input_ids, device, stage, progress) -> None:
+    """One causal-LM backward pass per calibration sequence."""
+    for i in range(input_ids.shape[0]):
+        ids = input_ids[i:i + 1].to(device)
+        with torch.enable_grad():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        if progress:
+            progress(stage, i + 1, input_ids.shape[0])
+
+
+@contextmanager
+def backward_mode(model: nn.Module, device, weights: dict[str, torch.Tensor],
+                  fold: Callable[[str, torch.Tensor], None]):
+    """The model on `device` with gradient checkpointing, only `weights` requiring gradients, each gradient
+    handed to fold(name, grad) and freed at once; everything put back afterwards."""
+    homes = {id(p): p.data.device for p in model.parameters()}
+    flags = {id(p): p.requires_grad for p in model.parameters()}
     handles = []
 
     def hook_for(name):
         def hook(p):
-            g = p.grad.float()
-            sums[name] += g.pow(2).sum(0 if name in transposed else 1).double().cpu()
+            fold(name, p.grad)
             p.grad = None  # free at once: never hold the whole model's gradients
         return hook
 
@@ -56,13 +114,7 @@ def row_fisher(model: nn.Module, input_ids: torch.Tensor, weights: dict[str, tor
         if enable is not None:
             enable()
         model.train()  # transformers checkpoints only in training mode (LLM dropout is 0)
-        for i in range(input_ids.shape[0]):
-            ids = input_ids[i:i + 1].to(device)
-            with torch.enable_grad():
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
-            if progress:
-                progress("fisher", i + 1, input_ids.shape[0])
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -73,4 +125,3 @@ def row_fisher(model: nn.Module, input_ids: torch.Tensor, weights: dict[str, tor
             p.requires_grad_(flags[id(p)])
             p.grad = None
             p.data = p.data.to(homes[id(p)])
-    return sums

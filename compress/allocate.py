@@ -170,21 +170,22 @@ def welore_ranks(shapes: dict[str, MatrixShape], spectra: dict, ratio: float,
     return ranks
 
 
-def truncation_scores(spectra: dict, shapes: dict[str, MatrixShape],
-                      importance: dict[str, float] | None = None) -> dict:
-    """Predicted loss per parameter of each singular component: w_j sigma_ij^2 / (m_j + n_j), descending.
+def truncation_scores(costs: dict, shapes: dict[str, MatrixShape]) -> dict:
+    """Predicted loss per parameter of each singular component: c_ij / (m_j + n_j), non-increasing in i.
 
-    For whitened methods (SVD-LLM: SVD of W L, L L^T = X^T X) dropping sigma_i adds exactly sigma_i^2 to the
-    layer's output error ||(W - W_k) X^T||_F^2 (Wang et al., ICLR 2025, Theorem 1; SVD-LLM V2, Wang et al.
-    NAACL 2025, allocates from this truncation loss). w_j says what that error costs the model: by default
-    1 / sum_i sigma_ij^2, the error relative to the layer's output energy, so a layer whose outputs are
-    large is not favoured for being large. Each component costs m + n parameters.
+    costs: name -> predicted loss of dropping each component, in the factorizer's order (largest singular value
+    first). For whitened methods (SVD-LLM: SVD of W L, L L^T = X^T X) dropping component i adds exactly
+    sigma_i u_i v_i^T L^T to the layer's output over the calibration set (Wang et al., ICLR 2025, Theorem 1;
+    SVD-LLM V2, NAACL 2025, allocates from this truncation loss); weighting it per output feature by the
+    output Fisher diagonal, c_i = sum_o f_o (sigma_i u_io)^2, turns it into a second-order estimate of the
+    loss it costs, comparable between layers (pass `truncation-loss`). A rank-k cut drops a suffix, so each
+    component is scored no higher than the ones before it (running minimum): a threshold keeps a prefix.
+    Each component costs m + n parameters.
     """
     scores = {}
-    for name, s in spectra.items():
-        sq = s.double().flatten().sort(descending=True).values ** 2
-        w = importance[name] if importance is not None else 1.0 / float(sq.sum().clamp_min(1e-300))
-        scores[name] = sq * (w / (shapes[name].out + shapes[name].inp))
+    for name, c in costs.items():
+        c = torch.cummin(c.double().flatten().clamp_min(0), 0).values
+        scores[name] = c / (shapes[name].out + shapes[name].inp)
     return scores
 
 
@@ -197,19 +198,19 @@ def _loss_aware_at(shapes, scores, tau: float, multiple: int) -> dict[str, int |
     return out
 
 
-def loss_aware_ranks(shapes: dict[str, MatrixShape], spectra: dict, ratio: float, multiple: int = 1,
-                     importance: dict[str, float] | None = None) -> dict[str, int | None]:
+def loss_aware_ranks(shapes: dict[str, MatrixShape], costs: dict, ratio: float,
+                     multiple: int = 1) -> dict[str, int | None]:
     """Spend the parameter budget where the predicted loss per parameter is smallest to lose: keep every
     singular component whose score (`truncation_scores`) is above one global threshold tau, found by
     bisection (on log tau) so the kept parameters are at most (1 - ratio) of the targeted ones. Taking
     components in score order is the greedy solution of the knapsack; the bisection only finds where the
     budget ends (to within one component of one matrix). A matrix whose rank would not save parameters
-    stays dense. spectra: name -> singular values of what the method truncates."""
+    stays dense. costs: name -> predicted loss of dropping each component (`truncation_scores`)."""
     check_ratio(ratio)
-    scores = truncation_scores(spectra, shapes, importance)
+    scores = truncation_scores(costs, shapes)
     positive = torch.cat([s[s > 0] for s in scores.values()])
     if positive.numel() == 0:
-        raise RankwiseError("loss-aware ranks: every spectrum is zero (no calibration signal)")
+        raise RankwiseError("loss-aware ranks: every predicted truncation loss is zero (no calibration signal)")
     lo, hi = math.log(float(positive.min())) - 1.0, math.log(float(positive.max())) + 1.0
     budget = (1.0 - ratio) * sum(s.dense_params for s in shapes.values())
     fits = lambda t: total_params(shapes, _loss_aware_at(shapes, scores, math.exp(t), multiple)) <= budget

@@ -142,10 +142,12 @@ def unchanged_block_stats(model, calib_ids, batch_size: int, device, storage, wa
 
 
 def refuse_unstreamable(recipe: Recipe, cfg: CompressConfig) -> None:
-    """A whole-model pass that needs every block at once (FWSVD's Fisher pass) cannot run on streamed weights."""
+    """A whole-model pass that needs every block at once (a backward pass: FWSVD's Fisher, loss-aware ranks'
+    output Fisher) cannot run on streamed weights; the error names the stage that asked for it."""
     for p in recipe.model_passes:
         if not p.streams:
-            raise RankwiseError(f"--stream-weights does not support {cfg.method}: {p.unsupported_reason}")
+            asker = next((s.name for s in recipe.stages if p.name in s.model_passes), cfg.method)
+            raise RankwiseError(f"--stream-weights does not support {asker}: {p.unsupported_reason}")
 
 
 @torch.no_grad()

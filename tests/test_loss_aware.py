@@ -1,6 +1,11 @@
 import torch
 
+import pytest
+
+from rankwise.calib.fisher import output_fisher
 from rankwise.compress.allocate import MatrixShape, loss_aware_ranks, total_params, uniform_ranks
+from rankwise.compress.arch import named_target_linears
+from rankwise.compress.methods.base import Decomposition
 from rankwise.compress.pipeline import compress_model
 from helpers_methods import calib_ids, config, model
 
@@ -9,8 +14,8 @@ def test_budget_goes_where_truncation_loses_least():
     # same shapes, same energy; "fast" decays quickly (its tail costs little), "slow" barely decays
     shapes = {"fast": MatrixShape(64, 64), "slow": MatrixShape(64, 64)}
     i = torch.arange(64, dtype=torch.float64)
-    spectra = {"fast": torch.exp(-i / 4), "slow": torch.exp(-i / 64)}
-    ranks = loss_aware_ranks(shapes, spectra, ratio=0.5)
+    costs = {"fast": torch.exp(-i / 4) ** 2, "slow": torch.exp(-i / 64) ** 2}
+    ranks = loss_aware_ranks(shapes, costs, ratio=0.5)
     assert ranks["fast"] < ranks["slow"]
     dense = sum(s.dense_params for s in shapes.values())
     assert total_params(shapes, ranks) <= 0.5 * dense
@@ -19,15 +24,12 @@ def test_budget_goes_where_truncation_loses_least():
 def test_predicted_loss_below_uniform_at_the_same_budget():
     torch.manual_seed(0)
     shapes = {f"m{j}": MatrixShape(96, 64) for j in range(6)}
-    spectra = {n: torch.rand(64, dtype=torch.float64) ** (1 + j) for j, n in enumerate(shapes)}
+    costs = {n: torch.rand(64, dtype=torch.float64).sort(descending=True).values ** (2 + j) * 10 ** j
+             for j, n in enumerate(shapes)}
 
-    def loss(ranks):  # relative output error dropped by each matrix (what loss-aware minimises)
-        out = 0.0
-        for n, s in spectra.items():
-            sq = s.sort(descending=True).values ** 2
-            out += float(sq[ranks[n] or 64:].sum() / sq.sum())
-        return out
-    la, uni = loss_aware_ranks(shapes, spectra, 0.4), uniform_ranks(shapes, 0.4)
+    def loss(ranks):  # predicted loss of the dropped components (what loss-aware minimises)
+        return sum(float(c[ranks[n] or 64:].sum()) for n, c in costs.items())
+    la, uni = loss_aware_ranks(shapes, costs, 0.4), uniform_ranks(shapes, 0.4)
     assert total_params(shapes, la) <= total_params(shapes, uni) + max(s.out + s.inp for s in shapes.values())
     assert loss(la) < loss(uni)
 
@@ -42,3 +44,59 @@ def test_loss_aware_hits_budget_with_non_uniform_ranks():
         for name, spec in meta.modules.items():  # same shape, different ranks: not uniform
             ranks.setdefault((spec.in_features, spec.out_features), set()).add(spec.rank)
         assert any(len(r) > 1 for r in ranks.values())
+
+
+def test_a_layer_whose_errors_cost_more_keeps_more_rank():
+    # identical spectra; the output Fisher says b's output errors cost 100x more
+    shapes = {"a": MatrixShape(64, 64), "b": MatrixShape(64, 64)}
+    sq = torch.exp(-torch.arange(64, dtype=torch.float64) / 16) ** 2
+    ranks = loss_aware_ranks(shapes, {"a": sq, "b": 100 * sq}, ratio=0.3)
+    assert ranks["a"] is not None and ranks["a"] < 16     # a pays for the budget ...
+    assert ranks["b"] is None or ranks["b"] > ranks["a"] + 8   # ... b keeps (nearly) everything
+
+
+def test_a_cost_rising_after_a_fall_cannot_skip_components():
+    # a rank cut drops a suffix: a cheap component cannot be dropped while a costlier later one is kept
+    shapes = {"m": MatrixShape(32, 32), "n": MatrixShape(32, 32)}
+    bumpy = torch.tensor([1.0, 1e-6] + [0.5] * 30, dtype=torch.float64)
+    ranks = loss_aware_ranks(shapes, {"m": bumpy, "n": torch.full((32,), 0.01, dtype=torch.float64)}, ratio=0.5)
+    assert ranks["m"] == 1   # scored by position, the 0.5-cost tail would have been kept (m dense)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_output_weighted_spectrum_is_each_components_weighted_output_error(shape):
+    torch.manual_seed(0)
+    M = torch.randn(*shape, dtype=torch.float64)
+    w = torch.rand(shape[0], dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    expected = ((U * S).pow(2) * w[:, None]).sum(0)
+    got = Decomposition(M).output_weighted_spectrum(w)
+    assert torch.allclose(got[:len(S)], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_output_fisher_is_the_squared_output_gradient_summed_over_tokens():
+    """Checkpointed backward passes with hooks give what plain autograd gives, and leave the model as it was."""
+    torch.manual_seed(0)
+    m, ids = model("llama"), calib_ids(nsamples=3, seqlen=24)
+    linears = named_target_linears(m)
+    flags = [p.requires_grad for p in m.parameters()]
+    got = output_fisher(m, ids, linears, torch.device("cpu"))
+    assert [p.requires_grad for p in m.parameters()] == flags and not m.training
+    assert all(p.grad is None for p in m.parameters())
+    outputs = {}
+    handles = [lin.register_forward_hook(lambda mod, i, o, n=n: outputs.setdefault(n, []).append(o))
+               for n, lin in linears.items()]
+    expected = {n: torch.zeros(lin.weight.shape[0], dtype=torch.float64) for n, lin in linears.items()}
+    with torch.enable_grad():
+        for i in range(ids.shape[0]):
+            outputs.clear()
+            loss = m(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss
+            names = list(outputs)
+            grads = torch.autograd.grad(loss, [outputs[n][0] for n in names])
+            for n, g in zip(names, grads):
+                expected[n] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0)
+    for h in handles:
+        h.remove()
+    assert set(got) == set(expected)
+    for n in got:
+        assert torch.allclose(got[n], expected[n], rtol=1e-4, atol=1e-12), n

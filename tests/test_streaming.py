@@ -128,6 +128,8 @@ REFUSALS = {  # how to make the source, extra options, what the message must say
     "rankwise checkpoint": (rankwise_checkpoint, [], ["already a Rankwise checkpoint"]),  # with or without it
     "fwsvd": (None, ["--method", "fwsvd"], ["--stream-weights does not support fwsvd: its Fisher pass needs every "
                                             "block at once"]),
+    "loss-aware": (None, ["--ranks", "loss-aware"], ["--stream-weights does not support loss-aware: its output "
+                                                     "Fisher pass needs every block at once"]),
 }
 
 

@@ -58,6 +58,16 @@ class Decomposition:
             return self._eig[0]
         return torch.linalg.eigvalsh(self._gram()).flip(0).clamp_min(0).sqrt()
 
+    def output_weighted_spectrum(self, weights: torch.Tensor) -> torch.Tensor:
+        """sum_o weights_o (sigma_i u_i[o])^2 for every component i, in spectrum order: the output error that
+        dropping component i adds, weighted per output feature. u_i is M's left singular vector, so this is
+        W's output space for transforms that leave the output side alone (SVD-LLM, ASVD, plain SVD)."""
+        S, Q = self._eigh()
+        w = weights.to(self.M)[:, None]
+        if self.wide:   # Q = U: (sigma_i u_i)^2 = sigma_i^2 U^2
+            return S.pow(2) * (Q.pow(2) * w).sum(0)
+        return ((self.M @ Q).pow(2) * w).sum(0)   # Q = V: sigma_i u_i = M v_i
+
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced rank-k factors: B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T, then the transform undone."""
         S, Q = self._eigh()

@@ -9,8 +9,8 @@ from rankwise.compress.methods import Method, get_method
 from rankwise.compress.stages.base import (
     ALLOCATORS, BLOCK_CORRECTORS, CORRECTORS, PASSES, Allocator, BlockCorrector, Corrector, ModelPass, Statistics)
 from rankwise.compress.stages import (  # noqa: F401  (the built-in stages register themselves)
-    allocate_loss_aware, allocate_uniform, allocate_welore, correct_eora, correct_refit, pass_fisher, pass_spectra,
-    refine_block)
+    allocate_loss_aware, allocate_uniform, allocate_welore, correct_eora, correct_refit, pass_fisher,
+    pass_output_fisher, pass_spectra, pass_truncation_loss, refine_block)
 from rankwise.errors import RankwiseError
 
 
