@@ -10,9 +10,11 @@ matrix of each distinct Linear input once, what any method reading X^T X must at
 column (capture, input-group probe, statistics, propagation, whole-model passes: everything timed but the
 decompositions and corrections) is compared with it ("x baseline").
 
-Stages: fisher (FWSVD's whole-model Fisher pass), spectra (WeLore's pass over the dense blocks), capture
+Stages: fisher (FWSVD's whole-model Fisher pass), spectra (WeLore's pass over the dense blocks), output-fisher
+and truncation-loss (loss-aware ranks' backward pass and its pass over the dense blocks), capture
 (calibration forward up to block 0), statistics (per-Linear input statistics), factorize
-(decompositions + new layers, including moving the block to and from the device), propagate (re-running the
+(decompositions + new layers + corrections and block refinement, including moving the block to and from the
+device), propagate (re-running the
 compressed block for the next one), save (checkpoint written to a temporary folder). Stage times are the
 pipeline's own (its StageTimer, which times every stage that runs: `pipeline_stage_seconds` in the JSON also
 has the input-group probe and each corrector); a block's factorize time is its wall time less its statistics
@@ -49,7 +51,8 @@ from rankwise.compress.methods import REGISTRY
 DEFAULT_METHODS = "baseline,svd,asvd,svd-llm,fwsvd,svd-llm+eora"
 BASELINE = "baseline"  # one dense pass forming each distinct input's Gram: the least a data-aware method does
 # a method name may carry pipeline options: svd-llm+eora, svd-llm+refit+eora, svd-llm+welore
-VARIANTS = {"eora": {"compensate": "eora"}, "refit": {"refit": True}, "welore": {"ranks": "welore"}}
+VARIANTS = {"eora": {"compensate": "eora"}, "refit": {"refit": True}, "welore": {"ranks": "welore"},
+            "loss-aware": {"ranks": "loss-aware"}, "refine": {"refine": True}}
 
 
 def parse_variant(name: str) -> tuple[str, dict] | None:
@@ -61,8 +64,8 @@ def parse_variant(name: str) -> tuple[str, dict] | None:
     for e in extras:
         options.update(VARIANTS[e])
     return base, options
-STAGES = ("fisher", "spectra", "capture", "statistics", "factorize", "propagate", "save")
-WHOLE_MODEL_STAGES = ("fisher", "spectra", "capture")  # once per run, before the block walk
+WHOLE_MODEL_STAGES = ("fisher", "spectra", "output-fisher", "truncation-loss", "capture")  # once, before the blocks
+STAGES = (*WHOLE_MODEL_STAGES, "statistics", "factorize", "propagate", "save")
 
 
 def parse_args(argv=None):
@@ -72,8 +75,9 @@ def parse_args(argv=None):
                                                        "background thread (--shape only)")
     p.add_argument("--stream-weights", action="store_true", help="read each block from the checkpoint's "
                                                                  "safetensors just in time (--model only)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; a method may carry "
-                   "+eora, +refit, +welore (e.g. svd-llm+refit+eora); unknown ones are reported as skipped")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; a method may carry +eora, "
+                   "+refit, +welore, +loss-aware, +refine (e.g. svd-llm+refit+eora); unknown ones are reported "
+                   "as skipped")
     p.add_argument("--eora-rank", type=int, default=32, help="rank of the EoRA path for +eora")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--rank-multiple", type=int, default=1)
@@ -226,7 +230,7 @@ def forward_work_seconds(run: dict) -> float:
     """Everything the pipeline timed but the decompositions and corrections: capture, the input-group probe,
     statistics, propagation and the whole-model passes (compare with the baseline row's total)."""
     return sum(v for k, v in run["pipeline_stage_seconds"].items()
-               if k in ("capture", "groups", "statistics", "propagate", "fisher", "spectra"))
+               if k in ("groups", "statistics", "propagate", *WHOLE_MODEL_STAGES))
 
 
 def run_method(args, method: str, device: torch.device) -> dict:
