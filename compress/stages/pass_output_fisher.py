@@ -8,7 +8,7 @@ from rankwise.compress.stages.base import ModelPass, register_pass
 @register_pass("output-fisher")
 class OutputFisherPass(ModelPass):
     streams = False
-    unsupported_reason = "its output Fisher pass needs every block at once"
+    unsupported_reason = "its output Fisher pass needs every block at once (--ranks uniform or welore stream)"
 
     def run(self, job):
         return output_fisher(job.model, job.calib_ids, named_target_linears(job.model), job.device, job.progress)
