@@ -53,6 +53,7 @@ ROWS = {
     "svd-llm+refit+refine": {"method": "svd-llm", "refit": True, "refine": True},
     "svd-llm+refit+eora32+refine": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32,
                                     "refine": True},
+    "svd-llm+loss-aware+refine": {"method": "svd-llm", "ranks": "loss-aware", "refine": True},
     "svd-llm+loss-aware+refit+eora32": {"method": "svd-llm", "ranks": "loss-aware", "refit": True,
                                         "compensate": "eora", "eora_rank": 32},
     "svd-llm+loss-aware+refit+eora32+refine": {"method": "svd-llm", "ranks": "loss-aware", "refit": True,

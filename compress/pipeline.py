@@ -169,7 +169,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     for model_pass in recipe.model_passes:
         with timer.stage(model_pass.name):
             job.passes[model_pass.name] = model_pass.run(job)
-    ranks = recipe.allocator.allocate(job, recipe.base_ratio(cfg.ratio, job.shapes))
+    ranks = recipe.allocate(job, cfg.ratio)
     walk = BlockWalk(job, recipe, timer)
     modules: dict[str, ModuleSpec] = {}
     for i in range(len(walk.blocks)):

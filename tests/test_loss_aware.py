@@ -100,3 +100,11 @@ def test_output_fisher_is_the_squared_output_gradient_summed_over_tokens():
     assert set(got) == set(expected)
     for n in got:
         assert torch.allclose(got[n], expected[n], rtol=1e-4, atol=1e-12), n
+
+
+def test_eora_paths_count_only_where_they_are_built():
+    """Matrices kept dense get no EoRA path, so none is reserved for them: the ratio is still met exactly."""
+    meta = compress_model(model("llama"), calib_ids(), config(ranks="loss-aware", ratio=0.3, compensate="eora",
+                                                              eora_rank=2))
+    assert meta.kept_dense  # the case this is about
+    assert 0.3 <= meta.ratio_achieved <= 0.305

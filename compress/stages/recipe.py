@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from rankwise.compress.allocate import reserved_ratio
+from rankwise.compress.allocate import reserved_ratio, total_params
 from rankwise.compress.methods import Method, get_method
 from rankwise.compress.stages.base import (
     ALLOCATORS, BLOCK_CORRECTORS, CORRECTORS, PASSES, Allocator, BlockCorrector, Corrector, ModelPass, Statistics)
@@ -63,7 +63,29 @@ class Recipe:
         names = list(dict.fromkeys(n for s in self.stages for n in s.model_passes))
         return [_lookup(PASSES, n, "model pass")() for n in names]
 
-    def base_ratio(self, ratio: float, shapes) -> float:
-        """The ratio the factorization must reach so that what the correctors add still fits in `ratio`."""
-        reserve = sum(c.reserved_params(shapes) for c in [*self.correctors, *self.block_correctors])
+    def reserve(self, shapes) -> int:
+        """Parameters the correctors add (EoRA's paths) when the matrices in `shapes` are factorized."""
+        return sum(c.reserved_params(shapes) for c in [*self.correctors, *self.block_correctors])
+
+    def base_ratio(self, ratio: float, shapes, factorized=None) -> float:
+        """The ratio the factorization must reach so that what the correctors add to the `factorized` matrices
+        (default: all) still fits in `ratio` of `shapes`."""
+        reserve = self.reserve(shapes if factorized is None else factorized)
         return reserved_ratio(shapes, ratio, reserve) if reserve else ratio
+
+    def allocate(self, job, ratio: float) -> dict:
+        """The allocator's ranks with the correctors' parameters inside `ratio`. Correctors add only to the
+        matrices that get factorized, and an allocator may keep some dense (WeLore, loss-aware): reserving for
+        every matrix would overshoot the ratio by the paths never built. So reserve for all, then for the
+        ones factorized, and allocate again while the result still fits (a few rounds: the set settles)."""
+        shapes = job.shapes
+        budget = (1.0 - ratio) * sum(s.dense_params for s in shapes.values())
+        ranks = self.allocator.allocate(job, self.base_ratio(ratio, shapes))
+        for _ in range(4):
+            factorized = {n: s for n, s in shapes.items() if ranks[n] is not None}
+            again = self.allocator.allocate(job, self.base_ratio(ratio, shapes, factorized))
+            kept = {n: s for n, s in shapes.items() if again[n] is not None}
+            if again == ranks or total_params(shapes, again) + self.reserve(kept) > budget:
+                break
+            ranks = again
+        return ranks
