@@ -13,7 +13,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 # One recommended pipeline by one name: the combination that measures best in bench/quality.py (see
 # bench/README.md, "Quality"). Options given explicitly beside a preset override its values.
 PRESETS: dict[str, dict] = {
-    "best": {"method": "svd-llm", "refit": True, "compensate": "eora", "eora_rank": 32, "refine": True},
+    "best": {"method": "svd-llm", "ranks": "loss-aware", "refine": True},
 }
 
 

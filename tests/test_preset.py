@@ -5,20 +5,22 @@ def test_preset_fills_in_and_explicit_options_override():
     cfg = CompressConfig(model="m", ratio=0.2, preset="best")
     for key, value in PRESETS["best"].items():
         assert getattr(cfg, key) == value
-    cfg = CompressConfig(model="m", ratio=0.2, preset="best", refit=False, method="asvd")
-    assert cfg.refit is False and cfg.method == "asvd" and cfg.compensate == PRESETS["best"]["compensate"]
+    cfg = CompressConfig(model="m", ratio=0.2, preset="best", refine=False, method="asvd")
+    assert cfg.refine is False and cfg.method == "asvd" and cfg.ranks == PRESETS["best"]["ranks"]
     assert CompressConfig(model="m", ratio=0.2) == CompressConfig(model="m", ratio=0.2, preset="none")
 
 
 def test_preset_on_the_command_line(tmp_path, tiny_dirs, austen_file, cli):
     from rankwise.compress.metadata import read_result
     out = tmp_path / "c"
-    r = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.3", "--preset", "best", "--no-refit", "--eora-rank", "2",
+    r = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.3", "--preset", "best", "--no-refine",
+            "--compensate", "eora", "--eora-rank", "2",
             "--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32", "--device", "cpu")
     assert r.exit_code == 0, r.output
     meta = read_result(str(out))
-    assert meta.compensate == "eora" and meta.eora_rank == 2  # EoRA from the preset, its rank given
-    assert meta.refit is False  # --no-refit, given explicitly, overrides the preset
+    assert meta.ranks_allocation == "loss-aware" and meta.method == "svd-llm"  # from the preset
+    assert meta.compensate == "eora" and meta.eora_rank == 2  # given beside it: added
+    assert meta.refine is None  # --no-refine, given explicitly, overrides the preset
 
 
 def test_unknown_preset_is_one_line(tmp_path, tiny_dirs, cli):
