@@ -27,3 +27,17 @@ def test_unknown_preset_is_one_line(tmp_path, tiny_dirs, cli):
     r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--ratio", "0.3", "--preset", "fastest")
     assert r.exit_code == 2
     assert "preset" in r.output and "Traceback" not in r.output
+
+
+def test_preset_streams_with_a_streaming_allocator(tmp_path, tiny_dirs, austen_file, cli):
+    """The preset's loss-aware ranks need every block at once: refused with --stream-weights in one line that
+    names the way out, which then works (block refinement streams)."""
+    from rankwise.compress.metadata import read_result
+    common = ["--ratio", "0.3", "--preset", "best", "--stream-weights", "--calib", f"text:{austen_file}",
+              "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--refine-steps", "2"]
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "refused", *common)
+    assert r.exit_code == 2 and "--ranks uniform" in " ".join(r.output.split()), r.output
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", *common, "--ranks", "uniform")
+    assert r.exit_code == 0, r.output
+    meta = read_result(str(tmp_path / "c"))
+    assert meta.ranks_allocation == "uniform" and meta.refine is not None
