@@ -15,12 +15,10 @@ compensated layer, `<name>.lora_A.weight` [r, n], `<name>.lora_B.weight` [m, r].
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import types
-import warnings
 
 import torch
 from torch import nn
@@ -37,16 +35,19 @@ FORMAT_VERSION = 1  # layout of the `rankwise` section; a loader refuses a newer
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(nn.Linear):
     """y = B(A x) [+ lora_B(lora_A x)]: a rank-k factorization W ~ B A of a dense Linear, bias kept in B.
 
     The optional lora path is a residual correction (EoRA compensation) kept separate so it can be exported
-    as an adapter or dropped.
+    as an adapter or dropped. It is an nn.Linear (same in/out features, `weight` and `bias` the ones it
+    computes) that stores no dense weight, so that PEFT's stock LoRA targets it like any Linear: an exported
+    adapter loads through every PEFT path without registering a custom layer. `weight` is read-only
+    (computed): merging an adapter into it is not possible.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  lora_rank: int = 0, device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate the dense weight this layer replaces
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         kw = {"device": device, "dtype": dtype}
         self.A = nn.Linear(in_features, rank, bias=False, **kw)
@@ -88,6 +89,10 @@ class LowRankLinear(nn.Module):
         if self.lora_rank:
             w = w + self.lora_B.weight @ self.lora_A.weight
         return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.B.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.B(self.A(x))
@@ -231,36 +236,7 @@ def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str
     model.to(device)
     # bound to this instance (the base class knows nothing of this file); a deepcopy binds it to the copy
     model.save_pretrained = types.MethodType(_save_pretrained_with_modeling_file, model)
-    if hasattr(model, "load_adapter"):  # transformers' PEFT integration, taught our layer type
-        model.load_adapter = types.MethodType(_load_adapter, model)
     return model.eval()
-
-
-def peft_lora_config(config):
-    """`config` (a PEFT LoraConfig) with LowRankLinear registered as a LoRA target: PEFT's own lora.Linear
-    computes base(x) + lora_B(lora_A(x)) * scaling and needs only in/out features from its base layer."""
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    config._register_custom_module({LowRankLinear: PeftLoraLinear})
-    return config
-
-
-@contextlib.contextmanager
-def quiet_peft():
-    """PEFT warns "Unsupported layer type ... proceed at your own risk" for every registered custom layer, and
-    calls transformers' deprecated names (FutureWarning): neither is the user's to act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
-
-
-def _load_adapter(self, peft_model_id, adapter_name=None, **kwargs):
-    """transformers' `model.load_adapter`, able to target the low-rank layers (an exported EoRA adapter)."""
-    from peft import PeftConfig
-    config = kwargs.pop("peft_config", None) or PeftConfig.from_pretrained(str(peft_model_id))
-    with quiet_peft():
-        return type(self).load_adapter(self, str(peft_model_id), adapter_name=adapter_name,
-                                       peft_config=peft_lora_config(config), **kwargs)
 
 
 class RankwiseForCausalLM(PreTrainedModel):

@@ -1,27 +1,29 @@
 """Export the EoRA residual paths of a compressed model as a PEFT LoRA adapter, and load it back.
 
-The residual path sits beside a LowRankLinear (x -> B A x), which PEFT's stock LoRA cannot target (it wraps
-nn.Linear-like layers). PEFT's custom-module API (`LoraConfig._register_custom_module`) maps our layer type to
-a LoRA layer class; peft's own `lora.Linear` already computes base(x) + lora_B(lora_A(x)) * scaling and only
-needs in/out features from the base, so it serves as that class. Dense layers that carry a path (LoraLinear,
-e.g. `compress compensate` on a pruned or quantized model) export their plain nn.Linear base directly.
+The residual path sits beside a LowRankLinear (x -> B A x), an nn.Linear that stores its weight as factors:
+PEFT's stock `lora.Linear` wraps it as any Linear, computing base(x) + lora_B(lora_A(x)) * scaling. Dense
+layers that carry a path (LoraLinear, e.g. `compress compensate` on a pruned or quantized model) export their
+plain nn.Linear base directly.
 
 Files: adapter_model.safetensors + adapter_config.json (rank_pattern / alpha_pattern give per-module ranks;
-alpha = r so the scaling is 1, the EoRA path exactly), README.md with the load snippet, and base/: the
-checkpoint without its EoRA paths, which `base_model_name_or_path` names. A checkpoint loaded through
-transformers (`trust_remote_code`) takes the adapter with its own `model.load_adapter(DIR)`; in Rankwise,
-`load_eora_adapter` does the same through PeftModel.
+alpha = r so the scaling is 1, the EoRA path exactly; task_type CAUSAL_LM, so that AutoPeftModelForCausalLM
+loads the base through AutoModelForCausalLM and its auto_map, never as the plain architecture class with
+random low-rank layers), README.md with the load snippets, and base/: the checkpoint without its EoRA paths,
+which `base_model_name_or_path` names. Every PEFT loading path works on it: `model.load_adapter(DIR)` on the
+base loaded with `trust_remote_code`, `PeftModel.from_pretrained(base, DIR)`, and
+`AutoPeftModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rankwise.compress.metadata import CompressionResult
-from rankwise.compress.lowrank import (LoraLinear, LowRankLinear, get_submodule_parent, peft_lora_config,
-                                       quiet_peft)
+from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
 
 BASE_DIR = "base"  # the checkpoint without EoRA paths, inside the adapter folder
 
@@ -29,9 +31,9 @@ BASE_DIR = "base"  # the checkpoint without EoRA paths, inside the adapter folde
 def _lora_config(ranks: dict[str, int]):
     from peft import LoraConfig
     r0 = max(ranks.values())
-    return peft_lora_config(LoraConfig(
+    return LoraConfig(
         r=r0, lora_alpha=r0, target_modules=sorted(ranks), rank_pattern=dict(ranks), alpha_pattern=dict(ranks),
-        lora_dropout=0.0, bias="none", init_lora_weights=False))
+        lora_dropout=0.0, bias="none", init_lora_weights=False, task_type="CAUSAL_LM")
 
 
 def strip_compensation(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -101,14 +103,23 @@ model = AutoModelForCausalLM.from_pretrained("{base}", trust_remote_code=True)
 model.load_adapter("{adapter}")
 ```
 
-`trust_remote_code` runs the base's `modeling_rankwise.py` (its low-rank layer, which `load_adapter` is taught
-to target; `peft` must be installed).
+`trust_remote_code` runs the base's `modeling_rankwise.py` (its low-rank layer; `peft` must be installed).
+`PeftModel.from_pretrained(model, "{adapter}")` on the base loaded as above, and
+`AutoPeftModelForCausalLM.from_pretrained("{adapter}", trust_remote_code=True)` give the same model. The
+low-rank layers hold no dense weight, so the adapter cannot be merged into them (`merge_and_unload`).
 """
 
 
 def load_eora_adapter(base: nn.Module, adapter_dir: str | Path):
     """PeftModel of `base` (a checkpoint without its EoRA paths) with the exported adapter loaded."""
-    from peft import LoraConfig, PeftModel
-    cfg = peft_lora_config(LoraConfig.from_pretrained(str(adapter_dir)))
+    from peft import PeftModel
     with quiet_peft():
-        return PeftModel.from_pretrained(base, str(adapter_dir), config=cfg)
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT calls transformers' deprecated names (FutureWarning): not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
