@@ -109,11 +109,11 @@ class Caller:
     none: eager, a new DynamicCache for every prompt (the default of `model(...)`).
     static: eager, one StaticCache of prompt_len + new_tokens positions for all runs, reset (zeroed in place,
         same tensors) before each prompt: fixed shapes, what CUDA graphs need.
-    compile: the static cache and `compile_forward`, one graph for the prefill shape and one for the decode
+    compile: the static cache and `compiler` (default `compile_forward`), one graph for the prefill shape and one for the decode
         step (what `generate` does with cache_implementation="static" and a compiled forward).
     """
 
-    def __init__(self, model, ids: torch.Tensor, new_tokens: int, mode: str):
+    def __init__(self, model, ids: torch.Tensor, new_tokens: int, mode: str, compiler=compile_forward):
         self.ids, self.new_tokens, self.mode = ids, new_tokens, mode
         self.forward, self.cache = model, None
         if mode != "none":
@@ -123,7 +123,7 @@ class Caller:
             # tensors are marked as static addresses (transformers skips that while tracing; CUDA graphs need it)
             model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         if mode == "compile":
-            self.forward = compile_forward(model)
+            self.forward = compiler(model)
 
     def reset(self) -> None:
         if self.cache is not None:
@@ -171,20 +171,20 @@ class _Timer:
 
 
 @torch.no_grad()
-def measure_batch(models: dict, ids: torch.Tensor, args, device) -> dict:
+def measure_batch(models: dict, ids: torch.Tensor, args, device, compiler=compile_forward) -> dict:
     """{name: prefill and decode tokens/s} of each model at one batch size, all in the same --compile mode.
 
     Each model is warmed up first (two runs in compile mode: CUDA graphs are recorded on the second call of a
     graph), and the wall time of its warm-up, nearly all compilation, is its compile_s. The timed runs then
     alternate between the models, so that a change of load on a shared machine hits them alike; each figure
-    is the median of --reps runs.
+    is the median of --reps runs. `compiler(model)` returns the compiled forward (--compile compile).
     """
     mode = args.compile
     if mode == "compile":
         torch._dynamo.reset()  # fresh compile cache for each batch size: only its graphs count
     out, timers = {}, {}
     for name, model in models.items():
-        timer = timers[name] = _Timer(Caller(model, ids, args.new_tokens, mode), device)
+        timer = timers[name] = _Timer(Caller(model, ids, args.new_tokens, mode, compiler), device)
         graphs, t0 = graphs_compiled(), time.perf_counter()
         try:
             for _ in range(2 if mode == "compile" else 1):
@@ -210,12 +210,12 @@ def measure_batch(models: dict, ids: torch.Tensor, args, device) -> dict:
     return out
 
 
-def measure(models: dict, vocab: int, args, device) -> dict:
+def measure(models: dict, vocab: int, args, device, compiler=compile_forward) -> dict:
     """{batch: measure_batch(...)}"""
     out = {}
     for bs in _batches(args):
         ids = random_ids(vocab, bs, args.prompt_len, args.seed + 1).to(device)
-        out[bs] = measure_batch(models, ids, args, device)
+        out[bs] = measure_batch(models, ids, args, device, compiler)
     return out
 
 
@@ -279,7 +279,8 @@ def build_models(args, device):
     return dense.to(device).eval(), compressed.to(device, dtype).eval(), meta
 
 
-def main(argv=None) -> dict:
+def main(argv=None, compiler=compile_forward) -> dict:
+    """Runs the benchmark; `compiler(model)` makes the compiled forward of --compile compile."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,7 +289,7 @@ def main(argv=None) -> dict:
     vocab = dense.get_input_embeddings().weight.shape[0]
     factorized = sum(isinstance(m, LowRankLinear) for m in compressed.modules())
     models = {"dense": dense, "compressed": compressed}
-    results = measure(models, vocab, args, device)
+    results = measure(models, vocab, args, device, compiler)
     rows = []
     for bs, r in results.items():
         d, c = r["dense"], r["compressed"]

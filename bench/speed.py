@@ -42,6 +42,8 @@ from _shapes import (  # noqa: I001
     PeakMemory, add_model_source_args, calibration_ids, load_real_model, random_model, thread_note)
 
 import rankwise.compress.pipeline as pipeline
+from rankwise.calib.stats import Statistics
+from rankwise.compress.arch import block_runner
 from rankwise.errors import RankwiseError
 from rankwise.compress.checkpoint import save_checkpoint
 from rankwise.compress.config import CompressConfig
@@ -173,46 +175,24 @@ def build(args, device):
 
 @torch.no_grad()
 def run_baseline(args, device: torch.device) -> dict:
-    """The reference for the pipeline's forward work: capture block 0's inputs, then per block one dense
-    forward that also forms X^T X of each distinct Linear input (q/k/v share one), its output feeding the next
-    block. Timed stages: capture, statistics (the forward with its Grams); nothing is factorized."""
-    from rankwise.calib.capture import LinearStats, _call_block, _in_features, capture_block_inputs
-    from rankwise.compress.arch import find_decoder_blocks, find_linears
+    """The reference for the pipeline's forward work: the same block walk (calib.runner) over the unchanged
+    model, capturing block 0's inputs, then per block one dense forward that also forms X^T X of each distinct
+    Linear input (q/k/v share one), its output feeding the next block. Timed stages: capture, groups (the
+    input-group probe), statistics (the forward with its Grams); nothing is factorized."""
     model, tokenizer, source, desc = build(args, device)
     vocab = model.get_input_embeddings().weight.shape[0]
     calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
     storage = torch.device("cpu") if args.offload else device
     rec = StageRecorder(device)
     timer = rec.timer
-    _, blocks = find_decoder_blocks(model)
     rec._start_block()
-    with timer.stage("capture"):
+    runner = block_runner(model, calib, args.batch_size, device, storage, source, timer, rec.progress)
+    try:
+        for _ in runner.unchanged(Statistics(xtx=True), "compress"):
+            pass
+    finally:
         if source is not None:
-            source.ensure(0)
-        inputs = capture_block_inputs(model, blocks, calib, args.batch_size, device, storage)
-    for i, block in enumerate(blocks):
-        if source is not None:
-            source.ensure(i)
-        home = next(block.parameters()).device
-        block.to(device)
-        with timer.stage("statistics", i):
-            grams: dict[int, LinearStats] = {}
-
-            def hook(module, a):
-                x = a[0]
-                if x.data_ptr() not in grams:  # one Gram per distinct input tensor
-                    grams[x.data_ptr()] = LinearStats(_in_features(module), True, False, storage)
-                    grams[x.data_ptr()].update(x)
-            handles = [lin.register_forward_pre_hook(hook) for lin in find_linears(block).values()]
-            for b, hidden in enumerate(inputs.hidden):
-                grams.clear()
-                inputs.hidden[b] = _call_block(block, hidden, inputs.kwargs[i][b], device).to(storage)
-            for h in handles:
-                h.remove()
-        block.to(home)
-        rec.progress("compress", i + 1, len(blocks))
-    if source is not None:
-        source.close()
+            source.close()
     stages = {**rec.whole, **{s: {"seconds": sum(b[s] for b in rec.blocks),
                                   "gpu_peak_gib": _max(b["gpu_peak_gib"] for b in rec.blocks),
                                   "host_peak_gib": _max(b["host_peak_gib"] for b in rec.blocks)}

@@ -1,9 +1,9 @@
-"""Block inputs and per-Linear input statistics for the block-sequential pipeline.
+"""What enters each decoder block on the calibration batch, and running a block on it.
 
-The pipeline (llm-compressor / GPTQ style) never runs the whole model on the calibration batch: it captures
-what enters decoder block 0 once, then for each block accumulates statistics of every Linear's input, lets
-the caller change the block, and re-runs the block so that the next block sees the *changed* outputs.
-Memory on the device is one block plus the calibration activations.
+The block walk (calib.runner, llm-compressor / GPTQ style) never runs the whole model on the calibration
+batch: it captures what enters decoder block 0 once, then runs one block at a time on the stored hidden
+states, and replaces them by the block's outputs (`propagate`) so that the next block sees what the (possibly
+changed) block produced. Memory on the device is one block plus the calibration activations.
 """
 from __future__ import annotations
 
@@ -132,119 +132,15 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     return BlockInputs(sink.hidden, kwargs, bool(sink.returns_tuple), storage)
 
 
-def _call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
+def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
     kwargs = _move(kwargs, device)
     args = kwargs.pop("__args__", ())
     out = block(hidden.to(device), *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T b for [tokens, n] activations, in float32 (float64 inputs stay float64).
-
-    bf16/fp16 activations have at most 11 significant bits, so each product is exact in float32: on a GPU a
-    half-precision GEMM that accumulates and writes float32 (tensor cores) then equals the float32 GEMM of
-    the upcast inputs, at several times its speed and without the upcast copies.
-    """
-    if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
-        try:
-            return torch.mm(a.T, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch or GPU without the mixed-output GEMM: upcast below
-            pass
-    lift = (lambda t: t) if a.dtype == torch.float64 else (lambda t: t.float())
-    return lift(a).T @ lift(b)
-
-
-class LinearStats:
-    """Running statistics of one Linear's input x (n features), accumulated over calibration tokens.
-
-    xtx: sum of x x^T (SVD-LLM / EoRA covariance), abs_sum: sum of |x| (ASVD). Each batch's product is
-    formed in float32 (fast; a batch is a few thousand tokens; see `gram`) and accumulated in float64, so
-    long calibration runs do not lose precision. float64 inputs (tests) stay float64.
-    """
-
-    def __init__(self, n: int, want_xtx: bool, want_abs: bool, device):
-        self.n, self.count = n, 0
-        self.cache: dict = {}  # quantities derived from these statistics (a Cholesky factor, ...), once each
-        self.xtx = torch.zeros(n, n, dtype=torch.float64, device=device) if want_xtx else None
-        self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device) if want_abs else None
-
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x as [tokens, n], in its own dtype."""
-        return x.reshape(-1, self.n)
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = self.rows(x)
-        if self.xtx is not None:
-            self.xtx += gram(x, x).to(self.xtx.device, torch.float64)
-        if self.abs_sum is not None:
-            lifted = x if x.dtype == torch.float64 else x.float()
-            self.abs_sum += lifted.abs().sum(0).to(self.abs_sum.device, torch.float64)
-        self.count += x.shape[0]
-
-    def first_nonfinite(self) -> str | None:
-        """The name of the first statistic holding NaN / Inf (overflowing activations), or None."""
-        for name, t in (("x^T x", self.xtx), ("sum |x|", self.abs_sum)):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                return name
-        return None
-
-    @property
-    def covariance(self) -> torch.Tensor:
-        """Mean x x^T over tokens (n x n, float64)."""
-        return self.xtx / max(self.count, 1)
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.count, 1)
-
-
-@torch.no_grad()
-def collect_linear_stats(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, block_index: int,
-                         device, want_xtx: bool = True, want_abs: bool = False,
-                         stats_device=None) -> dict[str, LinearStats]:
-    """Run the block over the calibration batch and accumulate every listed Linear's input statistics.
-
-    Linears fed the very same tensor (q/k/v, gate/up) share one LinearStats object: X^T X is formed once.
-    """
-    stats_device = stats_device or device
-    stats: dict[str, LinearStats] = {}
-    owners: set[str] = set()
-    # First batch only: input tensor -> first Linear that saw it. The tensor is kept alive in the value so
-    # that its memory cannot be reused by a later, different activation of the same shape.
-    first_seen: dict[tuple, tuple[str, torch.Tensor]] = {}
-
-    def hook_for(name: str, n: int):
-        def hook(module, args):
-            x = args[0]
-            if name not in stats:
-                key = (x.device, x.data_ptr(), tuple(x.shape))
-                if key in first_seen:
-                    stats[name] = stats[first_seen[key][0]]
-                    return
-                first_seen[key] = (name, x)
-                stats[name] = LinearStats(n, want_xtx, want_abs, stats_device)
-                owners.add(name)
-            if name in owners:
-                stats[name].update(x)
-        return hook
-
-    handles = [lin.register_forward_pre_hook(hook_for(name, _in_features(lin))) for name, lin in linears.items()]
-    try:
-        for b, hidden in enumerate(inputs.hidden):
-            _call_block(block, hidden, inputs.kwargs[block_index][b], device)
-            first_seen.clear()
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-def _in_features(layer: nn.Module) -> int:
+def in_features(layer: nn.Module) -> int:
+    """A Linear's input width (nn.Linear or transformers' Conv1D)."""
     if hasattr(layer, "in_features"):
         return layer.in_features
     return layer.weight.shape[0]  # transformers' Conv1D stores weight as [in, out]
@@ -253,9 +149,7 @@ def _in_features(layer: nn.Module) -> int:
 @torch.no_grad()
 def propagate(block: nn.Module, inputs: BlockInputs, block_index: int, device, shortcuts=None) -> None:
     """Replace the stored hidden states by this block's outputs (the next block's inputs), in place.
-    shortcuts (calib.paired.Shortcuts): submodules whose output is already known are not recomputed."""
-    with shortcuts.active() if shortcuts is not None else nullcontext():
-        for b, hidden in enumerate(inputs.hidden):
-            if shortcuts is not None:
-                shortcuts.batch = b
-            inputs.hidden[b] = _call_block(block, hidden, inputs.kwargs[block_index][b], device).to(inputs.storage)
+    shortcuts (calib.groups.Shortcuts): submodules whose output is already known are not recomputed."""
+    for b, hidden in enumerate(inputs.hidden):
+        with shortcuts.at(b) if shortcuts is not None else nullcontext():
+            inputs.hidden[b] = call_block(block, hidden, inputs.kwargs[block_index][b], device).to(inputs.storage)

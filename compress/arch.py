@@ -1,9 +1,11 @@
-"""Find decoder blocks and their Linears in any transformers causal LM, without per-family code."""
+"""Find decoder blocks and their Linears in any transformers causal LM, without per-family code, and walk them
+on the calibration batch (`block_runner`)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from rankwise.calib.runner import BlockRunner
 from rankwise.errors import RankwiseError
 from rankwise.compress.lowrank import LoraLinear, LowRankLinear
 
@@ -98,3 +100,11 @@ def check_finite_weights(linears: dict[str, nn.Module]) -> None:
             bad = int((~torch.isfinite(t)).sum())
             raise RankwiseError(f"layer {name!r} has {bad} non-finite (NaN or Inf) {kind} value(s): the "
                                 f"checkpoint is damaged or was saved in a dtype that overflowed")
+
+
+def block_runner(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, device: torch.device,
+                 storage: torch.device, block_source=None, timer=None, progress=None) -> BlockRunner:
+    """The calibration block walk (calib.runner) over this model's decoder blocks and their dense Linears."""
+    prefix, blocks = find_decoder_blocks(model)
+    return BlockRunner(model, prefix, blocks, find_linears, calib_ids, batch_size, device, storage,
+                       block_source=block_source, timer=timer, progress=progress)

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.compress.arch import check_finite_weights, dense_weight, layer_shape, named_target_linears
+from rankwise.calib.stats import Statistics
+from rankwise.compress.arch import block_runner, check_finite_weights, dense_weight, layer_shape, named_target_linears
 from rankwise.compress.correct import eora_factors
 from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
 from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, read_result
-from rankwise.compress.pipeline import unchanged_block_stats
 
 
 def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
@@ -37,11 +37,10 @@ def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torc
                      batch_size: int, device: torch.device, progress=None) -> dict[str, ModuleSpec]:
     """Add EoRA paths to `compressed` in place. Returns the changed layers by name."""
     modules = {}
-    for block_prefix, linears, stats in unchanged_block_stats(original, calib_ids, batch_size, device, device,
-                                                              want_xtx=True, want_abs=False, progress=progress,
-                                                              stage="compensate"):
-        for name, lin in linears.items():
-            full = f"{block_prefix}.{name}"
+    runner = block_runner(original, calib_ids, batch_size, device, device, progress=progress)
+    for step, stats in runner.unchanged(Statistics(xtx=True), "compensate"):
+        for name, lin in step.linears.items():
+            full = step.full_name(name)
             layer = _compressed_layer(compressed, full)
             W = dense_weight(lin).to(device).double()
             Wc = layer.weight.detach().to(device).double()

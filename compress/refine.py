@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankwise.calib.capture import _call_block
+from rankwise.calib.capture import call_block
 from rankwise.compress.lowrank import LowRankLinear
 
 
@@ -60,7 +60,7 @@ def block_mse(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.
     """Mean squared error of the block's outputs against the targets, over every element of every batch."""
     total, count = 0.0, 0
     for h, t, kw in zip(inputs, targets, kwargs):
-        out = _call_block(block, h, kw, device)
+        out = call_block(block, h, kw, device)
         total += float((out.float() - t.to(device).float()).pow(2).sum())
         count += t.numel()
     return total / max(count, 1)
@@ -93,7 +93,7 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
                 if not order:
                     order = torch.randperm(len(inputs), generator=generator).tolist()
                 b = order.pop()
-                out = _call_block(block, inputs[b], kwargs[b], device)
+                out = call_block(block, inputs[b], kwargs[b], device)
                 loss = (out.float() - targets[b].to(device).float()).pow(2).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

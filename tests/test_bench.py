@@ -42,25 +42,26 @@ def test_speed_json_reports_every_stage_and_block(capsys, lazy):
         assert "Fisher" in runs.pop("fwsvd")["skipped"]
         methods.remove("fwsvd")
     assert runs["svd-llm+refit+eora"]["pipeline_stage_seconds"]["factorize"] > 0
-    # whole-model passes are stages of their own, only where the method has one
-    for name, run in runs.items():
-        if "stages" in run:
-            assert (run["stages"]["fisher"]["seconds"] > 0) == (name == "fwsvd")
-            assert (run["stages"]["spectra"]["seconds"] > 0) == (name == "svd-llm+welore")
-    for name in ("svd", "svd-llm", "svd-llm+refit+eora", "svd-llm+welore"):
+    # a stage is timed (> 0) exactly where the method runs it: whole-model passes only where the method has
+    # one, the calibration forward (capture, statistics, propagate) only where it reads activations
+    forwards = {"capture", "statistics", "propagate"}
+    ran = {"svd": set(), "svd-llm": forwards, "svd-llm+refit+eora": forwards, "fwsvd": {"fisher"},
+           "svd-llm+welore": forwards | {"spectra"}}
+    for name in ran:
+        if name not in runs:
+            continue
         run = runs[name]
         assert set(run["stages"]) == set(speed.STAGES)
-        assert all(run["stages"][s]["seconds"] >= 0 for s in speed.STAGES)
+        timed = {s for s in speed.STAGES if run["stages"][s]["seconds"] > 0}
+        assert timed == ran[name] | {"factorize", "save"}, (name, timed)
         assert [b["block"] for b in run["blocks"]] == [0, 1, 2]
         assert all(b["host_peak_gib"] > 0 for b in run["blocks"])
         # the bench reads the pipeline's own timer (the result rounds to 1 ms; a stage that did not run is absent)
         for stage in ("statistics", "propagate"):
             assert abs(run["stages"][stage]["seconds"] - run["pipeline_stage_seconds"].get(stage, 0.0)) <= 1e-3
-        # ...but they must measure something where the method reads activations; plain svd reads none
-        forwards = [run["stages"][s]["seconds"] for s in ("capture", "statistics", "propagate")]
-        assert all(t == 0 for t in forwards) if name == "svd" else all(t > 0 for t in forwards)
+        # the stages are the run but for setup and allocation (the tiny model's setup is a good part of it)
         stage_sum = sum(run["stages"][s]["seconds"] for s in speed.STAGES)
-        assert stage_sum <= run["total_seconds"] + 1e-6
+        assert 0.5 * run["total_seconds"] <= stage_sum <= run["total_seconds"] + 1e-6, (name, stage_sum)
         assert 0.4 <= run["ratio_achieved"] < 0.5
 
 
@@ -71,7 +72,7 @@ def test_speed_baseline_row_times_one_dense_pass_with_its_grams(capsys):
     base, svd_llm = runs["baseline"], runs["svd-llm"]
     assert [b["block"] for b in base["blocks"]] == [0, 1]
     assert base["stages"]["capture"]["seconds"] > 0 and base["stages"]["statistics"]["seconds"] > 0
-    assert set(base["pipeline_stage_seconds"]) == {"capture", "statistics"}  # nothing factorized
+    assert set(base["pipeline_stage_seconds"]) == {"capture", "groups", "statistics"}  # nothing factorized
     assert base["forward_work_seconds"] == pytest.approx(base["total_seconds"])
     assert 0 < svd_llm["forward_work_seconds"] < svd_llm["total_seconds"]
 
@@ -122,7 +123,7 @@ def test_infer_json_reports_prefill_and_decode(capsys):
         assert r["decode_speedup"] == pytest.approx(r["compressed_decode_tok_s"] / r["dense_decode_tok_s"])
     assert out["params"]["compressed"] < out["params"]["dense"]
     assert out["params"]["factorized_layers"] == 7 * 2 - out["params"]["kept_dense"]
-    assert out["params"]["kept_dense"] >= 2  # both k_proj
+    assert out["params"]["kept_dense"] == 2  # both k_proj
     timed = {n for r in out["layers"] for n in r["layers"]}
     assert timed == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                      "mlp.down_proj"}
@@ -170,24 +171,24 @@ def test_infer_static_cache_decodes_the_same_tokens():
     assert torch.equal(first, dynamic) and torch.equal(again, dynamic)
 
 
-def test_infer_compile_traces_one_graph_per_shape(monkeypatch):
+def test_infer_compile_traces_one_graph_per_shape():
     """--compile compile captures each model's whole forward (fullgraph, LowRankLinear included) once for the
     prefill shape and once for the decode step, all during warm-up: no recompile while the timed runs alternate
     between the models. The real inductor backend takes about a minute to compile even these models on a 2-core
     CPU, so the test traces with dynamo's eager backend (same graph capture and guards, no code generation)."""
-    monkeypatch.setattr(infer, "compile_forward", lambda model: torch.compile(
-        model.forward, backend="eager", fullgraph=True, dynamic=False))
+    def eager_backend(model):
+        return torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
     models = {"dense": tiny_model("llama", layers=1), "compressed": _tiny_compressed(layers=1)}
     ids = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(1))
     args = infer.parse_args(["--shape", "tiny", "--new-tokens", "4", "--reps", "2", "--compile", "compile"])
-    out = infer.measure_batch(models, ids, args, torch.device("cpu"))
+    out = infer.measure_batch(models, ids, args, torch.device("cpu"), compiler=eager_backend)
     for name in models:
         assert out[name]["graphs_compiled"] == 2  # a recompile per decode step (position as a Python int) adds more
         assert out[name]["compile_s"] > 0 and out[name]["prefill_tok_s"] > 0 and out[name]["decode_tok_s"] > 0
     assert out["graphs_compiled_while_timing"] == 0
 
 
-def test_infer_compile_failure_is_one_error(monkeypatch):
+def test_infer_compile_failure_is_one_error():
     """What inductor raises on a CPU without a working C++ compiler (seen with CXX=/nonexistent/g++) becomes
     one RankwiseError line, not a traceback."""
     from torch._inductor.exc import InductorError, InvalidCxxCompiler
@@ -197,12 +198,11 @@ def test_infer_compile_failure_is_one_error(monkeypatch):
             raise InductorError(InvalidCxxCompiler(), None)
         return forward
 
-    monkeypatch.setattr(infer, "compile_forward", broken)
     with pytest.raises(RankwiseError, match=r"torch.compile failed on cpu \(InvalidCxxCompiler: No working C\+\+ "
                                             r"compiler found in .*\); --compile static"):
         infer.main(["--shape", "tiny", "--layers", "1", "--batch-sizes", "1", "--prompt-len", "4",
                     "--new-tokens", "2", "--reps", "1", "--nsamples", "2", "--seqlen", "8", "--device", "cpu",
-                    "--compile", "compile", "--json"])
+                    "--compile", "compile", "--json"], compiler=broken)
 
 
 def _one_step_slack(shapes: dict[str, MatrixShape], ranks: dict, multiple: int) -> float:

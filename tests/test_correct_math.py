@@ -1,7 +1,7 @@
 """refit and EoRA (compress.correct) against their closed forms on small random matrices, float64."""
 import torch
 
-from rankwise.calib.paired import PairStats
+from rankwise.calib.stats import InputStats
 from rankwise.compress.correct import eora_factors, refit_b, target_weight
 
 M, N, K, T = 7, 12, 4, 400
@@ -11,13 +11,13 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _pair_stats(seed=0) -> tuple[PairStats, torch.Tensor, torch.Tensor]:
+def _pair_stats(seed=0) -> tuple[InputStats, torch.Tensor, torch.Tensor]:
     """Statistics of correlated inputs x_c and x_d = x_c + noise (the dense stream differs a little)."""
     g = _gen(seed)
     mix = torch.randn(N, N, generator=g, dtype=torch.float64) * torch.logspace(0, -2, N, dtype=torch.float64)
     xc = torch.randn(T, N, generator=g, dtype=torch.float64) @ mix
     xd = xc + 0.1 * torch.randn(T, N, generator=g, dtype=torch.float64)
-    stats = PairStats(N, want_cross=True, want_abs=False, device="cpu")
+    stats = InputStats(N, "cpu", cross=True)
     stats.update(xc, xd)
     return stats, xc, xd
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rankwise.calib.capture import LinearStats
+from rankwise.calib.stats import InputStats
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.methods import get_method
 
@@ -15,8 +15,8 @@ def correlated_inputs(n: int, tokens: int = 2000, seed: int = 0) -> torch.Tensor
     return torch.randn(tokens, n, generator=g, dtype=torch.float64) @ (mix * scales[:, None])
 
 
-def stats_of(x: torch.Tensor) -> LinearStats:
-    s = LinearStats(x.shape[1], want_xtx=True, want_abs=True, device="cpu")
+def stats_of(x: torch.Tensor) -> InputStats:
+    s = InputStats(x.shape[1], "cpu", xtx=True, abs_mean=True)
     s.update(x)
     return s
 

@@ -15,32 +15,13 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import torch
 from torch import nn
 
+from rankwise.calib.stats import Statistics
+
 if TYPE_CHECKING:
-    from rankwise.calib.capture import BlockInputs, LinearStats
+    from rankwise.calib.capture import BlockInputs
+    from rankwise.calib.stats import InputStats
     from rankwise.compress.allocate import MatrixShape
     from rankwise.compress.config import CompressConfig
-
-
-@dataclass(frozen=True)
-class Statistics:
-    """Input statistics of an input group (Linears fed the same tensor), accumulated by the pipeline over the
-    calibration set with the group's earlier groups already compressed.
-
-    xtx:      sum x_c x_c^T on the compressed stream (covariance)
-    abs_mean: sum |x_c| (ASVD)
-    cross:    sum x_d x_c^T, x_d the same input in the dense model: asking for it keeps a dense stream (a dense
-              twin of every block, fed the dense model's hidden states; twice the activation memory)
-    """
-    xtx: bool = False
-    abs_mean: bool = False
-    cross: bool = False
-
-    def __or__(self, other: "Statistics") -> "Statistics":
-        return Statistics(self.xtx or other.xtx, self.abs_mean or other.abs_mean, self.cross or other.cross)
-
-    @property
-    def any(self) -> bool:
-        return self.xtx or self.abs_mean or self.cross
 
 
 class Stage:
@@ -57,7 +38,7 @@ class LinearStatistics:
     """What a stage reads about one Linear: its group's input statistics (shared by q/k/v, so quantities
     derived from them are computed once per group, `cache`) and the whole-model passes' values for it."""
 
-    def __init__(self, group: "LinearStats | None", passes: dict[str, torch.Tensor] | None = None):
+    def __init__(self, group: "InputStats | None", passes: dict[str, torch.Tensor] | None = None):
         self.group, self.passes = group, passes or {}
         self._cache: dict = {}
 

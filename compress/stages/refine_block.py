@@ -2,7 +2,7 @@
 the compressed stream, reproduces the dense twin's outputs on the dense stream."""
 import torch
 
-from rankwise.calib.capture import _call_block
+from rankwise.calib.capture import call_block
 from rankwise.compress.metadata import BlockRefinement, Refinement
 from rankwise.compress.refine import RefineSettings, refine_block
 from rankwise.compress.stages.base import BlockCorrector, register_block_corrector
@@ -19,7 +19,7 @@ class BlockRefine(BlockCorrector):
     def correct_block(self, work):
         kwargs = work.inputs.kwargs[work.index]
         with torch.no_grad():  # the dense block's outputs on the dense stream: the targets
-            targets = [_call_block(work.dense_block, h, kw, work.device).to(work.inputs.storage)
+            targets = [call_block(work.dense_block, h, kw, work.device).to(work.inputs.storage)
                        for h, kw in zip(work.dense_inputs.hidden, kwargs)]
         result = refine_block(work.block, work.inputs.hidden, targets, kwargs, work.device,
                               RefineSettings(self.cfg.refine_steps, self.cfg.refine_lr, self.cfg.seed))
