@@ -3,8 +3,9 @@
 Run from the repository root with the code whose behaviour is the reference:
     python tests/golden/make_golden.py
 tests/test_golden.py compresses the same tiny model with the same calibration tokens and checks that every
-combination still gives the same ranks and the same logits (within 1e-5). Regenerate only for a change
-that is meant to alter the numbers, and say so in its commit.
+combination still gives the same ranks and the same logits (within 1e-4 of the logits' largest magnitude:
+CPUs with other vector units round differently). Regenerate only for a change that is meant to alter the
+numbers, and say so in its commit.
 """
 from __future__ import annotations
 
@@ -46,18 +47,26 @@ def probe_ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(123))
 
 
-def run(options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ranks of every targeted module in name order, -1 = dense; logits on the probe ids)."""
+def compress(options: dict):
+    """(the tiny Llama compressed with these options, ranks of every targeted module in name order, -1 = dense)."""
     from helpers_methods import calib_ids, config, model
     from rankwise.compress.pipeline import compress_model, target_shapes
     m = model("llama")
     names = sorted(target_shapes(m))
     meta = compress_model(m, calib_ids(), config(ratio=0.3, **options))
     modules = meta["modules"] if isinstance(meta, dict) else {n: s.model_dump() for n, s in meta.modules.items()}
-    ranks = torch.tensor([modules[n]["rank"] if n in modules else -1 for n in names])
+    return m, torch.tensor([modules[n]["rank"] if n in modules else -1 for n in names])
+
+
+def probe_logits(m) -> torch.Tensor:
     with torch.no_grad():
-        logits = m(input_ids=probe_ids(m.config.vocab_size)).logits[0].float()
-    return ranks, logits
+        return m(input_ids=probe_ids(m.config.vocab_size)).logits[0].float()
+
+
+def run(options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranks of every targeted module in name order, -1 = dense; logits on the probe ids)."""
+    m, ranks = compress(options)
+    return ranks, probe_logits(m)
 
 
 def main() -> None:
