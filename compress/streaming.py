@@ -17,6 +17,7 @@ import json
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +31,18 @@ from rankwise.compress.lowrank import RANKWISE_KEY
 
 DROP = "drop --stream-weights to load it the normal way"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@contextmanager
+def open_tensors(file: Path):
+    """safetensors' safe_open on CPU; a damaged file (truncated, not safetensors) is one line naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise RankwiseError(f"the checkpoint file {str(file)!r} is corrupt ({first_line(e, 200)}): download or "
+                            f"save it again") from None
 
 
 def checkpoint_folder(ref: str) -> Path:
@@ -51,8 +64,7 @@ def tensor_files(folder: Path, ref: str) -> dict[str, Path]:
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
-        with safe_open(single, framework="pt") as f:
+        with open_tensors(single) as f:
             return {name: single for name in f.keys()}
     found = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".bin", ".pt", ".gguf",
                                                                                     ".safetensors"))
@@ -127,13 +139,12 @@ class BlockWeightStream:
         hands out views of a memory map, read from disk only when first touched: the copy does the reading
         here (in the prefetch thread), and lets each read's mapping go at once, so no page of the file stays
         resident (and counted in RSS) after its block is compressed."""
-        from safetensors import safe_open
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, file_names in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with open_tensors(file) as f:
                 for name in file_names:
                     t = f.get_tensor(name)
                     out[name] = t.to(self.dtypes[name] if t.is_floating_point() else t.dtype, copy=True)
@@ -205,9 +216,8 @@ def open_streaming_model(ref: str, dtype: str = "auto", device: str = "auto", tr
 
 
 def _first_float_dtype(files: dict[str, Path]) -> torch.dtype:
-    from safetensors import safe_open
     for name, file in files.items():
-        with safe_open(file, framework="pt") as f:
+        with open_tensors(file) as f:
             dtype = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
         if dtype is not None:
             return dtype

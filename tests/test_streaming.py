@@ -129,10 +129,19 @@ def rankwise_checkpoint(src, dst):
     return dst
 
 
+def truncated_checkpoint(src, dst):
+    """The checkpoint with its model.safetensors cut short (an interrupted download or copy)."""
+    shutil.copytree(src, dst)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[:-1000])
+    return dst
+
+
 REFUSALS = {  # how to make the source, extra options, what the message must say
     "bin checkpoint": (bin_checkpoint, [], ["safetensors", "pytorch_model.bin", "drop --stream-weights"]),
     "renamed tensors": (renamed_checkpoint, [], ["tensor names", "model.norm.weight", "drop --stream-weights"]),
     "rankwise checkpoint": (rankwise_checkpoint, [], ["already a Rankwise checkpoint"]),  # with or without it
+    "truncated file": (truncated_checkpoint, [], ["the checkpoint file", "model.safetensors' is corrupt"]),
     "fwsvd": (None, ["--method", "fwsvd"], ["--stream-weights does not support fwsvd: its Fisher pass needs every "
                                             "block at once"]),
     "loss-aware": (None, ["--ranks", "loss-aware"], ["--stream-weights does not support loss-aware: its output "
@@ -154,6 +163,24 @@ def test_stream_refusals_are_one_line_and_exit_2(case, tiny_dirs, austen_file, t
     if make is bin_checkpoint:  # the same checkpoint compresses the normal way
         res = cli("model", src, "-o", out, *calib_args(austen_file), *extra)
         assert res.exit_code == 0, res.output
+
+
+def test_a_truncated_shard_read_in_the_background_is_one_line_naming_it(sharded_llama, austen_file, tmp_path, cli):
+    """A shard holding only the last block's tensors is first opened by the prefetch thread, mid-compression."""
+    src = shutil.copytree(sharded_llama, tmp_path / "src")
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    last = {f for n, f in weight_map.items() if n.startswith("model.layers.3.")}
+    others = {f for n, f in weight_map.items() if not n.startswith("model.layers.3.")}
+    (shard,) = last - others
+    (src / shard).write_bytes((src / shard).read_bytes()[:-1000])
+    out = tmp_path / "out"
+    res = cli("model", src, "-o", out, *calib_args(austen_file), "--stream-weights")
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert text.count("error:") == 1 and "error: the checkpoint file" in text, res.output  # after the progress
+    assert f"{shard}' is corrupt" in text, res.output
+    assert "Traceback" not in res.output and "SafetensorError" not in res.output
+    assert not out.exists()
 
 
 def test_sweep_accepts_stream_weights_and_keeps_job_names(tiny_dirs, austen_file, tmp_path):
