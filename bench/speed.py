@@ -115,7 +115,7 @@ class StageRecorder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _start_block(self):
+    def start_block(self):
         self.mem.reset()
         self._block_start = time.perf_counter()
 
@@ -127,7 +127,7 @@ class StageRecorder:
         if block is None:
             peaks = self.mem.read()
             self.whole[stage] = {"seconds": seconds, "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib}
-            self._start_block()
+            self.start_block()
 
     def progress(self, phase: str, done: int, total: int) -> None:
         if phase != "compress":
@@ -140,10 +140,10 @@ class StageRecorder:
         self.blocks.append({"block": done - 1, "seconds": wall, "statistics": stats, "propagate": prop,
                             "factorize": max(wall - stats - prop, 0.0), "stages": dict(timed),
                             "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib})
-        self._start_block()
+        self.start_block()
 
     def run(self, model, calib_ids, cfg, block_source=None):
-        self._start_block()  # the capture restarts it; a data-free run has none
+        self.start_block()  # the capture restarts it; a data-free run has none
         return pipeline.compress_model(model, calib_ids, cfg, self.progress, block_source=block_source,
                                        timer=self.timer)
 
@@ -185,7 +185,7 @@ def run_baseline(args, device: torch.device) -> dict:
     storage = torch.device("cpu") if args.offload else device
     rec = StageRecorder(device)
     timer = rec.timer
-    rec._start_block()
+    rec.start_block()
     runner = block_runner(model, calib, args.batch_size, device, storage, source, timer, rec.progress)
     try:
         for _ in runner.unchanged(Statistics(xtx=True), "compress"):

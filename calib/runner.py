@@ -146,7 +146,7 @@ class BlockRunner:
 
     def input_groups(self, step: BlockStep) -> list[list[str]]:
         """The block's Linears by shared input, in forward order, and the submodules a later pass may skip
-        (output owners): found once per model (every block has the same forward)."""
+        (output owners): found on the first block, once per walk (every block has the same forward)."""
         if self.groups is None or {n for g in self.groups for n in g} != set(step.linears):
             with self._timed("groups", step.index):
                 args = (step.block, step.linears, step.inputs, step.index, self.device)
