@@ -9,7 +9,7 @@ from rich.table import Table
 
 from rankwise.errors import RankwiseError
 from rankwise.cli.common import app, out_console, ratio_table, user_errors
-from rankwise.compress.describe import block_and_kind, pipeline_name
+from rankwise.compress.describe import block_and_kind, pipeline_name, stage_lines
 
 if TYPE_CHECKING:
     from rankwise.compress.metadata import CompressionResult
@@ -53,7 +53,9 @@ def inspect_cmd(
     cal = info.calibration
     out = out_console
     out.print(f"{checkpoint}: Rankwise checkpoint of {info.source_model}", highlight=False, markup=False)
-    out.print(f"pipeline: {pipeline_name(info)}", highlight=False, markup=False)
+    out.print(f"pipeline: {pipeline_name(info)}", highlight=False, markup=False, soft_wrap=True)
+    for line in stage_lines(info):
+        out.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     out.print(ratio_table(info, "Parameters removed"))
     out.print(rank_table(info))
     out.print(f"kept dense: {', '.join(info.kept_dense) if info.kept_dense else 'none'}", highlight=False,

@@ -38,6 +38,34 @@ def summary_table(meta: CompressionResult) -> Table:
     return t
 
 
+def parse_stage(spec: str) -> dict:
+    """`NAME` or `NAME:key=value,key=value` -> {"stage": NAME, "options": {...}}, values read as YAML."""
+    import yaml
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise RankwiseError(f"--stage {spec!r}: options are key=value, separated by commas")
+        options[key.strip()] = yaml.safe_load(value)
+    return {"stage": name.strip(), "options": options}
+
+
+def _recipe_file(path: Path, plugins: list[str]) -> dict:
+    """--recipe FILE: a YAML list of stages, or a mapping with `recipe:` (and `plugins:`)."""
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RankwiseError(f"--recipe {str(path)!r}: {str(e).splitlines()[0]}") from None
+    if isinstance(data, dict) and set(data) <= {"recipe", "plugins"}:
+        return {"recipe": data.get("recipe") or [], "plugins": [*plugins, *(data.get("plugins") or [])]}
+    if not isinstance(data, list):
+        raise RankwiseError(f"--recipe {str(path)!r}: expected a list of {{stage, options}} or a mapping with "
+                            f"recipe: (and plugins:)")
+    return {"recipe": data}
+
+
 @app.command("model")
 @user_errors
 def model_cmd(
@@ -92,6 +120,15 @@ def model_cmd(
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the run's summary (the checkpoint's "
                                                                   "metadata, time, memory) as JSON here."),
+    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="A module of your own (importable name or "
+                                               ".py path) that registers stages; repeatable. Installed packages' "
+                                               "`rankwise.stages` entry points load by themselves."),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", help="Add a stage to the recipe, after the ones "
+                                              "the options above give: NAME or NAME:key=value,key=value (values "
+                                              "read as YAML); repeatable, in order."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A YAML file holding the recipe: a list of "
+                                          "{stage, options} (or a mapping with `recipe:` and `plugins:`); "
+                                          "instead of --method, --ranks, --refit, --compensate, --refine."),
     quiet: bool = quiet_option(),
 ):
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
@@ -105,7 +142,12 @@ def model_cmd(
                    keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
     if preset != "none":  # the preset fills in what the command line left at its default
         options = {k: v for k, v in options.items() if k in ("model", "preset") or _given(ctx, k)}
+    options["plugins"] = list(plugin or [])
+    if recipe is not None:
+        options.update(_recipe_file(recipe, options["plugins"]))
     cfg = CompressConfig(**options)
+    if stage:
+        cfg = cfg.with_stages([parse_stage(spec) for spec in stage])
     if json_path is not None:  # before the work, not after it
         check_output_file(json_path, "--json")
         if json_path.exists() and not overwrite:

@@ -12,7 +12,7 @@ settings. The compression settings and the evaluation settings are hashed apart:
     checkpoints/NAME_CHASH/model/       the compressed checkpoint, reused by every evaluation of it
     plan.json                           the job names of the last run file (the report shows those)
 
-NAME is readable (model, method, ratio and the non-default settings that change a checkpoint: see setting_tags);
+NAME is readable (model, then the recipe's stages and ratio: see setting_tags);
 CHASH covers every compression setting, EHASH every evaluation setting, so a new evaluation setting re-evaluates
 the existing checkpoints. Where a job runs (device, offload, streaming) is in neither hash.
 
@@ -277,33 +277,20 @@ def _digest(obj) -> str:
 
 
 def setting_tags(compress: dict) -> list[str]:
-    """Short name parts for the settings that change a checkpoint beside method and ratio, when not default.
+    """Short name parts for what changes a checkpoint, from its recipe (compress.config.CompressConfig.name_parts:
+    the factorizer, the ratio, every other stage with its non-default options), and the Linears kept dense.
     (Calibration settings are told apart by the hash and by their own report columns.)"""
     from rankwise.compress.config import CompressConfig
-    default = {k: f.default for k, f in CompressConfig.model_fields.items()}
-    tags = []
-    if compress["ranks"] != default["ranks"]:
-        tags.append(compress["ranks"])
-    if compress["compensate"] == "eora":
-        tags.append(f"eora{compress['eora_rank']}")
-    if compress["refit"]:
-        tags.append("refit")
-    if (compress["refit"] or compress["compensate"] != "none") and compress["refit_damp"] != default["refit_damp"]:
-        tags.append(f"damp{compress['refit_damp']:g}")
-    if compress["method"] == "asvd" and compress["alpha"] != default["alpha"]:
-        tags.append(f"alpha{compress['alpha']:g}")
-    if compress["rank_multiple"] != default["rank_multiple"]:
-        tags.append(f"mult{compress['rank_multiple']}")
-    if compress["keep_dense"]:
-        tags.append("dense-" + "+".join(_slug(k) for k in compress["keep_dense"]))
-    return tags
+    cfg = CompressConfig.model_validate(compress)
+    dense = next((s["options"].get("keep_dense") for s in cfg.stages() if "keep_dense" in s["options"]), None)
+    return cfg.name_parts() + (["dense-" + "+".join(_slug(k) for k in dense)] if dense else [])
 
 
 def job_names(model: str, compress: dict | None, ev: dict) -> tuple[str, str]:
     """(checkpoint name, job name). The compression hash covers what changes the checkpoint, the evaluation
     hash what changes the numbers measured on it; where things run (device, offload, streaming) is in neither."""
     if compress:
-        what = "_".join([compress["method"], f"{compress['ratio']:g}", *setting_tags(compress)])
+        what = "_".join(setting_tags(compress))
         c_hash = _digest({"model": model, "compress": {k: v for k, v in compress.items() if k not in UNHASHED}})
     else:  # the dense checkpoint is the model itself, loaded in the evaluation's dtype
         what = "dense"

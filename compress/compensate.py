@@ -19,7 +19,7 @@ from rankwise.calib.stats import Statistics
 from rankwise.compress.arch import block_runner, check_finite_weights, dense_weight, layer_shape, named_target_linears
 from rankwise.compress.correct import eora_factors
 from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
-from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, read_result
+from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, StageRun, read_result
 
 
 def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
@@ -121,17 +121,21 @@ def _compensated(previous: CompressionResult | None, added: dict[str, ModuleSpec
     """The metadata of the compensated model. A Rankwise checkpoint keeps its own record and the EoRA
     parameters count in its targeted ratio; a model compressed by anything else is counted whole-model."""
     lora = sum(m.lora_params for m in added.values())
-    common = dict(compensate="eora", eora_rank=rank, compensation_params=lora, calibration=calibration,
+    eora = StageRun(stage="eora", kind="corrector", label=f"EoRA rank {rank}", options={"rank": rank},
+                    record={"paths": len(added), "params": lora}, adds_paths=True)
+    common = dict(compensation_params=lora, calibration=calibration,
                   model_params_before=params_before, model_params_after=params_after,
                   model_ratio_achieved=1 - params_after / params_before)
     if previous is not None:
         targeted_after = previous.targeted_params_after + lora
         return previous.model_copy(update=dict(
-            common, modules={**previous.modules, **added}, targeted_params_after=targeted_after,
+            common, recipe=[*previous.recipe, eora], modules={**previous.modules, **added},
+            targeted_params_after=targeted_after,
             ratio_achieved_without_compensation=previous.ratio_achieved,
             ratio_achieved=1 - targeted_after / previous.targeted_params_before))
     ratio_base = 1 - params_compressed / params_before
     return CompressionResult(
         **common, method="external", ranks_allocation="external", modules=added,
+        recipe=[StageRun(stage="external", kind="factorizer", label="external compression"), eora],
         targeted_params_before=params_before, targeted_params_after=params_after, ratio_requested=ratio_base,
         ratio_achieved=1 - params_after / params_before, ratio_achieved_without_compensation=ratio_base)

@@ -1,12 +1,16 @@
 """Validated settings of one compression job (the CLI and YAML runs build this; the pipeline reads it)."""
 from __future__ import annotations
 
-from typing import Literal
+import re
+
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rankwise.compress.defaults import EORA_RANK_DEFAULT
-from rankwise.compress.methods import REGISTRY
+from rankwise.compress.plugins import load_plugins
+from rankwise.compress.stages.recipe import Recipe
+from rankwise.errors import RankwiseError
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -17,14 +21,32 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The options that are shorthand for recipe entries (`recipe` given, they must stay at their defaults).
+SUGAR = ("method", "ranks", "compensate", "eora_rank", "refit", "refit_damp", "refine", "refine_steps",
+         "refine_lr", "alpha", "rank_multiple", "keep_dense")
+
+
+class RecipeEntry(BaseModel):
+    """One stage of a recipe: a registered stage's name and its options."""
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class CompressConfig(BaseModel):
+    """One job's settings. The stages are the `recipe` (a list of {stage, options}); without one, it is
+    expanded from the shorthand options (method, ranks, refit, compensate, refine and their settings)."""
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="hub id or local path of a causal LM")
+    plugins: list[str] = Field(default_factory=list, description="modules (names or .py paths) that register "
+                               "stages of their own, imported before the recipe is read")
+    recipe: list[RecipeEntry] | None = Field(None, description="the stages, in order: [{stage, options}]")
     preset: Literal["none", "best"] = Field("none", description="a recommended pipeline; explicit options override it")
     method: str = Field("svd-llm", description="factorization method")
     ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
-    ranks: Literal["uniform", "welore", "loss-aware"] = Field("uniform", description="rank allocation")
+    ranks: str = Field("uniform", description="rank allocation")
     compensate: Literal["none", "eora"] = Field("none", description="residual low-rank path after truncation")
     eora_rank: int = Field(EORA_RANK_DEFAULT, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
     refit: bool = Field(False, description="re-solve B by least squares on the dense layer's outputs")
@@ -72,13 +94,6 @@ class CompressConfig(BaseModel):
         from rankwise.compress.loading import DTYPE_ALIASES
         return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in REGISTRY:
-            raise ValueError(f"unknown method {v!r}: choose one of {', '.join(sorted(REGISTRY))}")
-        return v
-
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -86,5 +101,56 @@ class CompressConfig(BaseModel):
             raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda or cuda:N")
         return v
 
-    def method_options(self) -> dict:
-        return {"alpha": self.alpha} if self.method == "asvd" else {}
+    @model_validator(mode="after")
+    def _check_recipe(self):
+        """Plugins imported, then the recipe built once: an unknown stage or a bad option is one line here,
+        before any work."""
+        try:
+            load_plugins(self.plugins)
+            if self.recipe is not None:
+                default = {k: f.default_factory() if f.default_factory else f.default
+                           for k, f in type(self).model_fields.items() if k in SUGAR}
+                given = [k for k in SUGAR if getattr(self, k) != default[k]]
+                if given or self.preset != "none":
+                    what = f"--{given[0].replace('_', '-')}" if given else f"preset {self.preset!r}"
+                    raise RankwiseError(f"{what} is shorthand for recipe stages: give it inside the recipe instead")
+            Recipe.from_config(self)
+        except RankwiseError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def stages(self) -> list[dict]:
+        """The recipe entries: `recipe` as given, or the ones the shorthand options stand for."""
+        if self.recipe is not None:
+            return [e.model_dump() for e in self.recipe]
+        entries = [{"stage": self.method, "options": {"alpha": self.alpha} if self.method == "asvd" else {}},
+                   {"stage": self.ranks, "options": {"rank_multiple": self.rank_multiple,
+                                                     "keep_dense": list(self.keep_dense)}}]
+        if self.refit:
+            entries.append({"stage": "refit", "options": {"damp": self.refit_damp}})
+        if self.compensate == "eora":
+            entries.append({"stage": "eora", "options": {"rank": self.eora_rank, "damp": self.refit_damp}})
+        if self.refine:
+            entries.append({"stage": "block-refine", "options": {"steps": self.refine_steps, "lr": self.refine_lr,
+                                                                 "seed": self.seed}})
+        return entries
+
+    def with_stages(self, added: list[dict]) -> "CompressConfig":
+        """These settings with stages appended to their recipe (the shorthand options become the recipe)."""
+        keep = self.model_dump(exclude={*SUGAR, "recipe", "preset"})
+        return CompressConfig(**keep, recipe=[*self.stages(), *added])
+
+    def name_parts(self) -> list[str]:
+        """Short parts of a job's name from its recipe: the factorizer, the ratio, then every other stage that
+        is not the default uniform allocation, as its label in slug form (e.g. loss-aware-ranks, eora-rank-4)."""
+        recipe = Recipe.from_config(self)
+        parts = [_slug(recipe.factorizer.label()), f"{self.ratio:g}"]
+        for stage in recipe.stages[1:]:
+            label = stage.label()
+            if label != "uniform ranks":
+                parts.append(_slug(label))
+        return parts + ([f"preset-{self.preset}"] if self.preset != "none" else [])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()

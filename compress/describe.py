@@ -14,25 +14,45 @@ if TYPE_CHECKING:  # describing needs no torch; the record's module imports it
 RATIO_TOLERANCE = 0.01
 
 
+def pipeline_label(labels: list[str], preset: str | None) -> str:
+    """Stage labels joined in recipe order, and the preset they came from."""
+    return " + ".join(labels) + (f" (preset {preset})" if preset else "")
+
+
 def pipeline_name(result: CompressionResult) -> str:
-    """The whole pipeline in one line: method (and its options), rank allocation, refit, EoRA rank."""
-    options = "".join(f" {k}={v:g}" for k, v in result.method_options.items())
-    allocation = f"{result.ranks_allocation} ranks"
-    if result.rank_multiple > 1:
-        allocation += f" (multiple of {result.rank_multiple})"
-    parts = [result.method + options, allocation]
-    if result.refit:
-        parts.append("refit")
-    if result.compensate == "eora":
-        parts.append(f"EoRA rank {result.eora_rank}")
-    return " + ".join(parts)
+    """The whole pipeline in one line, from the recipe that ran: every stage but the whole-model passes (which
+    the stages name), each with the options it was given beyond its defaults, and the preset."""
+    return pipeline_label([r.label for r in result.recipe if r.kind != "pass"], result.preset)
+
+
+def stage_lines(result: CompressionResult) -> list[str]:
+    """One line per stage of the recipe: kind, name, every option, and the record's scalar fields (a mapping or
+    list in the record is counted: block-refine's per-block errors are `blocks: 30 entries`)."""
+    lines = []
+    for run in result.recipe:
+        options = ", ".join(f"{k}={_value(v)}" for k, v in run.options.items()) or "no options"
+        record = ", ".join(f"{k}={_value(v)}" for k, v in run.record.items())
+        lines.append(f"{run.kind} {run.stage}: {options}" + (f"; did: {record}" if record else ""))
+    return lines
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return f"{len(v)} entries"
+    if isinstance(v, list):
+        return "[" + ",".join(map(str, v)) + "]" if len(v) <= 4 else f"{len(v)} entries"
+    return str(v)
 
 
 def ratio_warning(result: CompressionResult) -> str | None:
     """One line when the achieved ratio misses the requested one by more than RATIO_TOLERANCE."""
     if abs(result.ratio_achieved - result.ratio_requested) <= RATIO_TOLERANCE:
         return None
-    why = f" with --rank-multiple {result.rank_multiple}" if result.rank_multiple > 1 else ""
+    allocator = next((r for r in result.recipe if r.kind == "allocator"), None)
+    multiple = allocator.options.get("rank_multiple", 1) if allocator is not None else 1
+    why = f" with --rank-multiple {multiple}" if multiple > 1 else ""
     return (f"achieved ratio {result.ratio_achieved:.2%} misses the requested {result.ratio_requested:.2%} by "
             f"more than {RATIO_TOLERANCE:.0%}: ranks are whole numbers{why} and the matrices are small")
 

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
     PreTrainedModel = nn.Module
 
 RANKWISE_KEY = "rankwise"
-FORMAT_VERSION = 1  # layout of the `rankwise` section; a loader refuses a newer one (compress/metadata.py)
+FORMAT_VERSION = 2  # layout of the `rankwise` section; a loader refuses a newer one (compress/metadata.py)
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
 
 

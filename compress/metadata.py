@@ -3,8 +3,10 @@
 `compress compensate` read it back through `read_result` / `parse_result`, the one place that validates it.
 
 `format_version` numbers the layout of that section (compress/lowrank.py's FORMAT_VERSION; sections written
-before the field existed have the layout of version 1). A checkpoint written by a newer Rankwise is refused
-with one line rather than half-read.
+before the field existed have the layout of version 1). Version 2 stores the resolved recipe: every stage with
+its options and its record (`recipe`, a list of StageRun); a version-1 section (method, ranks_allocation,
+refit, compensate, eora_rank, refine as fields) is read into the same form. A checkpoint written by a newer
+Rankwise is refused with one line rather than half-read.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rankwise.compress.lowrank import FORMAT_VERSION, RANKWISE_KEY, checkpoint_file
 from rankwise.errors import RankwiseError
@@ -43,34 +47,33 @@ class Calibration(BaseModel):
     bos: bool = False  # every window started with BOS (as the tokenizer does in normal use)
 
 
-class BlockRefinement(BaseModel):
-    """One block's output error (mean squared, calibration set) before and after refinement; kept: whether the
-    refined factors were kept (only when they lowered it)."""
-    mse_before: float
-    mse_after: float
-    kept: bool
+class StageRun(BaseModel):
+    """One stage of the recipe that ran: its name and kind, how it reads in the pipeline's name, its options
+    (all of them, defaults filled in) and its record (what it did; the stage's own typed Record, as JSON).
+    adds_paths: the stage adds residual paths to the factorized Linears (EoRA)."""
+    model_config = ConfigDict(extra="forbid")
 
+    stage: str
+    kind: str
+    label: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    record: dict[str, Any] = Field(default_factory=dict)
+    adds_paths: bool = False
 
-class Refinement(BaseModel):
-    """Block refinement's settings and what it did to each block (prefix -> BlockRefinement)."""
-    steps: int
-    lr: float
-    seed: int
-    blocks: dict[str, BlockRefinement] = Field(default_factory=dict)
+    def typed_record(self, record_cls: type[BaseModel]):
+        """The record read back through the stage's own Record class."""
+        return record_cls.model_validate(self.record)
 
 
 class CompressionResult(BaseModel):
     """The `rankwise` section of a checkpoint: settings, parameter accounting, per-module ranks, costs."""
-    model_config = ConfigDict(extra="ignore")  # fields of older layouts that were dropped are skipped
+    model_config = ConfigDict(extra="forbid")  # a field nobody reads is an error, not silently dropped
 
     format_version: int = FORMAT_VERSION
-    method: str
-    method_options: dict[str, float] = Field(default_factory=dict)
-    ranks_allocation: str
-    rank_multiple: int = 1
-    refit: bool = False
-    compensate: str = "none"
-    eora_rank: int = 0
+    method: str               # the factorizer's name ("external": `compress compensate` of a foreign model)
+    ranks_allocation: str     # the allocator's name
+    preset: str | None = None
+    recipe: list[StageRun] = Field(default_factory=list)
     ratio_requested: float
     ratio_achieved: float
     ratio_achieved_without_compensation: float
@@ -82,7 +85,6 @@ class CompressionResult(BaseModel):
     model_ratio_achieved: float
     kept_dense: list[str] = Field(default_factory=list)
     calibration: Calibration
-    refine: Refinement | None = None
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     modules: dict[str, ModuleSpec]
     # filled in by the job around the pipeline
@@ -96,12 +98,64 @@ class CompressionResult(BaseModel):
     gpu_peak_gib: float | None = None
     versions: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_version_1(cls, data):
+        """A version-1 section (no recipe: the stages as fields) in the version-2 form."""
+        if isinstance(data, dict) and data.get("format_version", 1) < 2 and "recipe" not in data:
+            data = dict(data)
+            data["recipe"] = _version_1_recipe(data)
+            data["format_version"] = FORMAT_VERSION  # the layout it has now (written back as such)
+            for old in ("method_options", "rank_multiple", "refit", "compensate", "eora_rank", "refine"):
+                data.pop(old, None)
+        return data
+
+    def stage_run(self, stage: str) -> StageRun | None:
+        """The recipe's stage of that name, if it ran."""
+        return next((r for r in self.recipe if r.stage == stage), None)
+
+    def without_compensation(self) -> "CompressionResult":
+        """The record of the checkpoint once its residual paths (EoRA) are removed: the stages that added them
+        leave the recipe, and layers that were dense with only a path leave the modules."""
+        lora = self.compensation_params
+        modules = {n: m.model_copy(update={"lora_rank": 0}) for n, m in self.modules.items() if m.rank is not None}
+        after = self.model_params_after - lora
+        return self.model_copy(update={
+            "recipe": [r for r in self.recipe if not r.adds_paths], "compensation_params": 0, "modules": modules,
+            "targeted_params_after": self.targeted_params_after - lora, "model_params_after": after,
+            "ratio_achieved": self.ratio_achieved_without_compensation,
+            "model_ratio_achieved": 1 - after / self.model_params_before})
+
     def to_json(self) -> dict:
         """The JSON form (module shapes under "in" / "out"; unset optional fields left out, but a module's
         rank is always written: null is a layer left dense)."""
         out = self.model_dump(mode="json", by_alias=True, exclude_none=True)
         out["modules"] = {n: s.model_dump(mode="json", by_alias=True) for n, s in self.modules.items()}
         return out
+
+
+def _version_1_recipe(data: dict) -> list[dict]:
+    """The recipe a version-1 section describes, with the labels that version's pipeline name used."""
+    options = data.get("method_options") or {}
+    method = data.get("method", "")
+    multiple = data.get("rank_multiple", 1)
+    allocation = data.get("ranks_allocation", "")
+    runs = [dict(stage=method, kind="factorizer", options=options,
+                 label=method + "".join(f" {k}={v:g}" for k, v in options.items())),
+            dict(stage=allocation, kind="allocator", options={"rank_multiple": multiple},
+                 label=f"{allocation} ranks" + (f" (multiple of {multiple})" if multiple > 1 else ""))]
+    if data.get("refit"):
+        runs.append(dict(stage="refit", kind="corrector", label="refit"))
+    if data.get("compensate") == "eora":
+        rank = data.get("eora_rank", 0)
+        runs.append(dict(stage="eora", kind="corrector", label=f"EoRA rank {rank}", options={"rank": rank},
+                         adds_paths=True))
+    refine = data.get("refine")
+    if isinstance(refine, dict):
+        runs.append(dict(stage="block-refine", kind="block corrector", label="block-refine",
+                         options={k: refine[k] for k in ("steps", "lr", "seed") if k in refine},
+                         record={"blocks": refine.get("blocks", {})}))
+    return runs
 
 
 def parse_result(section: dict, where: str = "checkpoint") -> CompressionResult:

@@ -75,14 +75,7 @@ def export_eora_adapter(model: nn.Module, out_dir: str | Path, base_model_name: 
 def base_meta(meta: CompressionResult) -> CompressionResult:
     """The compression record of the checkpoint once its EoRA paths are stripped (layers that were dense
     with only a path are plain Linears again and leave the record)."""
-    lora = meta.compensation_params
-    modules = {n: m.model_copy(update={"lora_rank": 0}) for n, m in meta.modules.items() if m.rank is not None}
-    after = meta.model_params_after - lora
-    return meta.model_copy(update={
-        "compensate": "none", "eora_rank": 0, "compensation_params": 0, "modules": modules,
-        "targeted_params_after": meta.targeted_params_after - lora, "model_params_after": after,
-        "ratio_achieved": meta.ratio_achieved_without_compensation,
-        "model_ratio_achieved": 1 - after / meta.model_params_before})
+    return meta.without_compensation()
 
 
 def adapter_card(adapter: str, base: str, n_paths: int) -> str:

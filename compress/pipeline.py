@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from rankwise.calib.runner import BlockSource, BlockStep, Progress, StageTimer
-from rankwise.compress.allocate import MatrixShape, summarize
+from rankwise.compress.allocate import MatrixShape
 from rankwise.compress.arch import (block_runner, check_finite_weights, dense_weight, find_decoder_blocks,
                                    find_linears, layer_shape, named_target_linears)
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import resolve_device
 from rankwise.compress.lowrank import LowRankLinear, get_submodule_parent
-from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec
+from rankwise.compress.metadata import CompressionResult, ModuleSpec
 from rankwise.compress.stages.base import BlockWork, CompressionJob, LinearStatistics, LinearWork
 from rankwise.compress.stages.recipe import Recipe
 from rankwise.errors import RankwiseError
@@ -52,7 +52,7 @@ def refuse_unstreamable(recipe: Recipe, cfg: CompressConfig) -> None:
     output Fisher) cannot run on streamed weights; the error names the stage that asked for it."""
     for p in recipe.model_passes:
         if not p.streams:
-            asker = next((s.name for s in recipe.stages if p.name in s.model_passes), cfg.method)
+            asker = next((s.name for s in recipe.stages if p.name in s.model_passes), p.name)
             raise RankwiseError(f"--stream-weights does not support {asker}: {p.unsupported_reason}")
 
 
@@ -96,8 +96,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
 
     runner = block_runner(model, calib_ids, cfg.batch_size, device, job.storage, block_source, timer, progress)
     runner.compress(recipe.statistics, recipe.dense_stream, compress_group, correct_block)
-    extra = {k: v for c in recipe.block_correctors for k, v in c.result_fields().items()}
-    return _result(cfg, job.shapes, ranks, modules, params_before, count_params(model), timer, extra)
+    return recipe.result(cfg, job.shapes, ranks, modules, params_before, count_params(model), timer.seconds)
 
 
 def compress_linear(recipe: Recipe, timer: StageTimer, step: BlockStep, name: str, work: LinearWork) -> ModuleSpec:
@@ -123,21 +122,3 @@ def compress_linear(recipe: Recipe, timer: StageTimer, step: BlockStep, name: st
 def _spec(layer: LowRankLinear) -> ModuleSpec:
     return ModuleSpec(rank=layer.rank, in_features=layer.in_features, out_features=layer.out_features,
                       bias=layer.B.bias is not None, lora_rank=layer.lora_rank)
-
-
-def _result(cfg: CompressConfig, shapes, ranks, modules: dict[str, ModuleSpec], params_before: int,
-            params_after: int, timer: StageTimer, extra: dict | None = None) -> CompressionResult:
-    lora_params = sum(m.lora_params for m in modules.values())
-    summary = summarize(shapes, ranks, extra=lora_params)
-    base = summarize(shapes, ranks)
-    return CompressionResult(
-        method=cfg.method, method_options=cfg.method_options(), ranks_allocation=cfg.ranks,
-        rank_multiple=cfg.rank_multiple, refit=cfg.refit, compensate=cfg.compensate,
-        eora_rank=cfg.eora_rank if cfg.compensate == "eora" else 0, ratio_requested=cfg.ratio,
-        ratio_achieved=summary["ratio_achieved"], ratio_achieved_without_compensation=base["ratio_achieved"],
-        compensation_params=lora_params, targeted_params_before=summary["params_before"],
-        targeted_params_after=summary["params_after"], model_params_before=params_before,
-        model_params_after=params_after, model_ratio_achieved=1 - params_after / params_before,
-        kept_dense=summary["kept_dense"],
-        calibration=Calibration(source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed),
-        stage_seconds={k: round(v, 3) for k, v in timer.seconds.items()}, modules=modules, **(extra or {}))

@@ -35,12 +35,28 @@ class RefineSettings:
 
 @dataclass(frozen=True)
 class RefineResult:
-    """Mean squared block-output error on the calibration set before and after, and whether it was kept."""
+    """Mean squared block-output error on the calibration set before and after, whether it was kept, and the
+    dtype the factors were trained in."""
     mse_before: float
     mse_after: float
     kept: bool
     steps: int
     seconds: float
+    train_dtype: str = "float32"
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _as_dtype(value, dtype: torch.dtype):
+    """Floating tensors in `value` (a tensor, or tuples / lists / dicts of them: rotary tables) cast to dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_dtype(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_dtype(v, dtype) for k, v in value.items()}
+    return value
 
 
 def factor_parameters(block: nn.Module) -> list[nn.Parameter]:
@@ -70,13 +86,47 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
                  device, settings: RefineSettings = RefineSettings()) -> RefineResult:
     """Train the block's low-rank factors in place (see the module docstring). inputs[b]: batch b of the
     compressed stream entering the block; targets[b]: the dense block's outputs on the dense stream's batch b;
-    kwargs[b]: the block's keyword arguments for batch b (mask, rotary tables)."""
+    kwargs[b]: the block's keyword arguments for batch b (mask, rotary tables).
+    A half-precision block trains in float32 and is cast back after: Adam's eps (1e-8) and its squared
+    gradients underflow in float16 (every step NaN), and bfloat16 cannot hold updates of lr 1e-4."""
     t0 = time.perf_counter()
     params = factor_parameters(block)
-    before = block_mse(block, inputs, targets, kwargs, device)
-    if not params or settings.steps < 1 or not inputs:
-        return RefineResult(before, before, False, 0, time.perf_counter() - t0)
+    dtype = params[0].dtype if params else torch.float32
+    train = torch.float32 if dtype in HALF else dtype
     saved = [p.detach().clone() for p in params]
+    block.to(train)
+    inputs = [_Cast(h, train) for h in inputs]
+    kwargs = [_as_dtype(kw, train) for kw in kwargs]
+    try:
+        before = block_mse(block, inputs, targets, kwargs, device)
+        if not params or settings.steps < 1 or not inputs:
+            return RefineResult(before, before, False, 0, time.perf_counter() - t0, str(train).removeprefix("torch."))
+        _train(block, params, inputs, targets, kwargs, device, settings)
+        after = block_mse(block, inputs, targets, kwargs, device)
+    finally:
+        block.to(dtype)
+    kept = math.isfinite(after) and after < before
+    if not kept:  # never worse than the closed form on the calibration set
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return RefineResult(before, after, kept, settings.steps, time.perf_counter() - t0,
+                        str(train).removeprefix("torch."))
+
+
+class _Cast:
+    """A stored batch read in the training dtype (cast when used: the stored stream keeps its own dtype)."""
+
+    def __init__(self, tensor: torch.Tensor, dtype: torch.dtype):
+        self.tensor, self.dtype = tensor, dtype
+
+    def to(self, device):
+        return self.tensor.to(device=device, dtype=self.dtype)
+
+
+def _train(block: nn.Module, params: list[nn.Parameter], inputs, targets, kwargs, device,
+           settings: RefineSettings) -> None:
+    """Adam on the factors with a cosine schedule, one stored batch per step (cycled in a seeded order)."""
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -105,10 +155,3 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
         for p in params:
             p.grad = None  # gradients left on the factors would stay with every finished block
         del optimizer
-    after = block_mse(block, inputs, targets, kwargs, device)
-    kept = after < before
-    if not kept:  # never worse than the closed form on the calibration set
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-    return RefineResult(before, after, kept, settings.steps, time.perf_counter() - t0)

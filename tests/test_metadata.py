@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from rankwise.compress.lowrank import FORMAT_VERSION, load_rankwise_model
+from rankwise.compress.describe import pipeline_name
 from rankwise.compress.metadata import CompressionResult, read_result
 from rankwise.errors import RankwiseError
 
@@ -44,13 +45,28 @@ def test_written_section_reads_back_as_the_same_record(checkpoint):
                                                            "lora_rank": 0}
 
 
-def test_section_without_format_version_is_read_as_the_first_format(checkpoint, tmp_path):
-    old = _with_section(checkpoint, tmp_path / "old")
+# The stage fields of a version-1 section (written before the recipe was stored), as such checkpoints hold them.
+VERSION_1_STAGES = {"method": "asvd", "method_options": {"alpha": 0.25}, "ranks_allocation": "loss-aware",
+                    "rank_multiple": 8, "refit": True, "compensate": "eora", "eora_rank": 4,
+                    "refine": {"steps": 8, "lr": 0.001, "seed": 0,
+                               "blocks": {"model.layers.0": {"mse_before": 0.5, "mse_after": 0.25, "kept": True}}}}
+
+
+def test_a_version_1_section_reads_as_its_recipe_and_still_loads(checkpoint, tmp_path, cli):
+    old = _with_section(checkpoint, tmp_path / "old", **VERSION_1_STAGES)
     cfg = json.loads((old / "config.json").read_text())
-    del cfg["rankwise"]["format_version"]
+    del cfg["rankwise"]["format_version"], cfg["rankwise"]["recipe"]  # version 1 had neither
     (old / "config.json").write_text(json.dumps(cfg))
-    assert read_result(old).format_version == 1
+    meta = read_result(old)
+    assert [(r.stage, r.kind) for r in meta.recipe] == [
+        ("asvd", "factorizer"), ("loss-aware", "allocator"), ("refit", "corrector"), ("eora", "corrector"),
+        ("block-refine", "block corrector")]
+    assert meta.stage_run("eora").options == {"rank": 4} and meta.stage_run("eora").adds_paths
+    assert meta.stage_run("block-refine").record["blocks"]["model.layers.0"]["kept"] is True
+    assert pipeline_name(meta) == "asvd alpha=0.25 + loss-aware ranks (multiple of 8) + refit + EoRA rank 4 + block-refine"
     load_rankwise_model(str(old))
+    r = cli("inspect", old)
+    assert r.exit_code == 0 and "block corrector block-refine: steps=8, lr=0.001, seed=0" in r.output, r.output
 
 
 def test_newer_format_is_refused_in_one_line_by_every_reader(checkpoint, tmp_path, austen_file, cli):

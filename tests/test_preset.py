@@ -19,8 +19,9 @@ def test_preset_on_the_command_line(tmp_path, tiny_dirs, austen_file, cli):
     assert r.exit_code == 0, r.output
     meta = read_result(str(out))
     assert meta.ranks_allocation == "loss-aware" and meta.method == "svd-llm"  # from the preset
-    assert meta.compensate == "eora" and meta.eora_rank == 2  # given beside it: added
-    assert meta.refine is None  # --no-refine, given explicitly, overrides the preset
+    assert meta.stage_run("eora").options["rank"] == 2  # given beside it: added
+    assert meta.stage_run("block-refine") is None  # --no-refine, given explicitly, overrides the preset
+    assert meta.preset == "best"
 
 
 def test_unknown_preset_is_one_line(tmp_path, tiny_dirs, cli):
@@ -40,4 +41,4 @@ def test_preset_streams_with_a_streaming_allocator(tmp_path, tiny_dirs, austen_f
     r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", *common, "--ranks", "uniform")
     assert r.exit_code == 0, r.output
     meta = read_result(str(tmp_path / "c"))
-    assert meta.ranks_allocation == "uniform" and meta.refine is not None
+    assert meta.ranks_allocation == "uniform" and meta.stage_run("block-refine") is not None

@@ -1,12 +1,16 @@
 """Block refinement: the compressed block's factors trained to reproduce the dense block's outputs."""
 import copy
+import json
 
+import pytest
 import torch
 
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.pipeline import compress_model
 from rankwise.compress.refine import RefineSettings, block_mse, factor_parameters, refine_block
+from rankwise.compress.stages.refine_block import Refinement
 from helpers_methods import calib_ids, config, model
+from rankwise.errors import RankwiseWarning
 
 SKIP = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
 
@@ -83,8 +87,30 @@ def test_pipeline_refinement_records_each_block_and_lowers_its_error():
     m = model("llama")
     meta = compress_model(m, calib_ids(), config(ratio=0.5, refine=True, refine_steps=20, refine_lr=3e-3))
     assert any(isinstance(x, LowRankLinear) for x in m.modules())
-    blocks = meta.refine.blocks
+    blocks = meta.stage_run("block-refine").typed_record(Refinement).blocks
     assert len(blocks) == 2
     assert all(b.mse_after < b.mse_before for b in blocks.values() if b.kept)
     assert any(b.kept for b in blocks.values())
     assert meta.stage_seconds["block-refine"] > 0
+
+
+def test_a_half_precision_model_refines_in_float32_and_writes_valid_json():
+    """fp16 factors trained as they are go NaN at every step (Adam's eps underflows); trained in float32 and
+    cast back, refinement lowers the error and every number of the record is finite JSON."""
+    m = model("llama").half()
+    meta = compress_model(m, calib_ids(), config(ratio=0.5, refine=True, refine_steps=8, refine_lr=3e-3,
+                                                 dtype="fp16"))
+    record = meta.stage_run("block-refine").typed_record(Refinement)
+    assert record.train_dtype == "float32"
+    assert any(b.kept for b in record.blocks.values())
+    assert all(b.mse_after is not None and b.mse_after < b.mse_before for b in record.blocks.values() if b.kept)
+    assert all(p.dtype == torch.float16 for p in m.parameters())
+    json.dumps(meta.to_json(), allow_nan=False)  # raises on NaN / Inf
+
+
+def test_a_stage_reverted_on_every_block_warns_once():
+    m = model("llama")
+    with pytest.warns(RankwiseWarning) as caught:
+        compress_model(m, calib_ids(), config(ratio=0.5, refine=True, refine_steps=3, refine_lr=10.0))
+    lines = [str(w.message) for w in caught if issubclass(w.category, RankwiseWarning)]
+    assert len(lines) == 1 and "reverted on every block (2)" in lines[0], lines

@@ -81,7 +81,7 @@ def test_a_factorizer_from_outside_runs_end_to_end_with_its_own_math():
 def test_a_corrector_from_outside_adds_its_path_inside_the_ratio():
     dense, m, ids = model(), model(), calib_ids()
     cfg = config(method="svd", ratio=0.3)
-    meta = compress_model(m, ids, cfg, recipe=Recipe.from_config(cfg, correctors=["test-residual"]))
+    meta = compress_model(m, ids, cfg, recipe=Recipe.from_entries([{"stage": "svd"}, {"stage": "test-residual"}]))
     assert meta.ratio_achieved >= 0.3 and meta.compensation_params > 0
     for name, spec in meta.modules.items():
         layer, W = m.get_submodule(name), dense.get_submodule(name).weight.detach()
@@ -94,7 +94,8 @@ def test_a_block_corrector_sees_the_compressed_block_and_both_streams():
     m, ids = model(), calib_ids()
     cfg = config(method="svd-llm", ratio=0.3)
     BlockProbe.seen.clear()
-    meta = compress_model(m, ids, cfg, recipe=Recipe.from_config(cfg, block_correctors=["test-block-probe"]))
+    meta = compress_model(m, ids, cfg, recipe=Recipe.from_entries([{"stage": "svd-llm"},
+                                                                   {"stage": "test-block-probe"}]))
     assert [s[0] for s in BlockProbe.seen] == [0, 1]
     assert all(len(s[1]) == 7 and s[2] > 0 for s in BlockProbe.seen)  # every Linear factorized, outputs differ
     assert meta.stage_seconds["test-block-probe"] >= 0

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from rankwise.compress.stages.base import Stage, registrar
+from rankwise.compress.stages.base import FACTORIZERS, Stage, registrar
 
-REGISTRY: dict[str, type["Method"]] = {}
+REGISTRY = FACTORIZERS
 register = registrar(REGISTRY)
 
 
@@ -111,6 +111,7 @@ def truncated_factors(M: torch.Tensor, k: int, oversample: int = 16, power_iters
 class Method(Stage):
     """Base of all methods, the factorizer stage of a recipe: `statistics` are the input statistics it reads,
     `model_passes` the whole-model passes (e.g. "fisher") whose per-Linear values it reads."""
+    kind = "factorizer"
 
     def decompose(self, weight: torch.Tensor, stats) -> Decomposition:
         raise NotImplementedError

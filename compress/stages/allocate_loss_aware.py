@@ -10,4 +10,4 @@ class LossAwareRanks(Allocator):
     model_passes = ("output-fisher", "truncation-loss")
 
     def allocate(self, job, ratio):
-        return loss_aware_ranks(job.shapes, job.passes["truncation-loss"], ratio, self.cfg.rank_multiple)
+        return loss_aware_ranks(job.shapes, job.passes["truncation-loss"], ratio, self.options.rank_multiple)

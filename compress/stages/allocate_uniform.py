@@ -6,4 +6,4 @@ from rankwise.compress.stages.base import Allocator, register_allocator
 @register_allocator("uniform")
 class UniformRanks(Allocator):
     def allocate(self, job, ratio):
-        return uniform_ranks(job.shapes, ratio, self.cfg.rank_multiple, self.cfg.keep_dense)
+        return uniform_ranks(job.shapes, ratio, self.options.rank_multiple, self.options.keep_dense)

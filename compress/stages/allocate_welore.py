@@ -9,4 +9,4 @@ class WeLoreRanks(Allocator):
     model_passes = ("spectra",)
 
     def allocate(self, job, ratio):
-        return welore_ranks(job.shapes, job.passes["spectra"], ratio, self.cfg.rank_multiple)
+        return welore_ranks(job.shapes, job.passes["spectra"], ratio, self.options.rank_multiple)

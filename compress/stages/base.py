@@ -10,12 +10,14 @@ contract in full.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from rankwise.calib.stats import Statistics
+from rankwise.errors import RankwiseError
 
 if TYPE_CHECKING:
     from rankwise.calib.capture import BlockInputs
@@ -24,14 +26,74 @@ if TYPE_CHECKING:
     from rankwise.compress.config import CompressConfig
 
 
+class StageOptions(BaseModel):
+    """A stage's options: the `options` of its recipe entry, validated (an unknown key is refused)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageRecord(BaseModel):
+    """What a stage did, stored in the checkpoint beside its options (JSON: finite numbers only)."""
+    model_config = ConfigDict(extra="forbid")
+
+    def warning(self) -> str | None:
+        """One line to tell the user after the run (e.g. a stage that changed nothing), or None."""
+        return None
+
+
 class Stage:
     """What every stage declares. `statistics`: per-group input statistics it reads; `model_passes`: names of
     whole-model passes (PASSES) whose per-Linear results it reads; `dense_stream`: it needs the dense twin of
-    each block and the dense model's hidden states even without the cross statistic (block correctors)."""
+    each block and the dense model's hidden states even without the cross statistic (block correctors).
+    `Options` types its recipe options (`self.options`), `Record` what it did (`self.record`, filled in as it
+    runs and stored in the checkpoint)."""
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Options: ClassVar[type[StageOptions]] = StageOptions
+    Record: ClassVar[type[StageRecord]] = StageRecord
     statistics: ClassVar[Statistics] = Statistics()
     model_passes: ClassVar[tuple[str, ...]] = ()
     dense_stream: ClassVar[bool] = False
+
+    def __init__(self, options: StageOptions | dict | None = None, **values: Any):
+        self.options = options if isinstance(options, self.Options) else self.parse_options(
+            {**(options or {}), **values})
+        self.record = self.Record()
+
+    @classmethod
+    def parse_options(cls, values: dict) -> StageOptions:
+        """The typed options, or a one-line error naming the stage and the bad option."""
+        try:
+            return cls.Options.model_validate(values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise RankwiseError(f"stage {cls.name!r}: option {where!r}: {msg}" if where
+                                else f"stage {cls.name!r}: {msg}") from None
+
+    def label(self) -> str:
+        """How the stage reads in a pipeline's name: its name and the options that differ from their defaults."""
+        defaults = {k: f.default for k, f in self.Options.model_fields.items() if not f.is_required()}
+        given = self.options.model_dump(mode="json")
+        changed = [f"{k}={_short(v)}" for k, v in given.items() if k not in defaults
+                   or v != _jsonable(defaults[k])]
+        return " ".join([self.name, *changed])
+
+    def reserved_params(self, shapes: dict[str, "MatrixShape"]) -> int:
+        """Parameters this stage adds to the factorized matrices (a residual path), paid for inside --ratio."""
+        return 0
+
+
+def _jsonable(value):
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 class LinearStatistics:
@@ -133,6 +195,7 @@ class CompressionJob:
 
 class ModelPass(Stage):
     """A pass over the whole model before any block is compressed; returns a value per targeted Linear."""
+    kind = "pass"
     streams: ClassVar[bool] = True  # False: needs every block at once (refused with --stream-weights)
     unsupported_reason: ClassVar[str] = ""
 
@@ -140,11 +203,29 @@ class ModelPass(Stage):
         raise NotImplementedError
 
 
+class AllocatorOptions(StageOptions):
+    """Options every allocator takes."""
+    rank_multiple: int = Field(1, ge=1, description="every rank rounded down to a multiple of this")
+    keep_dense: list[str] = Field(default_factory=list, description="Linears left dense (name or suffix): the "
+                                  "others make up the ratio")
+
+
+class AllocationRecord(StageRecord):
+    """The ratio the allocator was asked for (after the correctors' reserve) and what it decided."""
+    ratio: float = 0.0
+    factorized: int = 0
+    dense: int = 0
+
+
 class Allocator(Stage):
     """Ranks per targeted Linear (None: left dense) removing `ratio` of the targeted parameters."""
+    kind = "allocator"
+    Options = AllocatorOptions
+    Record = AllocationRecord
 
-    def __init__(self, cfg: "CompressConfig"):
-        self.cfg = cfg
+    def label(self) -> str:
+        multiple = self.options.rank_multiple
+        return f"{self.name} ranks" + (f" (multiple of {multiple})" if multiple > 1 else "")
 
     def allocate(self, job: CompressionJob, ratio: float) -> dict[str, int | None]:
         raise NotImplementedError
@@ -152,13 +233,7 @@ class Allocator(Stage):
 
 class Corrector(Stage):
     """Changes one Linear's factorization: before it (what is decomposed) and / or after it (B, A, a path)."""
-
-    def __init__(self, cfg: "CompressConfig"):
-        self.cfg = cfg
-
-    def reserved_params(self, shapes: dict[str, "MatrixShape"]) -> int:
-        """Parameters this corrector adds, paid for inside --ratio (the allocator removes more)."""
-        return 0
+    kind = "corrector"
 
     def before_factorize(self, work: LinearWork) -> None:
         pass
@@ -170,37 +245,44 @@ class Corrector(Stage):
 class BlockCorrector(Stage):
     """Changes a whole block after its Linears are factorized (e.g. refines the factors on the block's
     outputs); runs before the block's outputs are propagated to the next block."""
+    kind = "block corrector"
     dense_stream = True
-
-    def __init__(self, cfg: "CompressConfig"):
-        self.cfg = cfg
-
-    def reserved_params(self, shapes: dict[str, "MatrixShape"]) -> int:
-        return 0
 
     def correct_block(self, work: BlockWork) -> None:
         raise NotImplementedError
-
-    def result_fields(self) -> dict:
-        """Fields this stage adds to the CompressionResult (e.g. {"refine": Refinement(...)}), after the walk."""
-        return {}
 
 
 PASSES: dict[str, type[ModelPass]] = {}
 ALLOCATORS: dict[str, type[Allocator]] = {}
 CORRECTORS: dict[str, type[Corrector]] = {}
 BLOCK_CORRECTORS: dict[str, type[BlockCorrector]] = {}
+FACTORIZERS: dict[str, type[Stage]] = {}   # compress.methods registers into it (compress.methods.REGISTRY)
+REGISTRIES = {"pass": PASSES, "allocator": ALLOCATORS, "factorizer": FACTORIZERS, "corrector": CORRECTORS,
+              "block corrector": BLOCK_CORRECTORS}
 
 
 def registrar(registry: dict):
-    """A class decorator factory: @register(name) sets cls.name and files the class in `registry`."""
+    """A class decorator factory: @register(name) sets cls.name and files the class in `registry`. A name
+    belongs to one stage (a recipe entry names a stage by its name alone)."""
     def register(name: str):
         def deco(cls):
+            other = next((k for k, r in REGISTRIES.items() if r is not registry and name in r), None)
+            if other is not None:
+                raise RankwiseError(f"stage name {name!r} is already a {other}")
             cls.name = name
             registry[name] = cls
             return cls
         return deco
     return register
+
+
+def find_stage(name: str) -> type[Stage]:
+    """The registered stage of that name, of any kind, or a one-line error listing the known ones."""
+    for registry in REGISTRIES.values():
+        if name in registry:
+            return registry[name]
+    known = ", ".join(sorted(n for r in REGISTRIES.values() for n in r))
+    raise RankwiseError(f"unknown stage {name!r}: choose one of {known} (a stage of your own: --plugin MODULE)")
 
 
 register_pass = registrar(PASSES)
