@@ -67,8 +67,8 @@ class LiveBytes(TorchDispatchMode):
 class KeepStatistics(Corrector):
     """What a walk that never freed a block's statistics would hold: keeps every group's statistics object."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, options=None):
+        super().__init__(options)
         self.kept = []
 
     def after_factorize(self, work):
@@ -83,7 +83,7 @@ def pipeline_peak(layers: int, leak_stats: bool = False, **options) -> tuple[int
     calib = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
     cfg = CompressConfig(model="tiny", method="svd-llm", ratio=0.4, nsamples=8, seqlen=32, batch_size=4,
                          device="cpu", **options)
-    recipe = Recipe.from_config(cfg, correctors=["test-keep-statistics"] if leak_stats else None)
+    recipe = Recipe.from_config(cfg.with_stages([{"stage": "test-keep-statistics"}]) if leak_stats else cfg)
     tracker = LiveBytes()
     tracker.exclude([*model.parameters(), *model.buffers(), calib])
 
