@@ -1,6 +1,9 @@
 """--stream-weights: the same compressed model as a full load, blocks read lazily and prefetched, clear refusals."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,20 +201,21 @@ def test_sweep_accepts_stream_weights_and_keeps_job_names(tiny_dirs, austen_file
 
 
 
-def test_hub_id_streams_from_the_local_cache(tiny_dirs, austen_file, tmp_path, monkeypatch):
-    """A hub id resolves through the hub cache (offline here): a cache laid out as huggingface_hub does."""
-    import huggingface_hub.constants
+def test_hub_id_streams_from_the_local_cache(tiny_dirs, austen_file, tmp_path, cli):
+    """A hub id resolves through the hub cache (HF_HUB_CACHE, offline): a cache laid out as huggingface_hub
+    does. The hub reads its environment when imported, so the CLI runs in a fresh interpreter."""
     repo = tmp_path / "hub" / "models--rankwise-test--tiny-llama"
     shutil.copytree(tiny_dirs["llama"], repo / "snapshots" / "0123abcd")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    hub, _, _ = compress_in_memory(CompressConfig(model="rankwise-test/tiny-llama", method="svd", ratio=0.3,
-                                                  calib=f"text:{austen_file}", nsamples=2, seqlen=16, device="cpu",
-                                                  stream_weights=True), torch.device("cpu"))
-    local, _, _ = compress_in_memory(CompressConfig(model=str(tiny_dirs["llama"]), method="svd", ratio=0.3,
-                                                    calib=f"text:{austen_file}", nsamples=2, seqlen=16, device="cpu"),
-                                     torch.device("cpu"))
-    want, got = local.state_dict(), hub.state_dict()
+    args = ["--method", "svd", *calib_args(austen_file)]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "rankwise.cli.main", "model", "rankwise-test/tiny-llama", "-o",
+                           str(tmp_path / "hub-out"), "--stream-weights", "--quiet", *args], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    res = cli("model", tiny_dirs["llama"], "-o", tmp_path / "local-out", "--quiet", *args)
+    assert res.exit_code == 0, res.output
+    want, got = load_file(tmp_path / "local-out" / "model.safetensors"), load_file(tmp_path / "hub-out" /
+                                                                                   "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
