@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from rankwise.calib.data import calibration_set, load_text, tokenize
-from rankwise.compress.allocate import MatrixShape, loss_aware_ranks, total_params, uniform_ranks
+from rankwise.compress.numerics import MatrixShape, total_params
+from rankwise.compress.stages.allocate_loss_aware import loss_aware_ranks
+from rankwise.compress.stages.allocate_uniform import uniform_ranks
 from rankwise.compress.loading import load_model
 from rankwise.eval.ppl import perplexity
 

@@ -1,6 +1,6 @@
 """EoRA solver benchmark (not a test): time of one rank-r residual path per Linear shape, full
 eigendecomposition path (eigh of the input covariance + full decomposition of the whitened residual, as
-EoRA's paper computes it) against the Cholesky + randomized subspace iteration of compress.correct.
+EoRA's paper computes it) against the Cholesky + randomized subspace iteration of the EoRA stage (compress/stages/correct_eora.py).
 
 Random residuals with a decaying spectrum and random inputs of the given shapes (SmolLM2-135M Linears and
 TinyLlama-1.1B's q/o by default); the relative error column compares the two paths' data-weighted residual
@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
-from rankwise.compress.correct import eora_factors
-from rankwise.compress.methods.base import Decomposition
+from rankwise.compress.numerics import Decomposition
+from rankwise.compress.stages.correct_eora import eora_factors
 
 SHAPES = {"SmolLM2 q/o 576x576": (576, 576), "SmolLM2 k/v 192x576": (192, 576),
           "SmolLM2 gate/up 1536x576": (1536, 576), "SmolLM2 down 576x1536": (576, 1536),

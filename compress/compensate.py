@@ -3,7 +3,7 @@
 `compress compensate ORIGINAL COMPRESSED`: for every decoder Linear of ORIGINAL, the layer of the same name in
 COMPRESSED (low-rank, pruned, or any dense-weight layer) gets a residual path B' A' of rank r fitted to
 R = W - W_c in the norm of ORIGINAL's inputs to that layer: statistics come from a block-sequential pass over
-the dense model (memory = one block + the calibration activations), the factors from compress.correct.
+the dense model (memory = one block + the calibration activations), the factors from the EoRA stage (compress/stages/correct_eora.py).
 The result is a Rankwise checkpoint: low-rank layers keep their A, B and gain lora_A / lora_B; other layers
 become LoraLinear(base + path). Quantized layer types whose weight is not a plain tensor are not supported.
 """
@@ -17,7 +17,7 @@ from torch import nn
 from rankwise.errors import RankwiseError
 from rankwise.calib.stats import Statistics
 from rankwise.compress.arch import block_runner, check_finite_weights, dense_weight, layer_shape, named_target_linears
-from rankwise.compress.correct import eora_factors
+from rankwise.compress.stages.correct_eora import eora_factors
 from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
 from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, StageRun, read_result
 

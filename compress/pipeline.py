@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rankwise.calib.runner import BlockSource, BlockStep, Progress, StageTimer
-from rankwise.compress.allocate import MatrixShape
+from rankwise.compress.numerics import MatrixShape
 from rankwise.compress.arch import (block_runner, check_finite_weights, dense_weight, find_decoder_blocks,
                                    find_linears, layer_shape, named_target_linears)
 from rankwise.compress.config import CompressConfig

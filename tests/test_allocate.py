@@ -1,7 +1,8 @@
 """Uniform rank allocation on a GQA model: per-shape ranks, exact accounting, ratio hit."""
 import pytest
 
-from rankwise.compress.allocate import MatrixShape, summarize, total_params, uniform_ranks
+from rankwise.compress.numerics import MatrixShape, summarize, total_params
+from rankwise.compress.stages.allocate_uniform import uniform_ranks
 from rankwise.compress.pipeline import target_shapes
 from tiny import tiny_model
 

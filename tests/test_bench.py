@@ -15,7 +15,8 @@ import speed  # noqa: E402
 from _shapes import SHAPES  # noqa: E402
 
 from rankwise.errors import RankwiseError  # noqa: E402
-from rankwise.compress.allocate import MatrixShape, summarize, uniform_ranks  # noqa: E402
+from rankwise.compress.numerics import MatrixShape, summarize  # noqa: E402
+from rankwise.compress.stages.allocate_uniform import uniform_ranks  # noqa: E402
 from rankwise.compress.config import CompressConfig  # noqa: E402
 from rankwise.compress.lowrank import LowRankLinear  # noqa: E402
 from rankwise.compress.pipeline import compress_model, target_shapes  # noqa: E402

@@ -1,8 +1,10 @@
-"""refit and EoRA (compress.correct) against their closed forms on small random matrices, float64."""
+"""refit and EoRA (compress/stages/correct_refit.py, correct_eora.py; numerics.target_weight) against their closed forms on small random matrices, float64."""
 import torch
 
 from rankwise.calib.stats import InputStats
-from rankwise.compress.correct import eora_factors, refit_b, target_weight
+from rankwise.compress.numerics import target_weight
+from rankwise.compress.stages.correct_eora import eora_factors
+from rankwise.compress.stages.correct_refit import refit_b
 
 M, N, K, T = 7, 12, 4, 400
 

@@ -144,7 +144,7 @@ def test_truncated_solver_matches_the_full_decomposition():
     full decomposition (to 1e-4 relative), on a residual with a slowly decaying spectrum."""
     from types import SimpleNamespace
 
-    from rankwise.compress.correct import eora_factors
+    from rankwise.compress.stages.correct_eora import eora_factors
     g = torch.Generator().manual_seed(0)
     m, n, r = 96, 80, 8
     X = torch.randn(400, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, n, dtype=torch.float64)

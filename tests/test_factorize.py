@@ -83,7 +83,7 @@ def test_gram_decomposition_matches_lapack_svd(shape):
     """The eigh-of-the-Gram SVD gives LAPACK's singular values, balanced factors built on orthonormal
     singular vectors (B^T B = A A^T = diag S_k) and the Eckart-Young truncation error at every rank,
     for wide, tall and square matrices."""
-    from rankwise.compress.methods.base import Decomposition
+    from rankwise.compress.numerics import Decomposition
     g = torch.Generator().manual_seed(3)
     m, n = shape
     M = torch.randn(m, n, generator=g, dtype=torch.float64) * torch.logspace(0, -3, n, dtype=torch.float64)
@@ -100,7 +100,7 @@ def test_gram_decomposition_matches_lapack_svd(shape):
 
 
 def test_gram_decomposition_of_rank_deficient_and_zero_matrices_stays_finite():
-    from rankwise.compress.methods.base import Decomposition
+    from rankwise.compress.numerics import Decomposition
     g = torch.Generator().manual_seed(4)
     M = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 12, generator=g, dtype=torch.float64)
     B, A = Decomposition(M).factors(12)   # every rank, including the 9 null directions
@@ -113,7 +113,7 @@ def test_gram_decomposition_of_rank_deficient_and_zero_matrices_stays_finite():
 def test_one_cholesky_serves_a_group_sharing_its_input():
     """q/k/v share one statistics object: SVD-LLM factors its covariance once and every Linear of the group
     is whitened by that same factor (its cache holds one Cholesky factor, the one of C)."""
-    from rankwise.compress.methods.svd_llm import cholesky_with_fallback
+    from rankwise.compress.numerics import cholesky_with_fallback
     stats = stats_of(correlated_inputs(16, 200))
     method = get_method("svd-llm")
     for seed in range(3):

@@ -3,9 +3,10 @@ import torch
 import pytest
 
 from rankwise.calib.fisher import output_fisher
-from rankwise.compress.allocate import MatrixShape, loss_aware_ranks, total_params, uniform_ranks
+from rankwise.compress.numerics import Decomposition, MatrixShape, total_params
+from rankwise.compress.stages.allocate_loss_aware import loss_aware_ranks
+from rankwise.compress.stages.allocate_uniform import uniform_ranks
 from rankwise.compress.arch import named_target_linears
-from rankwise.compress.methods.base import Decomposition
 from rankwise.compress.pipeline import compress_model
 from helpers_methods import calib_ids, config, model
 

@@ -7,8 +7,8 @@ import torch
 
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.pipeline import compress_model
-from rankwise.compress.refine import RefineSettings, block_mse, factor_parameters, refine_block
-from rankwise.compress.stages.refine_block import Refinement
+from rankwise.compress.stages.refine_block import (Refinement, RefineSettings, block_mse, factor_parameters,
+                                                   refine_block)
 from helpers_methods import calib_ids, config, model
 from rankwise.errors import RankwiseWarning
 

@@ -1,6 +1,7 @@
 import torch
 
-from rankwise.compress.allocate import MatrixShape, welore_ranks
+from rankwise.compress.numerics import MatrixShape
+from rankwise.compress.stages.allocate_welore import welore_ranks
 from rankwise.compress.pipeline import compress_model, target_shapes
 from helpers_methods import calib_ids, config, model
 

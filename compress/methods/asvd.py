@@ -5,7 +5,8 @@ activations (outliers) get their columns preserved first.
 """
 from pydantic import Field
 
-from rankwise.compress.methods.base import Decomposition, Method, register
+from rankwise.compress.methods.base import Method, register
+from rankwise.compress.numerics import Decomposition
 from rankwise.compress.stages.base import Statistics, StageOptions
 
 

@@ -5,7 +5,8 @@ B = diag(d)^-1 U_k sqrt(S_k): rows the loss is sensitive to are reconstructed fi
 Memory: the Fisher pass runs the whole model forward and backward, one calibration sequence at a time with
 gradient checkpointing: about the model's weights + one sequence's hidden states per layer + its logits.
 """
-from rankwise.compress.methods.base import Decomposition, Method, register
+from rankwise.compress.methods.base import Method, register
+from rankwise.compress.numerics import Decomposition
 
 
 @register("fwsvd")

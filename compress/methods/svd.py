@@ -1,5 +1,6 @@
 """Plain truncated SVD: minimises ||W - BA||_F and ignores the data (a baseline, catastrophic on LLMs)."""
-from rankwise.compress.methods.base import Decomposition, Method, register
+from rankwise.compress.methods.base import Method, register
+from rankwise.compress.numerics import Decomposition
 
 
 @register("svd")

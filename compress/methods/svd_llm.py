@@ -6,26 +6,9 @@ computed by a triangular solve, never by forming L^-1.
 """
 import torch
 
-from rankwise.compress.methods.base import Decomposition, Method, derived, register
+from rankwise.compress.methods.base import Method, register
+from rankwise.compress.numerics import Decomposition, cholesky_with_fallback, derived
 from rankwise.compress.stages.base import Statistics
-
-
-def cholesky_with_fallback(C: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of C (float64). If C is not positive definite (dead channels, few tokens),
-    shift it by (-lambda_min + eps) I as the reference does, with eps relative to C's scale."""
-    C = C.double()
-    L, info = torch.linalg.cholesky_ex(C)
-    if int(info) == 0:
-        return L
-    lam_min = torch.linalg.eigvalsh(C)[0].item()
-    eps = 1e-6 * max(C.diagonal().mean().item(), 1e-12)
-    shift = eps - min(lam_min, 0.0)
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(C + shift * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
-        if int(info) == 0:
-            return L
-        shift *= 10
-    raise ValueError("input covariance could not be made positive definite")
 
 
 @register("svd-llm")

@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from rankwise.calib.stats import Statistics
+from rankwise.compress.numerics import MatrixShape, target_weight
 from rankwise.errors import RankwiseError
 
 if TYPE_CHECKING:
     from rankwise.calib.capture import BlockInputs
     from rankwise.calib.stats import InputStats
-    from rankwise.compress.allocate import MatrixShape
     from rankwise.compress.config import CompressConfig
 
 
@@ -150,9 +150,8 @@ class LinearWork:
     _targets: dict = field(default_factory=dict)
 
     def target(self, damp: float) -> torch.Tensor:
-        """W G C^-1 (float64): the dense layer re-expressed on compressed inputs (compress.correct), W when
+        """W G C^-1 (float64): the dense layer re-expressed on compressed inputs (numerics.target_weight), W when
         there is no dense stream; computed once per damping."""
-        from rankwise.compress.correct import target_weight
         if damp not in self._targets:
             self._targets[damp] = target_weight(self.weight, self.stats, damp)
         return self._targets[damp]

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from rankwise.compress.allocate import reserved_ratio, summarize, total_params
+from rankwise.compress.numerics import reserved_ratio, summarize, total_params
 from rankwise.compress.describe import pipeline_label
 from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, StageRun
 from rankwise.compress.methods import Method
