@@ -1,11 +1,13 @@
 """EoRA compensation of a model compressed by anything (Liu et al. 2024, arXiv:2410.21271).
 
-`compress compensate ORIGINAL COMPRESSED`: for every decoder Linear of ORIGINAL, the layer of the same name in
-COMPRESSED (low-rank, pruned, or any dense-weight layer) gets a residual path B' A' of rank r fitted to
-R = W - W_c in the norm of ORIGINAL's inputs to that layer: statistics come from a block-sequential pass over
-the dense model (memory = one block + the calibration activations), the factors from the EoRA stage (compress/stages/correct_eora.py).
-The result is a Rankwise checkpoint: low-rank layers keep their A, B and gain lora_A / lora_B; other layers
-become LoraLinear(base + path). Quantized layer types whose weight is not a plain tensor are not supported.
+`compress compensate ORIGINAL COMPRESSED` runs a recipe through the normal pipeline on ORIGINAL: the
+factorizer `given-factors` replaces each decoder Linear by COMPRESSED's layer of the same name (low-rank,
+pruned, or any dense-weight layer), the allocator `given-ranks` skips the layers COMPRESSED left as they were,
+and the EoRA stage (compress/stages/correct_eora.py, the one EoRA there is) fits each changed layer a residual
+path B' A' of rank r to R = W - W_c in the norm of that layer's inputs in the model being compensated, block
+by block (memory = one block + the calibration activations). The result is a Rankwise checkpoint: low-rank
+layers keep their A, B and gain lora_A / lora_B; other layers become LoraLinear(base + path). Quantized layer
+types whose weight is not a plain tensor are not supported.
 """
 from __future__ import annotations
 
@@ -15,55 +17,45 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.calib.stats import Statistics
-from rankwise.compress.arch import block_runner, check_finite_weights, dense_weight, layer_shape, named_target_linears
-from rankwise.compress.stages.correct_eora import eora_factors
-from rankwise.compress.lowrank import LoraLinear, LowRankLinear, get_submodule_parent
-from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, StageRun, read_result
+from rankwise.compress.arch import check_finite_weights, layer_shape, named_target_linears
+from rankwise.compress.config import CompressConfig
+from rankwise.compress.metadata import Calibration, CompressionResult, read_result
+from rankwise.compress.pipeline import compress_model, count_params
+from rankwise.compress.stages.correct_eora import EoRA
+from rankwise.compress.stages.given_model import GivenFactors, GivenRanks
+from rankwise.compress.stages.recipe import Recipe
 
 
-def _compressed_layer(compressed: nn.Module, name: str) -> nn.Module:
-    try:
-        layer = compressed.get_submodule(name)
-    except AttributeError:
-        raise RankwiseError(f"the compressed model has no layer {name!r} (layer names must match the original)")
-    if isinstance(layer, LoraLinear) or (isinstance(layer, LowRankLinear) and layer.lora_rank):
-        raise RankwiseError(f"layer {name!r} of the compressed model already has a compensation path")
-    return layer
+def compensation_recipe(compressed: nn.Module, checkpoint: str, rank: int) -> Recipe:
+    """COMPRESSED's layers as they are, then an EoRA path of rank `rank` beside each one that changed."""
+    return Recipe(allocator=GivenRanks(model=compressed),
+                  factorizer=GivenFactors({"checkpoint": checkpoint}, model=compressed),
+                  correctors=[EoRA(rank=rank)])
 
 
-@torch.no_grad()
+def take_other_weights(original: nn.Module, compressed: nn.Module) -> None:
+    """Everything of `compressed` but its decoder Linears (embeddings, norms, head) copied into `original`,
+    so that the compensated model is `compressed` plus its paths."""
+    targets = set(named_target_linears(original))
+    theirs = compressed.state_dict()
+    with torch.no_grad():
+        for key, value in original.state_dict().items():
+            parts = key.split(".")
+            if any(".".join(parts[:i]) in targets for i in range(1, len(parts))):
+                continue
+            if key not in theirs or theirs[key].shape != value.shape:
+                raise RankwiseError(f"the compressed model's {key!r} does not match the original's (only decoder "
+                                    f"Linears may differ)")
+            value.copy_(theirs[key])
+
+
 def compensate_model(original: nn.Module, compressed: nn.Module, calib_ids: torch.Tensor, rank: int,
-                     batch_size: int, device: torch.device, progress=None) -> dict[str, ModuleSpec]:
-    """Add EoRA paths to `compressed` in place. Returns the changed layers by name."""
-    modules = {}
-    runner = block_runner(original, calib_ids, batch_size, device, device, progress=progress)
-    for step, stats in runner.unchanged(Statistics(xtx=True), "compensate"):
-        for name, lin in step.linears.items():
-            full = step.full_name(name)
-            layer = _compressed_layer(compressed, full)
-            W = dense_weight(lin).to(device).double()
-            Wc = layer.weight.detach().to(device).double()
-            if Wc.shape != W.shape:
-                raise RankwiseError(f"layer {full!r}: shape {tuple(Wc.shape)} in the compressed model, "
-                                    f"{tuple(W.shape)} in the original")
-            if torch.equal(Wc, W):
-                continue  # identical layer: nothing to compensate
-            lB, lA = eora_factors(W - Wc, stats[name], rank)
-            if isinstance(layer, LowRankLinear):
-                layer.add_lora(lB.to(layer.A.weight.dtype), lA.to(layer.A.weight.dtype))
-                modules[full] = ModuleSpec(rank=layer.rank, in_features=layer.in_features,
-                                           out_features=layer.out_features, bias=layer.B.bias is not None,
-                                           lora_rank=lA.shape[0])
-            else:
-                wrapped = LoraLinear(layer, lA.shape[0])
-                wrapped.lora_A.weight.copy_(lA)
-                wrapped.lora_B.weight.copy_(lB)
-                parent, child = get_submodule_parent(compressed, full)
-                setattr(parent, child, wrapped)
-                modules[full] = ModuleSpec(rank=None, in_features=W.shape[1], out_features=W.shape[0],
-                                           bias=getattr(layer, "bias", None) is not None, lora_rank=lA.shape[0])
-    return modules
+                     cfg: CompressConfig, checkpoint: str = "", progress=None) -> CompressionResult:
+    """`original` becomes `compressed` with EoRA paths (the compensation recipe run on it); returns the
+    pipeline's result (its modules are the layers that got a path)."""
+    take_other_weights(original, compressed)
+    return compress_model(original, calib_ids, cfg, progress, recipe=compensation_recipe(compressed, checkpoint,
+                                                                                           rank))
 
 
 def check_inputs(original: nn.Module, compressed: nn.Module, rank: int) -> None:
@@ -98,44 +90,43 @@ def run_compensate(original: str, compressed: str, output, rank: int, calib: str
     comp, comp_tok, _ = load_model(compressed, "fp32", device, place_on_device=False)
     check_inputs(orig, comp, rank)
     ids = calibration_set(tokenizer, calib, nsamples, seqlen, seed).input_ids
-    params_comp = sum(p.numel() for p in comp.parameters())
-    modules = compensate_model(orig, comp, ids, rank, batch_size, dev, progress)
-    if not modules:
+    params_comp, before = count_params(comp), count_params(orig)
+    # the ratio is not read: the given ranks do not depend on it
+    cfg = CompressConfig(model=original, ratio=0.5, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                         batch_size=batch_size, device=device)
+    result = compensate_model(orig, comp, ids, rank, cfg, compressed, progress)
+    if not result.modules:
         raise RankwiseError("the compressed model's layers are identical to the original's: nothing to compensate")
-    before = sum(p.numel() for p in orig.parameters())
-    after = sum(p.numel() for p in comp.parameters())
     calibration = Calibration(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    meta = _compensated(previous, modules, calibration, rank, before, params_comp, after)
+    meta = _compensated(previous, result, calibration, before, params_comp, count_params(orig))
     meta.source_model = meta.source_model or original
     meta.compressed_model = compressed
     meta.compress_seconds = round(time.perf_counter() - t0, 2)
     peak = peak_memory(dev)
     meta.host_peak_gib, meta.gpu_peak_gib = peak["host_peak_gib"], peak.get("gpu_peak_gib")
-    save_checkpoint(comp, comp_tok, output, meta, overwrite, inputs=inputs)
+    save_checkpoint(orig, comp_tok, output, meta, overwrite, inputs=inputs)
     meta.wall_seconds = round(time.perf_counter() - t0, 2)
     return meta
 
 
-def _compensated(previous: CompressionResult | None, added: dict[str, ModuleSpec], calibration: Calibration,
-                 rank: int, params_before: int, params_compressed: int, params_after: int) -> CompressionResult:
-    """The metadata of the compensated model. A Rankwise checkpoint keeps its own record and the EoRA
-    parameters count in its targeted ratio; a model compressed by anything else is counted whole-model."""
-    lora = sum(m.lora_params for m in added.values())
-    eora = StageRun(stage="eora", kind="corrector", label=f"EoRA rank {rank}", options={"rank": rank},
-                    record={"paths": len(added), "params": lora}, adds_paths=True)
-    common = dict(compensation_params=lora, calibration=calibration,
+def _compensated(previous: CompressionResult | None, result: CompressionResult, calibration: Calibration,
+                 params_before: int, params_compressed: int, params_after: int) -> CompressionResult:
+    """The metadata of the compensated model. A Rankwise checkpoint keeps its own record (and recipe, the EoRA
+    stage added) and the EoRA parameters count in its targeted ratio; a model compressed by anything else is
+    counted whole-model, its recipe the one that ran."""
+    added, lora = result.modules, result.compensation_params
+    common = dict(compensation_params=lora, calibration=calibration, stage_seconds=result.stage_seconds,
                   model_params_before=params_before, model_params_after=params_after,
                   model_ratio_achieved=1 - params_after / params_before)
     if previous is not None:
         targeted_after = previous.targeted_params_after + lora
         return previous.model_copy(update=dict(
-            common, recipe=[*previous.recipe, eora], modules={**previous.modules, **added},
-            targeted_params_after=targeted_after,
+            common, recipe=[*previous.recipe, *[r for r in result.recipe if r.adds_paths]],
+            modules={**previous.modules, **added}, targeted_params_after=targeted_after,
             ratio_achieved_without_compensation=previous.ratio_achieved,
             ratio_achieved=1 - targeted_after / previous.targeted_params_before))
     ratio_base = 1 - params_compressed / params_before
     return CompressionResult(
-        **common, method="external", ranks_allocation="external", modules=added,
-        recipe=[StageRun(stage="external", kind="factorizer", label="external compression"), eora],
+        **common, method="external", ranks_allocation="external", modules=added, recipe=result.recipe,
         targeted_params_before=params_before, targeted_params_after=params_after, ratio_requested=ratio_base,
         ratio_achieved=1 - params_after / params_before, ratio_achieved_without_compensation=ratio_base)

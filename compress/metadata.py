@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rankwise.compress.lowrank import FORMAT_VERSION, RANKWISE_KEY, checkpoint_file
+from rankwise.compress.lowrank import FORMAT_VERSION, RANKWISE_KEY, LowRankLinear, checkpoint_file
 from rankwise.errors import RankwiseError
 
 
@@ -33,6 +33,15 @@ class ModuleSpec(BaseModel):
     out_features: int = Field(alias="out")
     bias: bool = False
     lora_rank: int = 0
+
+    @classmethod
+    def of(cls, layer) -> "ModuleSpec":
+        """The spec of a compressed layer: a LowRankLinear, or a dense layer carrying a path (LoraLinear)."""
+        if isinstance(layer, LowRankLinear):
+            return cls(rank=layer.rank, in_features=layer.in_features, out_features=layer.out_features,
+                       bias=layer.B.bias is not None, lora_rank=layer.lora_rank)
+        return cls(rank=None, in_features=layer.in_features, out_features=layer.out_features,
+                   bias=getattr(layer.base, "bias", None) is not None, lora_rank=layer.lora_rank)
 
     @property
     def lora_params(self) -> int:

@@ -24,7 +24,7 @@ from rankwise.compress.arch import (block_runner, check_finite_weights, dense_we
                                    find_linears, layer_shape, named_target_linears)
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import resolve_device
-from rankwise.compress.lowrank import LowRankLinear, get_submodule_parent
+from rankwise.compress.lowrank import get_submodule_parent
 from rankwise.compress.metadata import CompressionResult, ModuleSpec
 from rankwise.compress.stages.base import BlockWork, CompressionJob, LinearStatistics, LinearWork
 from rankwise.compress.stages.recipe import Recipe
@@ -100,25 +100,16 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
 
 
 def compress_linear(recipe: Recipe, timer: StageTimer, step: BlockStep, name: str, work: LinearWork) -> ModuleSpec:
-    """Correctors before, the factorizer, correctors after; the Linear becomes a LowRankLinear (+ its path)."""
+    """Correctors before, the factorizer, correctors after; the Linear becomes the recipe's compressed layer."""
     for c in recipe.correctors:
         with timer.stage(c.name, step.index):
             c.before_factorize(work)
     with timer.stage("factorize", step.index):
-        source = work.weight if work.decompose_from is None else work.decompose_from
-        work.B, work.A = recipe.factorizer.decompose(source, work.stats).factors(work.rank)
+        recipe.factorize(work)
     for c in recipe.correctors:
         with timer.stage(c.name, step.index):
             c.after_factorize(work)
-    layer = step.linears[name]
-    new = LowRankLinear.from_factors(work.B, work.A, getattr(layer, "bias", None), dtype=layer.weight.dtype)
-    if work.lora_A is not None:
-        new.add_lora(work.lora_B, work.lora_A)
+    new = recipe.compressed_layer(step.linears[name], work)
     parent, child = get_submodule_parent(step.block, name)
     setattr(parent, child, new)
-    return _spec(new)
-
-
-def _spec(layer: LowRankLinear) -> ModuleSpec:
-    return ModuleSpec(rank=layer.rank, in_features=layer.in_features, out_features=layer.out_features,
-                      bias=layer.B.bias is not None, lora_rank=layer.lora_rank)
+    return ModuleSpec.of(new)

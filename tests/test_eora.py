@@ -106,6 +106,11 @@ def test_compensate_command_on_a_pruned_model(tmp_path, tiny_dirs, austen_file, 
         err_pruned = (pruned(input_ids=ids).logits - ref).norm()
         err_comp = (comp(input_ids=ids).logits - ref).norm()
     assert err_comp < err_pruned
+    from rankwise.compress.metadata import read_result
+    meta = read_result(tmp_path / "comp")  # the compensation recipe ran through the pipeline, with its records
+    assert [(r.stage, r.record) for r in meta.recipe] == [
+        ("given-factors", {"low_rank": 0, "dense": 14}), ("given-ranks", {"ratio": None, "factorized": 14, "dense": 0}),
+        ("eora", {"paths": 14, "params": meta.compensation_params})]
     r = cli("compensate", orig_dir, tmp_path / "comp", "-o", tmp_path / "again", "--eora-rank", 4,
             "--calib", f"text:{austen_file}", "--nsamples", 2, "--seqlen", 48, "--device", "cpu")
     assert r.exit_code == 2 and "already has a compensation path" in r.output

@@ -29,6 +29,13 @@ class Method(Stage):
     def decompose(self, weight: torch.Tensor, stats) -> Decomposition:
         raise NotImplementedError
 
+    def factorize(self, work) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B, A) of one Linear (a LinearWork): its weight (or what a corrector set to decompose instead)
+        decomposed, cut at its rank. A factorizer that replaces the layer by a module of its own sets
+        `work.module` and returns (None, None)."""
+        source = work.weight if work.decompose_from is None else work.decompose_from
+        return self.decompose(source, work.stats).factors(work.rank)
+
 
 def get_method(name: str, **options) -> Method:
     from rankwise.errors import RankwiseError

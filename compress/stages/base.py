@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from rankwise.calib.stats import Statistics
+from rankwise.compress.arch import dense_weight
 from rankwise.compress.numerics import MatrixShape, target_weight
 from rankwise.errors import RankwiseError
 
@@ -147,7 +148,14 @@ class LinearWork:
     A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
     lora_A: torch.Tensor | None = None
+    module: nn.Module | None = None  # the layer replacing the Linear when the factorizer gives one (not B A)
     _targets: dict = field(default_factory=dict)
+
+    def compressed_weight(self) -> torch.Tensor:
+        """What the compressed layer computes, as a dense [out, in] float64 matrix: B A, or the given module's."""
+        if self.module is not None:
+            return dense_weight(self.module).detach().double().to(self.weight.device)
+        return self.B.double().to(self.weight.device) @ self.A.double().to(self.weight.device)
 
     def target(self, damp: float) -> torch.Tensor:
         """W G C^-1 (float64): the dense layer re-expressed on compressed inputs (numerics.target_weight), W when
@@ -210,8 +218,9 @@ class AllocatorOptions(StageOptions):
 
 
 class AllocationRecord(StageRecord):
-    """The ratio the allocator was asked for (after the correctors' reserve) and what it decided."""
-    ratio: float = 0.0
+    """The ratio the allocator was asked for (after the correctors' reserve; None: its ranks do not depend on
+    one) and what it decided."""
+    ratio: float | None = None
     factorized: int = 0
     dense: int = 0
 
@@ -221,6 +230,7 @@ class Allocator(Stage):
     kind = "allocator"
     Options = AllocatorOptions
     Record = AllocationRecord
+    fixed_ranks: ClassVar[bool] = False  # True: the ranks do not depend on the ratio (nothing to reserve)
 
     def label(self) -> str:
         multiple = self.options.rank_multiple

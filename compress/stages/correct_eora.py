@@ -58,7 +58,7 @@ class EoRA(Corrector):
 
     def after_factorize(self, work):
         target = work.target(self.options.damp)
-        residual = target - work.B.double().to(target.device) @ work.A.double().to(target.device)
+        residual = target - work.compressed_weight().to(target.device)
         work.lora_B, work.lora_A = eora_factors(residual, work.stats, self.options.rank)
         self.record.paths += 1
         self.record.params += work.lora_B.numel() + work.lora_A.numel()

@@ -6,14 +6,18 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
+from torch import nn
+
 from rankwise.compress.numerics import reserved_ratio, summarize, total_params
 from rankwise.compress.describe import pipeline_label
+from rankwise.compress.lowrank import LoraLinear, LowRankLinear
 from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, StageRun
 from rankwise.compress.methods import Method
 from rankwise.compress.stages.base import (
     PASSES, Allocator, BlockCorrector, Corrector, ModelPass, Stage, Statistics, find_stage)
 from rankwise.compress.stages import (  # noqa: F401  (the built-in stages register themselves)
-    allocate_loss_aware, allocate_uniform, allocate_welore, correct_eora, correct_refit, pass_fisher,
+    allocate_loss_aware, allocate_uniform, allocate_welore, correct_eora, correct_refit, given_model, pass_fisher,
     pass_output_fisher, pass_spectra, pass_truncation_loss, refine_block)
 from rankwise.errors import RankwiseError, RankwiseWarning
 
@@ -107,12 +111,34 @@ class Recipe:
         reserve = self.reserve(shapes if factorized is None else factorized)
         return reserved_ratio(shapes, ratio, reserve) if reserve else ratio
 
+    def factorize(self, work) -> None:
+        """The factorizer's (B, A) of one Linear into `work` (or the module it replaces the Linear with)."""
+        work.B, work.A = self.factorizer.factorize(work)
+
+    def compressed_layer(self, layer: nn.Module, work) -> nn.Module:
+        """The module that replaces `layer`: LowRankLinear(B, A) with the layer's bias and dtype, or the module
+        the factorizer gave; with the residual path the correctors set (lora_B, lora_A) beside it."""
+        new = work.module if work.module is not None else LowRankLinear.from_factors(
+            work.B, work.A, getattr(layer, "bias", None), dtype=layer.weight.dtype)
+        if work.lora_A is None:
+            return new
+        if isinstance(new, LowRankLinear):
+            new.add_lora(work.lora_B, work.lora_A)
+            return new
+        wrapped = LoraLinear(new, work.lora_A.shape[0])
+        with torch.no_grad():
+            wrapped.lora_A.weight.copy_(work.lora_A)
+            wrapped.lora_B.weight.copy_(work.lora_B)
+        return wrapped
+
     def allocate(self, job, ratio: float) -> dict:
         """The allocator's ranks with the correctors' parameters inside `ratio`. Correctors add only to the
         matrices that get factorized, and an allocator may keep some dense (WeLore, loss-aware): reserving for
         every matrix would overshoot the ratio by the paths never built. So reserve for all, then for the
         ones factorized, and allocate again while the result still fits (a few rounds: the set settles)."""
         shapes = job.shapes
+        if self.allocator.fixed_ranks:
+            return self._recorded(self.allocator.allocate(job, ratio), None)
         budget = (1.0 - ratio) * sum(s.dense_params for s in shapes.values())
         asked = self.base_ratio(ratio, shapes)
         ranks = self.allocator.allocate(job, asked)
@@ -124,6 +150,9 @@ class Recipe:
             if again == ranks or total_params(shapes, again) + self.reserve(kept) > budget:
                 break
             ranks, asked = again, again_ratio
+        return self._recorded(ranks, asked)
+
+    def _recorded(self, ranks: dict, asked: float | None) -> dict:
         record = self.allocator.record
         record.ratio = asked
         record.factorized = sum(r is not None for r in ranks.values())
