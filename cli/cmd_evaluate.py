@@ -66,6 +66,8 @@ def evaluate_cmd(
         from rankwise.compress.outputs import check_output_file
         check_output_file(json_path, "--json")
         check_output_file(json_path.with_suffix(".md"), "--json's Markdown")
+    if seqlen is not None and seqlen < 1:
+        raise RankwiseError(f"--seqlen must be a positive number of tokens, got {seqlen}")
     sources, task_list = _split(ppl), _split(tasks)
     if ppl is not None and not sources:
         raise RankwiseError("--ppl needs at least one source")
@@ -80,14 +82,14 @@ def evaluate_cmd(
         # a task run from a YAML path is repeated from that path (its `source`), a hub task by name
         task_list = list(dict.fromkeys(r.get("source") if r.get("source") not in (None, "lm-eval") else name
                                        for name, r in base["tasks"].items()))
-        seqlen = seqlen or s.get("seqlen")
+        seqlen = seqlen if seqlen is not None else s.get("seqlen")
         max_windows = max_windows if max_windows is not None else s.get("max_windows")
         limit = limit if limit is not None else s.get("limit")
         bos = bos if bos is not None else s.get("bos")
     elif not sources and not task_list:
         sources = ["wikitext2"]
     with Bars(quiet) as bars:
-        result = evaluate_model(checkpoint, sources, task_list, seqlen or 2048, max_windows, limit,
+        result = evaluate_model(checkpoint, sources, task_list, 2048 if seqlen is None else seqlen, max_windows, limit,
                                 batch_size if batch_size == "auto" else int(batch_size), dtype, device, bos,
                                 trust_remote_code, progress=bars, gguf_file=gguf_file, num_fewshot=num_fewshot,
                                 seed=seed, log_samples=log_samples)

@@ -1,7 +1,6 @@
 """`compress model`: compress a checkpoint and write a Rankwise checkpoint."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -9,7 +8,7 @@ import typer
 from rich.table import Table
 
 from rankwise.errors import RankwiseError
-from rankwise.compress.outputs import check_output_file, write_text_atomic
+from rankwise.compress.outputs import check_output_file, json_text, write_text_atomic
 
 from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, console, eora_rank_option,
                                  out_console, quiet_option, ratio_table, user_errors)
@@ -160,7 +159,7 @@ def model_cmd(
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json_path, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(json_path, json_text(meta.to_json(), f"--json {json_path}", indent=2, sort_keys=True))
     out_console.print(f"wrote {output}" + (f" and {json_path}" if json_path else ""))
 
 

@@ -1,7 +1,6 @@
 """`compress run`: a YAML batch of compression + evaluation jobs, resumable, with a results table and plots."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -42,10 +41,10 @@ def _engine(plan, jobs: int, ray: bool, ray_address: Optional[str]):
 
 
 def _write_plan(plan) -> None:
-    from rankwise.compress.outputs import write_text_atomic
+    from rankwise.compress.outputs import json_text, write_text_atomic
     shutil.copyfile(plan.path, plan.output_dir / "run.yaml")  # what produced these results
-    write_text_atomic(plan.output_dir / "plan.json", json.dumps(
-        {"run_file": str(plan.path), "jobs": [j.to_json() for j in plan.jobs]}, indent=2, default=str) + "\n")
+    write_text_atomic(plan.output_dir / "plan.json", json_text(
+        {"run_file": str(plan.path), "jobs": [j.to_json() for j in plan.jobs]}, "plan.json", indent=2, default=str))
 
 
 @app.command("run")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from rankwise.errors import RankwiseError
-from rankwise.compress.outputs import atomic_output_dir, check_output_dir  # noqa: F401 (the writers' entry points)
+from rankwise.compress.outputs import atomic_output_dir, check_output_dir, json_text  # noqa: F401 (the writers' entry points)
 from rankwise.compress import lowrank
 from rankwise.compress.describe import pipeline_name
 from rankwise.compress.lowrank import AUTO_MAP, RANKWISE_KEY, checkpoint_file
@@ -76,7 +76,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: CompressionResu
         meta.versions = package_versions()
         cfg[RANKWISE_KEY] = meta.to_json()
         cfg["auto_map"] = AUTO_MAP
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        cfg_path.write_text(json_text(cfg, f"{out_dir}/config.json", indent=2, sort_keys=True))
         shutil.copyfile(lowrank.__file__, tmp / "modeling_rankwise.py")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

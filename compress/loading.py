@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from rankwise.errors import RankwiseError, first_line
-from rankwise.compress.lowrank import RANKWISE_KEY, CheckpointError, load_rankwise_model
+from rankwise.compress.lowrank import (RANKWISE_KEY, CheckpointError, first_nonfinite, load_rankwise_model,
+                                       nonfinite_message)
 
 # Checkpoint names a normal load drops silently (transformers' own exceptions, modeling_utils.py).
 ALWAYS_IGNORED = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$")
@@ -96,6 +97,14 @@ def check_loading_info(ref: str, missing, unexpected) -> None:
     raise RankwiseError(f"checkpoint {ref!r} has {'; '.join(problems)} ({hint})")
 
 
+def check_finite_tensors(named_tensors, ref: str) -> None:
+    """Refuse a model whose weights hold NaN or Inf (any tensor: embeddings, head, norms, Linears), naming the
+    first such tensor: no result computed from it means anything."""
+    bad = first_nonfinite(named_tensors)
+    if bad is not None:
+        raise RankwiseError(nonfinite_message(f"checkpoint {ref!r}", *bad))
+
+
 def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                place_on_device: bool = True):
     """Returns (model, tokenizer, config). With place_on_device=False the weights stay on CPU (the
@@ -117,6 +126,7 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
                 ref, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=str(target),
                 output_loading_info=True)
             check_loading_info(ref, info["missing_keys"], info["unexpected_keys"])
+            check_finite_tensors(model.named_parameters(), ref)
     except RankwiseError:
         raise
     except CheckpointError as e:

@@ -177,6 +177,24 @@ class CheckpointError(ValueError):
     """A Rankwise checkpoint whose tensors do not match its config.json."""
 
 
+def first_nonfinite(named_tensors) -> tuple[str, int] | None:
+    """(name, count) of the first floating-point tensor holding NaN or Inf, else None. One reduction per
+    tensor, no mask: the sum is finite only if every element is (a non-finite sum of finite elements, an
+    overflow, goes to the exact test). Tensors on `meta` hold no values yet and are skipped."""
+    for name, t in named_tensors:
+        if not t.is_floating_point() or t.device.type == "meta" or bool(torch.isfinite(t.sum())):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            return name, bad
+    return None
+
+
+def nonfinite_message(where: str, name: str, count: int) -> str:
+    return (f"{where}: tensor {name!r} has {count} non-finite (NaN or Inf) value(s): the checkpoint is damaged "
+            f"or was saved in a dtype that overflowed")
+
+
 def _check_shapes(path: str, model: nn.Module, state: dict, modules: dict) -> None:
     """Name the module, the shape config.json implies and the stored one (load_state_dict names neither)."""
     expected = model.state_dict()
@@ -198,7 +216,7 @@ def _save_pretrained_with_modeling_file(self, save_directory, *args, **kwargs):
         cfg = json.load(f)
     cfg["auto_map"] = dict(AUTO_MAP)
     with open(cfg_path, "w") as f:
-        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        f.write(json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")  # JSON has no NaN
     shutil.copyfile(__file__, os.path.join(save_directory, "modeling_rankwise.py"))
     return out
 
@@ -222,6 +240,9 @@ def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str
         model = model_cls(config)
     apply_structure(model, meta["modules"], device="meta")
     state = _read_state_dict(path, **hub_kwargs)
+    bad = first_nonfinite(state.items())
+    if bad is not None:
+        raise CheckpointError(nonfinite_message(path, *bad))
     _check_shapes(path, model, state, meta["modules"])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:

@@ -9,6 +9,7 @@ the next run for the same output removes the leftovers of a process that was kil
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -88,6 +89,28 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
         raise RankwiseError(f"{what} {str(p)!r} is a folder")
     check_writable(p.resolve(), what)
     return p
+
+
+def _first_nonfinite_key(obj, where: str = "") -> str | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where or 'the value'} = {obj}"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_nonfinite_key(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def json_text(obj, what: str, **dumps_kwargs) -> str:
+    """`obj` as JSON text, never with NaN / Infinity (which JSON does not have and strict readers refuse):
+    a non-finite number is an error naming its key and the file, before anything is written."""
+    try:
+        return json.dumps(obj, allow_nan=False, **dumps_kwargs) + "\n"
+    except ValueError:
+        where = _first_nonfinite_key(obj) or "a value"
+        raise RankwiseError(f"cannot write {what}: {where} is not a finite number, which JSON cannot hold "
+                            f"(nothing was written)") from None
 
 
 # ---------------------------------------------------------------- temporary names and leftovers

@@ -27,7 +27,7 @@ from rankwise.errors import RankwiseError, first_line
 from rankwise.compress.arch import check_finite_weights, find_decoder_blocks, find_linears
 from rankwise.compress.loading import (ALWAYS_IGNORED, is_rankwise_checkpoint, load_config, load_tokenizer,
                                       looks_local, resolve_device, resolve_dtype)
-from rankwise.compress.lowrank import RANKWISE_KEY
+from rankwise.compress.lowrank import RANKWISE_KEY, first_nonfinite, nonfinite_message
 
 DROP = "drop --stream-weights to load it the normal way"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -155,6 +155,9 @@ class BlockWeightStream:
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         from accelerate.utils import set_module_tensor_to_device
+        bad = first_nonfinite(tensors.items())
+        if bad is not None:
+            raise RankwiseError(nonfinite_message(str(self.files[bad[0]]), *bad))
         for name, t in tensors.items():
             set_module_tensor_to_device(self.model, name, "cpu", value=t, dtype=t.dtype, clear_cache=False)
 

@@ -11,8 +11,8 @@ from rankwise.calib.data import load_text, resolve_bos, tokenize, validate_sourc
 from rankwise.errors import RankwiseError, first_line
 from rankwise.compress.checkpoint import package_versions
 from rankwise.compress.metadata import read_result
-from rankwise.compress.loading import (load_config, load_model, max_context, normalize_dtype, resolve_device,
-                                        resolve_dtype)
+from rankwise.compress.loading import (check_finite_tensors, load_config, load_model, max_context, normalize_dtype,
+                                       resolve_device, resolve_dtype)
 from rankwise.eval.ppl import perplexity
 
 
@@ -84,6 +84,7 @@ def load_for_eval(model_ref: str, dtype: str = "auto", device: str = "auto", tru
             device_map=str(dev))
     except Exception as e:
         raise RankwiseError(f"cannot load GGUF {gguf_file!r} from {model_ref!r}: {first_line(e, 300)}") from None
+    check_finite_tensors(model.named_parameters(), os.path.join(model_ref, gguf_file))
     model.eval()
     return model, tokenizer, model.config
 

@@ -197,6 +197,56 @@ def test_overflowing_activations_are_refused_naming_the_layer(tiny_dirs, austen_
     one_line_error(res, "model.layers.1.mlp.gate_proj", "statistics")
 
 
+def test_nan_in_a_checkpoint_factor_is_refused_when_loaded(compressed, austen_file, tmp_path, cli):
+    def poison(sd):
+        name = next(k for k in sorted(sd) if k.endswith(".A.weight"))
+        sd[name][0, 0] = float("nan")
+        return sd
+    broken = copy_with_tensors(compressed, tmp_path / "nan-factor", poison)
+    name = next(k for k in sorted(load_file(broken / "model.safetensors")) if k.endswith(".A.weight"))
+    one_line_error(cli("evaluate", broken, "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1"),
+                   name, "non-finite")
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):  # plain transformers runs the same loader
+        transformers.AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("family,tensor,value", [("mistral", "lm_head.weight", float("nan")),
+                                                 ("llama", "model.embed_tokens.weight", float("inf"))])
+@pytest.mark.parametrize("stream", [False, True])
+def test_non_finite_head_or_embeddings_are_refused(family, tensor, value, stream, tiny_dirs, austen_file, tmp_path,
+                                                   cli):
+    def poison(sd):
+        sd[tensor][1, 2] = value
+        return sd
+    broken = copy_with_tensors(tiny_dirs[family], tmp_path / "broken", poison)
+    out = tmp_path / "out"
+    res = cli("model", broken, "-o", out, "--ratio", "0.3", "--method", "svd", *calib(austen_file),
+              *(["--stream-weights"] if stream else []))
+    one_line_error(res, tensor, "non-finite")
+    assert not out.exists()
+    if not stream:
+        one_line_error(cli("evaluate", broken, "--ppl", f"text:{austen_file}", "--seqlen", "16",
+                           "--max-windows", "1"), tensor, "non-finite")
+
+
+def test_json_written_holds_no_nan(compressed, tmp_path):
+    """JSON has no NaN: a record holding one is refused naming its key, and nothing is written."""
+    from rankwise.compress.checkpoint import save_checkpoint
+    from rankwise.compress.metadata import read_result
+    from rankwise.errors import RankwiseError
+    meta = read_result(compressed)
+    meta.wall_seconds = float("nan")
+    with pytest.raises(RankwiseError, match="wall_seconds"):
+        save_checkpoint(load_rankwise_model(str(compressed)), None, tmp_path / "out", meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_a_zero_seqlen(compressed, austen_file, cli):
+    res = cli("evaluate", compressed, "--ppl", f"text:{austen_file}", "--seqlen", "0", "--max-windows", "1")
+    one_line_error(res, "--seqlen", "got 0")
+    assert "2048" not in res.output  # not silently the default window
+
+
 # ---------------------------------------------------------------- 5. fail before the work
 
 def test_unwritable_output_fails_before_calibration(tiny_dirs, tmp_path, cli):
