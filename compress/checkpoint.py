@@ -80,18 +80,31 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: CompressionResu
         shutil.copyfile(lowrank.__file__, tmp / "modeling_rankwise.py")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-            copy_tokenizer_code(tmp, meta.compressed_model or meta.source_model)
+            copy_tokenizer_code(tmp, meta.compressed_model or meta.source_model, runs_own_code(tokenizer))
         (tmp / "README.md").write_text(model_card(meta))
     return Path(out_dir)
 
 
-def copy_tokenizer_code(folder: Path, source: str | None) -> None:
-    """A tokenizer with its own code names it in tokenizer_config.json's auto_map: copy those modules from
-    the source model so the written folder loads with trust_remote_code (tokenizers do not copy them)."""
+def runs_own_code(tokenizer) -> bool:
+    """Whether the tokenizer was loaded with its own code (the user passed trust_remote_code): transformers
+    imports such code into its `transformers_modules` package."""
+    return type(tokenizer).__module__.startswith("transformers_modules")
+
+
+def copy_tokenizer_code(folder: Path, source: str | None, trusted: bool) -> None:
+    """A tokenizer with its own code names it in tokenizer_config.json's auto_map. Trusted (it was loaded with
+    that code): copy those modules from the source model so the written folder loads with trust_remote_code
+    (tokenizers do not copy them). Not trusted: the written folder names no code (its auto_map is dropped), so
+    code the user never ran is neither copied nor run later by a `trust_remote_code=True` load."""
     cfg_path = folder / "tokenizer_config.json"
     if source is None or not cfg_path.is_file():
         return
-    refs = json.loads(cfg_path.read_text()).get("auto_map") or {}
+    cfg = json.loads(cfg_path.read_text())
+    refs = cfg.get("auto_map") or {}
+    if refs and not trusted:
+        del cfg["auto_map"]
+        cfg_path.write_text(json_text(cfg, "tokenizer_config.json", indent=2, ensure_ascii=False))
+        return
     for ref in (r for v in refs.values() for r in (v if isinstance(v, list) else [v]) if r):
         module = ref.split("--")[-1].rpartition(".")[0] + ".py"  # "repo--module.Class" or "module.Class"
         if (folder / module).exists():

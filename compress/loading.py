@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from rankwise.errors import RankwiseError, first_line
-from rankwise.compress.lowrank import (RANKWISE_KEY, CheckpointError, first_nonfinite, load_rankwise_model,
-                                       nonfinite_message)
+from rankwise.compress.lowrank import (AUTO_MAP, RANKWISE_KEY, CheckpointError, checkpoint_file, first_nonfinite,
+                                       load_rankwise_model, nonfinite_message)
 
 # Checkpoint names a normal load drops silently (transformers' own exceptions, modeling_utils.py).
 ALWAYS_IGNORED = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$")
@@ -60,10 +60,41 @@ def is_rankwise_checkpoint(path: str) -> bool:
         return False
 
 
+def _raw_config(ref: str) -> dict | None:
+    """config.json as stored (local folder, hub cache or hub), before transformers runs any code it names;
+    None when it cannot be read (transformers' own load then says why)."""
+    try:
+        path = checkpoint_file(ref, "config.json", required=False)
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except Exception:  # noqa: BLE001 - reported by AutoConfig below, with its own message
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def check_own_code_only(ref: str, raw: dict) -> None:
+    """A Rankwise checkpoint's auto_map names only its own modeling_rankwise.py: a checkpoint whose config.json
+    names other code (an AutoConfig module, another model class) is refused before anything is imported."""
+    foreign = {k: v for k, v in (raw.get("auto_map") or {}).items() if AUTO_MAP.get(k) != v}
+    if foreign:
+        key, value = next(iter(foreign.items()))
+        raise RankwiseError(f"Rankwise checkpoint {ref!r}: config.json's auto_map names code other than its own "
+                            f"modeling_rankwise.py ({key}: {value!r}); refusing to run it (a Rankwise checkpoint's "
+                            f"auto_map is {AUTO_MAP})")
+
+
 def load_config(ref: str, trust_remote_code: bool = False):
+    """The model's config. A Rankwise checkpoint is loaded by Rankwise's own code: none of the checkpoint's
+    code runs, whatever trust_remote_code says, and a checkpoint naming other code is refused."""
     import transformers
     if looks_local(ref) and not os.path.isdir(ref):
         raise RankwiseError(f"model path {ref!r} does not exist")
+    raw = _raw_config(ref)
+    if raw is not None and RANKWISE_KEY in raw:
+        check_own_code_only(ref, raw)
+        trust_remote_code = False
     try:
         return transformers.AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -111,6 +142,8 @@ def load_model(ref: str, dtype: str = "auto", device: str = "auto", trust_remote
     block-sequential pipeline moves one block at a time to the device)."""
     import transformers
     config = load_config(ref, trust_remote_code)
+    if getattr(config, RANKWISE_KEY, None):  # loaded by Rankwise's own code: none of the checkpoint's runs
+        trust_remote_code = False
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(ref, trust_remote_code)

@@ -155,21 +155,74 @@ def test_edited_ranks_name_the_module_and_both_shapes(compressed, austen_file, t
     one_line_error(res, name, f"rank {spec['rank']}", str(spec["rank"] - 3))
 
 
-def test_tokenizer_code_named_by_auto_map_is_copied(tiny_dirs, austen_file, tmp_path, cli):
-    model = tmp_path / "custom-tok"
+def code_writing_a_marker(marker: Path, body: str) -> str:
+    """Module source that, when imported, leaves `marker` behind (what remote code could do)."""
+    return f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n{body}"
+
+
+@pytest.fixture
+def custom_tokenizer_model(tiny_dirs, tmp_path):
+    """The tiny Llama whose tokenizer_config.json names its own code, which leaves a marker file when run."""
+    model, marker = tmp_path / "custom-tok", tmp_path / "tokenizer-code-ran"
     shutil.copytree(tiny_dirs["llama"], model)
-    (model / "tokenization_custom.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
-        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    (model / "tokenization_custom.py").write_text(code_writing_a_marker(
+        marker, "from transformers import PreTrainedTokenizerFast\n\n\n"
+                "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"))
     cfg = json.loads((model / "tokenizer_config.json").read_text())
     cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return model, marker
+
+
+def test_untrusted_tokenizer_code_is_not_copied(custom_tokenizer_model, austen_file, tmp_path, cli):
+    model, marker = custom_tokenizer_model
     out = tmp_path / "out"
-    # without --trust-remote-code the tokenizer loads as its base class but keeps the auto_map
+    # without --trust-remote-code the tokenizer loads as its base class: its code is neither run nor copied
     res = cli("model", model, "-o", out, "--ratio", "0.3", "--method", "svd", *calib(austen_file))
+    assert res.exit_code == 0, res.output
+    assert not (out / "tokenization_custom.py").exists()
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+    # loaded as the model card says (trust_remote_code=True): still none of the source's code runs
+    transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert not marker.exists()
+
+
+def test_trusted_tokenizer_code_is_copied(custom_tokenizer_model, austen_file, tmp_path, cli):
+    model, _ = custom_tokenizer_model
+    out = tmp_path / "out"
+    res = cli("model", model, "-o", out, "--ratio", "0.3", "--method", "svd", "--trust-remote-code",
+              *calib(austen_file))
     assert res.exit_code == 0, res.output
     tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     assert type(tok).__name__ == "CustomTokenizer"
+
+
+@pytest.mark.parametrize("entry", ["AutoConfig", "AutoModelForCausalLM"])
+def test_a_rankwise_checkpoint_runs_only_its_own_code(entry, compressed, austen_file, tmp_path, cli):
+    """A checkpoint whose config.json auto_map names other code is refused before anything is loaded."""
+    damaged, marker = tmp_path / "foreign", tmp_path / "foreign-code-ran"
+    shutil.copytree(compressed, damaged)
+    (damaged / "configuration_foreign.py").write_text(code_writing_a_marker(
+        marker, "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+                "class ForeignConfig(LlamaConfig):\n    pass\n\n\nclass ForeignModel(LlamaForCausalLM):\n    pass\n"
+                "\n\nfrom transformers import PreTrainedTokenizerFast as ForeignTokenizer\n"))
+    tok = json.loads((damaged / "tokenizer_config.json").read_text())  # its tokenizer names the code too
+    tok["auto_map"] = {"AutoTokenizer": [None, "configuration_foreign.ForeignTokenizer"]}
+    (damaged / "tokenizer_config.json").write_text(json.dumps(tok))
+    cfg = json.loads((damaged / "config.json").read_text())
+    cfg["auto_map"][entry] = "configuration_foreign." + ("ForeignConfig" if entry == "AutoConfig" else "ForeignModel")
+    (damaged / "config.json").write_text(json.dumps(cfg))
+    res = cli("evaluate", damaged, "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1",
+              "--trust-remote-code")
+    one_line_error(res, "configuration_foreign", "auto_map")
+    assert not marker.exists()
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}  # its own code only
+    (damaged / "config.json").write_text(json.dumps(cfg))
+    res = cli("evaluate", damaged, "--ppl", f"text:{austen_file}", "--seqlen", "16", "--max-windows", "1",
+              "--trust-remote-code")
+    assert res.exit_code == 0, res.output
+    assert not marker.exists(), "a Rankwise checkpoint is evaluated by Rankwise's code, its tokenizer's too"
 
 
 # ---------------------------------------------------------------- 4. non-finite input
