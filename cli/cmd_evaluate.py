@@ -19,6 +19,27 @@ def _split(value: Optional[str]) -> list[str]:
     return [s.strip() for s in (value or "").split(",") if s.strip()]
 
 
+def local_sources(sources: list[str], tasks: list[str]) -> list[str]:
+    """The local files the evaluation reads: text / jsonl sources and task YAMLs given by path."""
+    from rankwise.calib.data import source_path
+    return [p for p in (source_path(s) for s in sources) if p] + [t for t in tasks if os.path.exists(t)]
+
+
+def check_outputs(json_path: Optional[Path], output_path: Optional[Path], overwrite: bool, inputs: list) -> None:
+    """Every file the command will write, before the evaluation: never an input (the model, the baseline, a
+    text or task file) nor inside one; the JSON and its Markdown never replace a file without --overwrite;
+    --output-path (and --log-samples beside it) writes new dated files into a folder that is no input."""
+    from rankwise.compress.outputs import check_not_input, check_output_file, check_results_folder
+    if json_path is not None:
+        check_output_file(json_path, "--json", overwrite, inputs)
+        check_output_file(json_path.with_suffix(".md"), "--json's Markdown", overwrite, inputs)
+    if output_path is not None and output_path.suffix == ".json":
+        check_not_input(output_path, "--output-path", inputs)
+        check_results_folder(output_path.parent, "--output-path's folder", inputs)
+    elif output_path is not None:
+        check_results_folder(output_path, "--output-path", inputs)
+
+
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
@@ -53,6 +74,7 @@ def evaluate_cmd(
                                      "(samples_TASK_DATE.jsonl beside the --output-path results)."),
     seed: Optional[int] = typer.Option(None, help="lm-eval's seeds (python, numpy, torch, few-shot sampling); "
                                                   "default lm-eval's own."),
+    overwrite: bool = typer.Option(False, help="Replace the --json file and its Markdown if they exist."),
     quiet: bool = quiet_option(),
 ):
     """Token perplexity by the papers' protocol and lm-eval zero-shot accuracy, one JSON + Markdown per run."""
@@ -62,10 +84,6 @@ def evaluate_cmd(
         raise RankwiseError("--log-samples needs --output-path (where the sample files go), as in lm-eval")
     if json_path is not None and json_path.suffix == ".md":
         raise RankwiseError(f"--json {str(json_path)!r} ends in .md; the Markdown table is written beside the JSON")
-    if json_path is not None:  # before the evaluation, not after it
-        from rankwise.compress.outputs import check_output_file
-        check_output_file(json_path, "--json")
-        check_output_file(json_path.with_suffix(".md"), "--json's Markdown")
     if seqlen is not None and seqlen < 1:
         raise RankwiseError(f"--seqlen must be a positive number of tokens, got {seqlen}")
     sources, task_list = _split(ppl), _split(tasks)
@@ -88,6 +106,7 @@ def evaluate_cmd(
         bos = bos if bos is not None else s.get("bos")
     elif not sources and not task_list:
         sources = ["wikitext2"]
+    check_outputs(json_path, output_path, overwrite, [checkpoint, baseline, *local_sources(sources, task_list)])
     with Bars(quiet) as bars:
         result = evaluate_model(checkpoint, sources, task_list, 2048 if seqlen is None else seqlen, max_windows, limit,
                                 batch_size if batch_size == "auto" else int(batch_size), dtype, device, bos,

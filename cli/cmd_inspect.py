@@ -42,10 +42,14 @@ def rank_table(info: CompressionResult) -> Table:
 def inspect_cmd(
     checkpoint: Path = typer.Argument(..., help="A Rankwise checkpoint folder."),
     plot: Optional[Path] = typer.Option(None, help="Also draw the per-block rank heatmap into this PNG."),
+    overwrite: bool = typer.Option(False, help="Replace the --plot file if it exists."),
 ):
     """Show what a checkpoint is: pipeline, ratios, per-module ranks, dense layers, calibration, versions."""
     if not (checkpoint / "config.json").is_file():
         raise RankwiseError(f"{str(checkpoint)!r} is not a checkpoint folder (no config.json)")
+    if plot is not None:  # before the work: never into the checkpoint, never over a file without --overwrite
+        from rankwise.compress.outputs import check_output_file
+        check_output_file(plot, "--plot", overwrite, [checkpoint])
     from rankwise.compress.metadata import read_result
     info = read_result(checkpoint)
     if info is None:

@@ -147,10 +147,9 @@ def model_cmd(
     cfg = CompressConfig(**options)
     if stage:
         cfg = cfg.with_stages([parse_stage(spec) for spec in stage])
-    if json_path is not None:  # before the work, not after it
-        check_output_file(json_path, "--json")
-        if json_path.exists() and not overwrite:
-            raise RankwiseError(f"--json {str(json_path)!r} already exists (use --overwrite to replace it)")
+    if json_path is not None:  # before the work, not after it; --overwrite never reaches an input
+        from rankwise.compress.job import job_inputs
+        check_output_file(json_path, "--json", overwrite, job_inputs(cfg), output_dirs=[output])
     with Bars(quiet) as bars:
         meta = run_compress(cfg, output, overwrite, bars)
     out_console.print(summary_table(meta))

@@ -42,7 +42,8 @@ def _engine(plan, jobs: int, ray: bool, ray_address: Optional[str]):
 
 def _write_plan(plan) -> None:
     from rankwise.compress.outputs import json_text, write_text_atomic
-    shutil.copyfile(plan.path, plan.output_dir / "run.yaml")  # what produced these results
+    if Path(plan.path).resolve() != (plan.output_dir / "run.yaml").resolve():
+        shutil.copyfile(plan.path, plan.output_dir / "run.yaml")  # what produced these results
     write_text_atomic(plan.output_dir / "plan.json", json_text(
         {"run_file": str(plan.path), "jobs": [j.to_json() for j in plan.jobs]}, "plan.json", indent=2, default=str))
 
@@ -75,6 +76,8 @@ def run_cmd(
         out_console.print(plan_table(plan, statuses))
         out_console.print(f"{len(todo)} to run, {len(plan.jobs) - len(todo)} already done")
         return
+    from rankwise.compress.outputs import check_run_output_dir
+    check_run_output_dir(plan.output_dir, plan.path)  # a user's results.md / results.csv / run.yaml stay
     target = _engine(plan, jobs, ray, ray_address) if todo else None
     failed: dict[str, str] = {}
     finished = 0

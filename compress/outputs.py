@@ -23,22 +23,62 @@ from rankwise.errors import RankwiseError
 
 RANKWISE_KEY = "rankwise"  # the checkpoint config.json section (compress.lowrank.RANKWISE_KEY)
 PEFT_ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+PEFT_BASE_DIR = "base"  # the checkpoint an exported adapter loads onto (compress.peft_export.BASE_DIR)
+# What a checkpoint folder holds: transformers' weights, config and tokenizer files, our modeling file and card
+CHECKPOINT_FILE = re.compile(
+    r"(config\.json|generation_config\.json|README\.md|modeling_rankwise\.py|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json"
+    r"|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|[^/]*\.model|[^/]*\.tiktoken)")
+CHECKPOINT_DIRS = {"additional_chat_templates"}  # transformers' folder of extra chat templates
+# What `compress run` writes into its output_dir; plan.json marks a folder it wrote
+RUN_FILES = ("run.yaml", "plan.json", "results.csv", "results.md", "plots", "jobs")
+
+
+def _tokenizer_modules(folder: Path) -> set[str]:
+    """The tokenizer code modules a checkpoint's tokenizer_config.json names (copied when trusted)."""
+    try:
+        refs = json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {r.split("--")[-1].rpartition(".")[0] + ".py"
+            for v in refs.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)}
+
+
+def foreign_entry(path: Path) -> str | None:
+    """The first entry of folder `path` that Rankwise did not write, or None when it holds only a Rankwise
+    output: nothing, a checkpoint (config.json with a `rankwise` section, checkpoint files only), or an
+    exported PEFT adapter (the adapter's files and its base checkpoint). Names a nested checkpoint or user file
+    that --overwrite would delete."""
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return None
+    if "adapter_config.json" in names:
+        for name in names:
+            if name == PEFT_BASE_DIR and (path / name).is_dir():
+                inner = foreign_entry(path / name)
+                if inner is not None:
+                    return f"{name}/{inner}"
+            elif name not in PEFT_ADAPTER_FILES:
+                return name
+        return None
+    try:
+        if RANKWISE_KEY not in json.loads((path / "config.json").read_text()):
+            return "config.json"
+    except (OSError, ValueError, TypeError):
+        return names[0]
+    code = _tokenizer_modules(path)
+    for name in names:
+        entry = path / name
+        if entry.is_dir() and name not in CHECKPOINT_DIRS:
+            return name + "/"
+        if entry.is_file() and not (CHECKPOINT_FILE.fullmatch(name) or name in code):
+            return name
+    return None
 
 
 def is_rankwise_output(path: Path) -> bool:
-    """A folder Rankwise wrote (or an empty one): a checkpoint whose config.json has a `rankwise` section,
-    or a PEFT adapter folder holding nothing but the adapter's files."""
-    if not path.is_dir():
-        return False
-    names = {p.name for p in path.iterdir()}
-    if not names:
-        return True
-    if "adapter_config.json" in names and names <= PEFT_ADAPTER_FILES:
-        return True
-    try:
-        return RANKWISE_KEY in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+    """A folder Rankwise wrote (or an empty one), holding nothing else (see foreign_entry)."""
+    return path.is_dir() and foreign_entry(path) is None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -65,6 +105,9 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: Iterable[str 
     delete something Rankwise did not write or an input of the run, or the output cannot be written."""
     out = Path(out_dir)
     resolved = out.resolve()
+    # a swap killed between its two renames left the previous output in `.NAME.old-*`: put it back first, so
+    # that the rules below (--overwrite above all) apply to it
+    remove_stale_temporaries(out)
     for ref in inputs:
         if ref and os.path.exists(ref) and _inside(Path(ref).resolve(), resolved):
             what = "is" if Path(ref).resolve() == resolved else "holds"
@@ -75,20 +118,81 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: Iterable[str 
         raise RankwiseError(f"output path {str(out)!r} exists and is not a directory")
     if out.exists() and not overwrite:
         raise RankwiseError(f"output directory {str(out)!r} already exists (use --overwrite to replace it)")
-    if out.exists() and not is_rankwise_output(out):
-        raise RankwiseError(f"output directory {str(out)!r} is not a Rankwise checkpoint or adapter: --overwrite "
-                            f"replaces only those; remove it yourself or choose another output folder")
+    foreign = foreign_entry(out) if out.exists() else None
+    if foreign is not None:
+        raise RankwiseError(f"output directory {str(out)!r} holds {foreign!r}, which Rankwise did not write: it is "
+                            f"not a Rankwise checkpoint or adapter holding only its own files, the only folders "
+                            f"--overwrite replaces; move that or choose another output folder")
     check_writable(resolved, "output folder")
     return out
 
 
-def check_output_file(path: str | Path, what: str = "output file") -> Path:
-    """A result file: not a folder, and its folder writable (checked before the work)."""
+def check_not_input(path: str | Path, what: str, inputs: Iterable[str | Path] = ()) -> None:
+    """`path` (to be written) is no input of the run and is not inside a folder that is one."""
+    target = Path(path).expanduser().resolve()
+    for ref in inputs:
+        if not ref or not os.path.exists(ref):
+            continue
+        source = Path(ref).expanduser().resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            where = "is" if target == source else "is inside"
+            raise RankwiseError(f"{what} {str(path)!r} {where} the input {str(ref)!r}: choose another path")
+
+
+def check_output_file(path: str | Path, what: str = "output file", overwrite: bool = False,
+                      inputs: Iterable[str | Path] = (), output_dirs: Iterable[str | Path] = ()) -> Path:
+    """A result file, checked before the work: no input of the run nor inside one, not inside a folder the
+    same command writes (its swap would drop the file, or the file would replace the folder's own), not a
+    folder, not an existing file unless --overwrite, and its folder writable."""
     p = Path(path)
+    check_not_input(p, what, inputs)
+    target = p.expanduser().resolve()
+    for folder in output_dirs:
+        if _inside(target, Path(folder).expanduser().resolve()):
+            raise RankwiseError(f"{what} {str(p)!r} is inside the output folder {str(folder)!r} the same command "
+                                f"writes: choose a path outside it")
     if p.is_dir():
         raise RankwiseError(f"{what} {str(p)!r} is a folder")
-    check_writable(p.resolve(), what)
+    if p.exists() and not overwrite:
+        raise RankwiseError(f"{what} {str(p)!r} already exists (use --overwrite to replace it)")
+    check_writable(target, what)
     return p
+
+
+def check_results_folder(path: str | Path, what: str, inputs: Iterable[str | Path] = ()) -> Path:
+    """A folder that result files with new names are written into (e.g. lm-eval's --output-path): not an input
+    nor inside one, not a file, writable."""
+    p = Path(path)
+    check_not_input(p, what, inputs)
+    if p.exists() and not p.is_dir():
+        raise RankwiseError(f"{what} {str(p)!r} is a file, not a folder")
+    check_writable(p.expanduser().resolve() / "x", what)
+    return p
+
+
+def check_run_output_dir(output_dir: str | Path, run_file: str | Path) -> None:
+    """`compress run` writes RUN_FILES into its output_dir and replaces them on every run: an existing folder
+    that holds one of them but was not written by `compress run` (no plan.json of a run) is refused, naming
+    the file, so a user's results.md, results.csv or run.yaml is never replaced. The run file itself may be
+    the folder's run.yaml."""
+    out = Path(output_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RankwiseError(f"output_dir {str(out)!r} is a file, not a folder")
+    try:
+        plan = json.loads((out / "plan.json").read_text())
+        if isinstance(plan, dict) and "jobs" in plan and "run_file" in plan:
+            return
+    except (OSError, ValueError):
+        pass
+    run_file = Path(run_file).resolve()
+    for name in RUN_FILES:
+        entry = out / name
+        if entry.exists() and not (name == "run.yaml" and entry.resolve() == run_file):
+            raise RankwiseError(f"output_dir {str(out)!r} holds {name}, which `compress run` writes, and is not a "
+                                f"folder `compress run` wrote (no plan.json): move {name} or choose another "
+                                f"output_dir")
 
 
 def _first_nonfinite_key(obj, where: str = "") -> str | None:
@@ -190,12 +294,14 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Iter
     old one dropped, with --overwrite), on any failure it is removed: never a half-written output."""
     out = check_output_dir(out_dir, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     try:
         yield tmp
         _finish_tree(tmp)
         if out.exists():
+            if not overwrite:  # it appeared while we worked
+                raise RankwiseError(f"output directory {str(out)!r} appeared while writing (use --overwrite to "
+                                    f"replace it)")
             _swap(tmp, out)
         else:
             os.rename(tmp, out)
