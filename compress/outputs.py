@@ -76,11 +76,6 @@ def foreign_entry(path: Path) -> str | None:
     return None
 
 
-def is_rankwise_output(path: Path) -> bool:
-    """A folder Rankwise wrote (or an empty one), holding nothing else (see foreign_entry)."""
-    return path.is_dir() and foreign_entry(path) is None
-
-
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
