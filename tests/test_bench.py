@@ -272,6 +272,7 @@ def test_keep_dense_end_to_end():
     cfg = CompressConfig(model="tiny", method="svd", ratio=0.3, keep_dense=["k_proj"], nsamples=4, seqlen=16,
                          device="cpu")
     before = sum(p.numel() for p in model.parameters())
+    shapes = target_shapes(model)
     meta = compress_model(model, calib, cfg)
     assert all(type(layer.self_attn.k_proj) is torch.nn.Linear for layer in model.model.layers)
     assert all(isinstance(layer.self_attn.q_proj, LowRankLinear) for layer in model.model.layers)
@@ -279,4 +280,5 @@ def test_keep_dense_end_to_end():
                                                                        "model.layers.1.self_attn.k_proj"]
     assert before - sum(p.numel() for p in model.parameters()) == \
         meta.targeted_params_before - meta.targeted_params_after
-    assert meta.ratio_achieved >= 0.3
+    ranks = {n: (meta.modules[n].rank if n in meta.modules else None) for n in shapes}
+    assert 0.3 <= meta.ratio_achieved < 0.3 + _one_step_slack(shapes, ranks, 1)
