@@ -278,12 +278,10 @@ def _digest(obj) -> str:
 
 def setting_tags(compress: dict) -> list[str]:
     """Short name parts for what changes a checkpoint, from its recipe (compress.config.CompressConfig.name_parts:
-    the factorizer, the ratio, every other stage with its non-default options), and the Linears kept dense.
+    the factorizer, the ratio, every other stage with its non-default options, the Linears kept dense).
     (Calibration settings are told apart by the hash and by their own report columns.)"""
     from rankwise.compress.config import CompressConfig
-    cfg = CompressConfig.model_validate(compress)
-    dense = next((s["options"].get("keep_dense") for s in cfg.stages() if "keep_dense" in s["options"]), None)
-    return cfg.name_parts() + (["dense-" + "+".join(_slug(k) for k in dense)] if dense else [])
+    return CompressConfig.model_validate(compress).name_parts()
 
 
 def job_names(model: str, compress: dict | None, ev: dict) -> tuple[str, str]:

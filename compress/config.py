@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rankwise.compress.defaults import EORA_RANK_DEFAULT
 from rankwise.compress.plugins import load_plugins
+from rankwise.compress.stages.base import REGISTRIES
 from rankwise.compress.stages.recipe import Recipe
 from rankwise.errors import RankwiseError
 
@@ -114,6 +115,12 @@ class CompressConfig(BaseModel):
                 if given or self.preset != "none":
                     what = f"--{given[0].replace('_', '-')}" if given else f"preset {self.preset!r}"
                     raise RankwiseError(f"{what} is shorthand for recipe stages: give it inside the recipe instead")
+            else:
+                for option, kind in (("method", "factorizer"), ("ranks", "allocator")):
+                    name, registry = getattr(self, option), REGISTRIES[kind]
+                    if name not in registry:
+                        raise RankwiseError(f"unknown --{option} {name!r}: choose one of {', '.join(sorted(registry))}"
+                                            f" (one of your own: --plugin MODULE)")
             Recipe.from_config(self)
         except RankwiseError as e:
             raise ValueError(str(e)) from None
@@ -142,14 +149,17 @@ class CompressConfig(BaseModel):
 
     def name_parts(self) -> list[str]:
         """Short parts of a job's name from its recipe: the factorizer, the ratio, then every other stage that
-        is not the default uniform allocation, as its label in slug form (e.g. loss-aware-ranks, eora-rank-4)."""
+        is not the default uniform allocation, as its label in slug form (e.g. loss-aware-ranks, eora-rank-4), the
+        Linears the allocator keeps dense and the preset."""
         recipe = Recipe.from_config(self)
         parts = [_slug(recipe.factorizer.label()), f"{self.ratio:g}"]
         for stage in recipe.stages[1:]:
             label = stage.label()
             if label != "uniform ranks":
                 parts.append(_slug(label))
-        return parts + ([f"preset-{self.preset}"] if self.preset != "none" else [])
+        dense = recipe.allocator.options.keep_dense
+        return (parts + (["dense-" + "+".join(_slug(k) for k in dense)] if dense else [])
+                + ([f"preset-{self.preset}"] if self.preset != "none" else []))
 
 
 def _slug(text: str) -> str:

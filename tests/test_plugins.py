@@ -124,3 +124,19 @@ def test_a_bad_stage_or_option_is_one_line(plugins, tiny_dirs, tmp_path, cli, st
 def test_a_missing_plugin_is_one_line(tiny_dirs, tmp_path, cli):
     r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--ratio", "0.3", "--plugin", "no_such_module_xyz")
     assert r.exit_code == 2 and "no_such_module_xyz" in r.output, r.output
+
+
+def test_a_recipe_file_gives_the_stages_and_excludes_the_shorthand(tiny_dirs, austen_file, tmp_path, cli):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("- {stage: asvd, options: {alpha: 0.25}}\n- {stage: uniform, options: {rank_multiple: 2}}\n"
+                      "- {stage: refit, options: {damp: 2.0}}\n")
+    common = ["--ratio", "0.3", "--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32",
+              "--device", "cpu"]
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--recipe", recipe, *common)
+    assert r.exit_code == 0, r.output
+    section = json.loads((tmp_path / "c" / "config.json").read_text())["rankwise"]
+    assert [(s["stage"], s["options"]) for s in section["recipe"]] == [
+        ("asvd", {"alpha": 0.25}), ("uniform", {"rank_multiple": 2, "keep_dense": []}), ("refit", {"damp": 2.0})]
+    assert all(m["rank"] % 2 == 0 for m in section["modules"].values())
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "d", "--recipe", recipe, "--refine", *common)
+    assert r.exit_code == 2 and "--refine is shorthand" in r.output and not (tmp_path / "d").exists(), r.output

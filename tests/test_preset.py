@@ -1,4 +1,5 @@
 from rankwise.compress.config import PRESETS, CompressConfig
+from rankwise.compress.describe import pipeline_name
 
 
 def test_preset_fills_in_and_explicit_options_override():
@@ -42,3 +43,6 @@ def test_preset_streams_with_a_streaming_allocator(tmp_path, tiny_dirs, austen_f
     assert r.exit_code == 0, r.output
     meta = read_result(str(tmp_path / "c"))
     assert meta.ranks_allocation == "uniform" and meta.stage_run("block-refine") is not None
+    assert pipeline_name(meta) == "svd-llm + uniform ranks + block-refine steps=2 (preset best)"
+    r = cli("inspect", tmp_path / "c")
+    assert "pipeline: svd-llm + uniform ranks + block-refine steps=2 (preset best)" in r.output, r.output
