@@ -2,7 +2,8 @@
 
 DIR/config.json          the source config + `rankwise` metadata + auto_map -> modeling_rankwise
 DIR/*.safetensors        sharded weights (A, B and lora_A/lora_B factors by name)
-DIR/modeling_rankwise.py a copy of compress/lowrank.py: `from_pretrained(DIR, trust_remote_code=True)` works
+DIR/modeling_rankwise.py compress/lowrank.py + the classes of the source architecture (lowrank.modeling_source):
+                         `from_pretrained(DIR, trust_remote_code=True)` works, and so does vLLM
 DIR/tokenizer files, generation_config.json, README.md (model card)
 Everything is written to a temporary sibling folder first and renamed into place at the end.
 """
@@ -62,7 +63,13 @@ Load it with Rankwise (`compress evaluate DIR`) or with plain transformers:
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)
 ```
-`trust_remote_code` runs `modeling_rankwise.py` from this folder (the low-rank layer definition, ~200 lines).
+`trust_remote_code` runs `modeling_rankwise.py` from this folder: the low-rank layers, and the source
+architecture's transformers classes that build them from `config.json`. vLLM serves it through its
+Transformers backend:
+
+```
+vllm serve DIR --model-impl transformers --trust-remote-code
+```
 """
 
 
@@ -77,7 +84,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, meta: CompressionResu
         cfg[RANKWISE_KEY] = meta.to_json()
         cfg["auto_map"] = AUTO_MAP
         cfg_path.write_text(json_text(cfg, f"{out_dir}/config.json", indent=2, sort_keys=True))
-        shutil.copyfile(lowrank.__file__, tmp / "modeling_rankwise.py")
+        (tmp / "modeling_rankwise.py").write_text(lowrank.modeling_source(model.config), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             copy_tokenizer_code(tmp, meta.compressed_model or meta.source_model, runs_own_code(tokenizer))

@@ -1,11 +1,16 @@
 """Low-rank Linear layers and the loader of Rankwise checkpoints.
 
 This file is self-contained on purpose (torch, transformers, safetensors, accelerate only): every checkpoint
-carries a verbatim copy as `modeling_rankwise.py`, so that
+carries it as `modeling_rankwise.py`, followed by a few generated lines that name the architecture the
+checkpoint was compressed from (`modeling_source`), so that
 
-    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # or AutoModel
+    AutoModel.from_config(AutoConfig.from_pretrained(DIR, trust_remote_code=True), trust_remote_code=True)
 
-rebuilds the compressed model without Rankwise installed. The project's own loader is the same code.
+build the compressed model without Rankwise installed: `RankwiseForCausalLM` and `RankwiseModel` are that
+architecture's classes, which build the low-rank layers from config.json (vLLM's Transformers backend
+constructs `RankwiseModel` this way, on meta, and loads the factors itself). The project's own loader is
+the same code.
 
 Checkpoint format: `config.json` is the source model's config plus a `rankwise` section whose `modules` maps
 each factorized Linear's qualified name to {"rank": k, "in": n, "out": m, "bias": bool, "lora_rank": r}
@@ -17,37 +22,33 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import types
 
 import torch
 from torch import nn
 
 try:  # transformers is always present where checkpoints are loaded; the layer itself needs only torch
     import transformers
-    from transformers import PreTrainedModel
 except ImportError:  # pragma: no cover
     transformers = None
-    PreTrainedModel = nn.Module
 
 RANKWISE_KEY = "rankwise"
 FORMAT_VERSION = 2  # layout of the `rankwise` section; a loader refuses a newer one (compress/metadata.py)
-AUTO_MAP = {"AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
+AUTO_MAP = {"AutoModel": "modeling_rankwise.RankwiseModel",
+            "AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
 
 
-class LowRankLinear(nn.Linear):
+class LowRankFactors(nn.Module):
     """y = B(A x) [+ lora_B(lora_A x)]: a rank-k factorization W ~ B A of a dense Linear, bias kept in B.
 
     The optional lora path is a residual correction (EoRA compensation) kept separate so it can be exported
-    as an adapter or dropped. It is an nn.Linear (same in/out features, `weight` and `bias` the ones it
-    computes) that stores no dense weight, so that PEFT's stock LoRA targets it like any Linear: an exported
-    adapter loads through every PEFT path without registering a custom layer. `weight` is read-only
-    (computed): merging an adapter into it is not possible.
+    as an adapter or dropped. Not an nn.Linear: an engine that swaps every nn.Linear for its own dense kernel
+    (vLLM's Transformers backend) swaps A and B (and the lora pair) instead, and loads `<name>.A.weight` and
+    `<name>.B.weight` into them. `weight` and `bias` are the ones it computes (read-only).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  lora_rank: int = 0, device=None, dtype=None):
-        nn.Module.__init__(self)  # not nn.Linear's: it would allocate the dense weight this layer replaces
+        nn.Module.__init__(self)  # never nn.Linear's (LowRankLinear): it would allocate the dense weight
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         kw = {"device": device, "dtype": dtype}
         self.A = nn.Linear(in_features, rank, bias=False, **kw)
@@ -59,7 +60,7 @@ class LowRankLinear(nn.Linear):
 
     @classmethod
     def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype | None = None) -> "LowRankLinear":
+                     dtype: torch.dtype | None = None) -> "LowRankFactors":
         """Build from B [m, k] and A [k, n]; the factors are cast to `dtype` (default: B's dtype)."""
         dtype = dtype or B.dtype
         m, k = B.shape
@@ -105,6 +106,13 @@ class LowRankLinear(nn.Linear):
                 f"bias={self.B.bias is not None}, lora_rank={self.lora_rank}")
 
 
+class LowRankLinear(LowRankFactors, nn.Linear):
+    """The same layer as an nn.Linear (same in/out features, `weight` and `bias` the ones it computes) that
+    stores no dense weight, so that PEFT's stock LoRA targets it like any Linear: an exported adapter loads
+    through every PEFT path without registering a custom layer. `weight` is computed: merging an adapter into
+    it is not possible."""
+
+
 class LoraLinear(nn.Module):
     """A dense Linear (pruned, quantized or kept dense) plus a residual low-rank path (EoRA on any model)."""
 
@@ -126,25 +134,121 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def apply_structure(model: nn.Module, modules: dict, device=None, dtype=None) -> None:
-    """Replace the Linears named in a checkpoint's `rankwise.modules` by empty layers of the stored shapes."""
+def apply_structure(model: nn.Module, modules: dict, layer: type = LowRankLinear) -> None:
+    """Replace the Linears named in `modules` (a checkpoint's `rankwise.modules`, names relative to `model`) by
+    empty `layer`s of the stored shapes, on the device and in the dtype of the Linear each replaces."""
     for name, spec in modules.items():
         parent, child = get_submodule_parent(model, name)
+        dense = getattr(parent, child)
         if spec.get("rank") is None:  # dense layer that only carries a compensation path
-            setattr(parent, child, LoraLinear(getattr(parent, child), spec["lora_rank"]))
+            setattr(parent, child, LoraLinear(dense, spec["lora_rank"]))
             continue
-        setattr(parent, child, LowRankLinear(spec["in"], spec["out"], spec["rank"], bias=spec["bias"],
-                                             lora_rank=spec.get("lora_rank", 0), device=device, dtype=dtype))
+        setattr(parent, child, layer(spec["in"], spec["out"], spec["rank"], bias=spec["bias"],
+                                     lora_rank=spec.get("lora_rank", 0), device=dense.weight.device,
+                                     dtype=dense.weight.dtype))
 
 
-def _base_model_class(config):
-    """The transformers class the checkpoint was made from (never the auto_map shell, to avoid recursion)."""
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+def relative_to(model: nn.Module, named: dict) -> dict:
+    """Module or tensor names stored relative to the causal LM, relative to `model`: a base model (what
+    AutoModel builds) holds those under its prefix (`model.`); the rest (the head) is not in it."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", model) is not model:  # the causal LM itself
+        return dict(named)
+    return {n[len(prefix) + 1:]: v for n, v in named.items() if n.startswith(prefix + ".")}
+
+
+def source_classes(config) -> tuple[type, type]:
+    """(causal LM class, base model class) of the transformers architecture the checkpoint was compressed
+    from: the one config.json's `architectures` names, else the one transformers maps its config to."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+    named = [getattr(transformers, arch) for arch in getattr(config, "architectures", None) or []
+             if hasattr(transformers, arch)]
+    return (named[0] if named else MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), MODEL_MAPPING[type(config)]
+
+
+class RankwiseStructure:
+    """Put before a transformers model class (`rankwise_class`): the architecture, built from a config with a
+    `rankwise` section, holds the checkpoint's low-rank layers (empty until loaded), however it is built:
+    from_pretrained, from_config, or by vLLM (AutoModel.from_config on meta, then its own weight loading)."""
+
+    low_rank_layer: type = LowRankLinear
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        modules = (getattr(config, RANKWISE_KEY, None) or {}).get("modules", {})
+        apply_structure(self, relative_to(self, modules), self.low_rank_layer)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        """load_rankwise_model: every tensor checked against config.json, none left random."""
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        device = kwargs.get("device_map") or "cpu"
+        if not isinstance(device, (str, torch.device)):
+            device = "cpu"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        return load_rankwise_model(str(pretrained_model_name_or_path), dtype=dtype, device=device,
+                                   config=config, model_class=cls, **hub_kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The base class's save_pretrained, then what makes the folder load again (write_checkpoint_code)."""
+        architectures = self.config.architectures  # the base class writes this class's name there
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.architectures = architectures
+        write_checkpoint_code(str(save_directory), self.config)
+        return out
+
+
+_CLASSES: dict = {}
+
+
+def rankwise_class(name: str, source: type, layer: type) -> type:
+    """The transformers model class `source` with the checkpoint's low-rank layers as `layer`s, named `name`
+    in this module. The causal LM's layers are LowRankLinear (PEFT targets them); the base model's, which
+    vLLM builds, LowRankFactors (vLLM replaces every nn.Linear by a dense one of its own)."""
+    key = (name, source, layer)
+    if key not in _CLASSES:
+        doc = f"{source.__name__} with the low-rank layers config.json's `{RANKWISE_KEY}.modules` names."
+        _CLASSES[key] = type(name, (RankwiseStructure, source), {
+            "__module__": __name__, "__qualname__": name, "__doc__": doc, "low_rank_layer": layer})
+    return _CLASSES[key]
+
+
+# The generated tail of a checkpoint's modeling_rankwise.py starts with this line.
+_GENERATED = "# " + "=" * 8 + " generated for the architecture this checkpoint was compressed from"
+
+
+def modeling_source(config) -> str:
+    """A checkpoint's modeling_rankwise.py: this file's code, then `RankwiseModel` and `RankwiseForCausalLM`,
+    the auto_map classes, for the checkpoint's architecture (the same text however often it is re-saved)."""
+    with open(__file__, encoding="utf-8") as f:
+        code = f.read().split("\n" + _GENERATED)[0].rstrip("\n")
+    causal, base = source_classes(config)
+    for cls in (causal, base):
+        if getattr(transformers, cls.__name__, None) is not cls:
+            raise ValueError(f"{cls.__module__}.{cls.__name__} is not a transformers class: a Rankwise "
+                             f"checkpoint's modeling file can only extend those")
+    return (f"{code}\n\n\n{_GENERATED}\n"
+            f"from transformers import {causal.__name__}, {base.__name__}  # noqa: E402\n\n"
+            f"RankwiseModel = rankwise_class(\"RankwiseModel\", {base.__name__}, LowRankFactors)\n"
+            f"RankwiseForCausalLM = rankwise_class(\"RankwiseForCausalLM\", {causal.__name__}, LowRankLinear)\n")
+
+
+def write_checkpoint_code(folder: str, config) -> None:
+    """What makes a saved folder load as a Rankwise checkpoint: config.json (which keeps the `rankwise`
+    section) names the source architecture and the auto_map classes; modeling_rankwise.py defines them."""
+    cfg_path = os.path.join(folder, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["architectures"] = [source_classes(config)[0].__name__]
+    cfg["auto_map"] = dict(AUTO_MAP)
+    with open(cfg_path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    with open(os.path.join(folder, "modeling_rankwise.py"), "w", encoding="utf-8") as f:
+        f.write(modeling_source(config))
 
 
 def checkpoint_file(path: str, filename: str, required: bool = True, **hub_kwargs) -> str | None:
@@ -207,25 +311,12 @@ def _check_shapes(path: str, model: nn.Module, state: dict, modules: dict) -> No
                                   f"{list(expected[name].shape)}, the checkpoint holds {list(tensor.shape)}")
 
 
-def _save_pretrained_with_modeling_file(self, save_directory, *args, **kwargs):
-    """The base class's save_pretrained, then what makes the folder load again: config.json (which keeps the
-    `rankwise` section) gets a local auto_map, and this file is copied beside it as modeling_rankwise.py."""
-    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    cfg_path = os.path.join(save_directory, "config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["auto_map"] = dict(AUTO_MAP)
-    with open(cfg_path, "w") as f:
-        f.write(json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")  # JSON has no NaN
-    shutil.copyfile(__file__, os.path.join(save_directory, "modeling_rankwise.py"))
-    return out
-
-
 def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        config=None, **hub_kwargs):
-    """Rebuild a Rankwise checkpoint (local folder or hub id): base architecture with empty weights,
-    low-rank modules, stored tensors. Every stored tensor must fill a parameter of the right shape, and
-    every parameter must be filled: nothing is left randomly initialised."""
+                        config=None, model_class: type | None = None, **hub_kwargs):
+    """Rebuild a Rankwise checkpoint (local folder or hub id): `model_class` (default: the source
+    architecture's causal LM with low-rank layers, `rankwise_class`) with empty weights, then the stored
+    tensors. Every stored tensor must fill a parameter of the right shape, and every parameter must be filled:
+    nothing is left randomly initialised."""
     from accelerate import init_empty_weights
     if config is None:
         config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
@@ -235,15 +326,15 @@ def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str
     if meta.get("format_version", 1) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: rankwise format_version {meta['format_version']} is newer than this "
                               f"loader reads ({FORMAT_VERSION})")
-    model_cls = _base_model_class(config)
+    if model_class is None:
+        model_class = rankwise_class("RankwiseForCausalLM", source_classes(config)[0], LowRankLinear)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
-        model = model_cls(config)
-    apply_structure(model, meta["modules"], device="meta")
-    state = _read_state_dict(path, **hub_kwargs)
+        model = model_class(config)
+    state = relative_to(model, _read_state_dict(path, **hub_kwargs))
     bad = first_nonfinite(state.items())
     if bad is not None:
         raise CheckpointError(nonfinite_message(path, *bad))
-    _check_shapes(path, model, state, meta["modules"])
+    _check_shapes(path, model, state, relative_to(model, meta["modules"]))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"{path}: tensors in the checkpoint that config.json's modules do not have: "
@@ -255,24 +346,5 @@ def load_rankwise_model(path: str, dtype: torch.dtype | None = None, device: str
     if dtype is not None:
         model.to(dtype)
     model.to(device)
-    # bound to this instance (the base class knows nothing of this file); a deepcopy binds it to the copy
-    model.save_pretrained = types.MethodType(_save_pretrained_with_modeling_file, model)
     return model.eval()
 
-
-class RankwiseForCausalLM(PreTrainedModel):
-    """Shell named by `auto_map`: its from_pretrained returns the base model class with low-rank layers."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else getattr(torch, dtype)
-        device = kwargs.get("device_map") or "cpu"
-        if not isinstance(device, (str, torch.device)):
-            device = "cpu"
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        return load_rankwise_model(str(pretrained_model_name_or_path), dtype=dtype, device=device,
-                                   config=config, **hub_kwargs)
