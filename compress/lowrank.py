@@ -5,7 +5,7 @@ carries it as `modeling_rankwise.py`, followed by a few generated lines that nam
 checkpoint was compressed from (`modeling_source`), so that
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # or AutoModel
-    AutoModel.from_config(AutoConfig.from_pretrained(DIR, trust_remote_code=True), trust_remote_code=True)
+    AutoModel.from_config(AutoConfig.from_pretrained(DIR), trust_remote_code=True)
 
 build the compressed model without Rankwise installed: `RankwiseForCausalLM` and `RankwiseModel` are that
 architecture's classes, which build the low-rank layers from config.json (vLLM's Transformers backend
@@ -246,7 +246,7 @@ def write_checkpoint_code(folder: str, config) -> None:
     cfg["architectures"] = [source_classes(config)[0].__name__]
     cfg["auto_map"] = dict(AUTO_MAP)
     with open(cfg_path, "w") as f:
-        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        f.write(json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")  # JSON has no NaN
     with open(os.path.join(folder, "modeling_rankwise.py"), "w", encoding="utf-8") as f:
         f.write(modeling_source(config))
 

@@ -1,9 +1,10 @@
 """A Rankwise checkpoint served offline by vLLM's Transformers backend gives transformers' greedy tokens.
 
 vLLM builds the checkpoint's `RankwiseModel` from its config (auto_map, trust_remote_code), swaps the low-rank
-layers' Linears for its own and loads the factors by name. It runs where vLLM is importable (`pip install
-'rankwise[serve]'`, or `vllm` on a GPU machine) and is skipped elsewhere: vLLM is too large for the default
-install. One vLLM start takes about a minute on a CPU.
+layers' Linears for its own and loads the factors by name. The serving test runs where vLLM is importable
+(`pip install 'rankwise[serve]'`, or `vllm` on a GPU machine) and is skipped elsewhere: vLLM is too large for
+the default install. One vLLM start takes about a minute on a CPU. What vLLM relies on, the model classes
+building the low-rank structure from the config alone, is tested everywhere.
 """
 import importlib.util
 import json
@@ -16,7 +17,7 @@ import transformers
 
 from tiny import austen_text, save_tiny, tiny_tokenizer
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed: pip install 'rankwise[serve]'")
 
 NEW_TOKENS = 8
@@ -74,6 +75,36 @@ def transformers_greedy(path, trust_remote_code: bool) -> list[list[int]]:
     return out
 
 
+def test_auto_model_classes_build_the_low_rank_structure_from_the_config(models):
+    """On meta, as vLLM builds it: every factorized Linear is a low-rank layer of the stored ranks; the base
+    model's are no nn.Linear (vLLM would replace them by dense ones), the causal LM's are (PEFT targets them)."""
+    _, ck = models
+    config = transformers.AutoConfig.from_pretrained(ck)
+    modules = config.rankwise["modules"]
+    with torch.device("meta"):
+        base = transformers.AutoModel.from_config(config, trust_remote_code=True)
+        causal = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    assert type(base).__name__ == "RankwiseModel" and type(causal).__name__ == "RankwiseForCausalLM"
+    for name, spec in modules.items():
+        for model, qualified, linear in ((base, name.removeprefix("model."), False), (causal, name, True)):
+            layer = model.get_submodule(qualified)
+            assert isinstance(layer, torch.nn.Linear) == linear, qualified
+            assert tuple(layer.A.weight.shape) == (spec["rank"], spec["in"])
+            assert tuple(layer.B.weight.shape) == (spec["out"], spec["rank"])
+            assert tuple(layer.lora_A.weight.shape) == (spec["lora_rank"], spec["in"])
+
+
+def test_auto_model_from_pretrained_gives_the_causal_lm_hidden_states(models):
+    _, ck = models
+    ids = torch.tensor([prompts()[1]])
+    base = transformers.AutoModel.from_pretrained(ck, trust_remote_code=True)
+    causal = transformers.AutoModelForCausalLM.from_pretrained(ck, trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, causal.model(ids).last_hidden_state,
+                                   rtol=0, atol=0)
+
+
+@needs_vllm
 def test_vllm_serves_the_greedy_tokens_of_transformers(models, tmp_path):
     dense, ck = models
     expected = transformers_greedy(ck, trust_remote_code=True)
