@@ -78,7 +78,8 @@ class Recipe:
 
     @property
     def stages(self) -> list[Stage]:
-        """In the order they run: passes named by a listed stage run first, before the allocator."""
+        """Factorizer, allocator, correctors, block correctors (`model_passes` run before all of them; a pass
+        is named by the factorizer first, whose Fisher rows the spectra pass reads)."""
         return [self.factorizer, self.allocator, *self.correctors, *self.block_correctors]
 
     def entries(self) -> list[dict[str, Any]]:
