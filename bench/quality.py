@@ -22,7 +22,8 @@ import torch
 
 from rankwise.calib.data import load_text, tokenize
 from rankwise.compress.config import CompressConfig
-from rankwise.compress.job import compress_in_memory, peak_memory
+from rankwise.compress.job import compress_in_memory
+from rankwise.compress.peak_memory import peak_memory
 from rankwise.compress.loading import load_model
 from rankwise.eval.ppl import perplexity
 
@@ -124,11 +125,12 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             m.to(device)
             p, ood, acc = ppl_of(m), ood_of(m), accuracy_of(m)
+            peak = peak_memory(torch.device(device))
             res = {"row": row, "ratio": ratio, "ppl": p, "rel": p / dense, "ood_ppl": ood,
                    "ood_rel": ood / dense_ood if ood is not None else None, "acc": acc,
                    "achieved": meta.ratio_achieved,
                    "achieved_without_compensation": meta.ratio_achieved_without_compensation,
-                   "seconds": round(seconds, 1), **peak_memory(torch.device(device))}
+                   "seconds": round(seconds, 1), "host_peak_gib": peak.host_gib, "gpu_peak_gib": peak.gpu_gib}
             results.append(res)
             print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), ood {ood}, acc {acc}, "
                   f"achieved {meta.ratio_achieved:.4f}, {seconds:.0f} s", flush=True)

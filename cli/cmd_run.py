@@ -1,7 +1,7 @@
 """`compress run`: a YAML batch of compression + evaluation jobs, resumable, with a results table and plots."""
 from __future__ import annotations
 
-import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -15,37 +15,17 @@ from rankwise.cli.common import Bars, app, console, out_console, quiet_option, u
 
 def plan_table(plan, statuses: dict) -> Table:
     from rankwise.eval.report import setting_value, varying_settings
-    settings = varying_settings([j.compress for j in plan.jobs])
+    settings = varying_settings([j.record().compress for j in plan.jobs])
     t = Table(title=f"{len(plan.jobs)} jobs from {plan.path}", caption=f"job folders: {plan.output_dir}/jobs/")
     for col in ("#", "status", "model", "method", "ratio", *settings, "job folder"):
         t.add_column(col, justify="right" if col in ("#", "ratio") else "left",
                      overflow="fold" if col in ("model", "job folder") else "ellipsis")
     for i, job in enumerate(plan.jobs, 1):
-        ratio = f"{job.compress['ratio']:g}" if job.compress else "-"
+        compress = job.record().compress
+        ratio = f"{job.compress.ratio:g}" if job.compress else "-"
         t.add_row(str(i), statuses[job.name], job.model, job.method, ratio,
-                  *(setting_value(job.compress, s) for s in settings), job.name)
+                  *(setting_value(compress, s) for s in settings), job.name)
     return t
-
-
-def _engine(plan, jobs: int, ray: bool, ray_address: Optional[str]):
-    """None: one job after another in this process; else the RayTarget to run on."""
-    import os
-
-    from rankwise.cli.engine import RayTarget, import_ray
-    address = ray_address or plan.ray_address
-    if not (ray or plan.ray or address or jobs > 1):
-        return None  # RAY_ADDRESS alone does not send a sequential sweep to Ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    import_ray()  # missing extra: one line before anything runs
-    return RayTarget(address=address, max_parallel=jobs if jobs > 1 else None)
-
-
-def _write_plan(plan) -> None:
-    from rankwise.compress.outputs import json_text, write_text_atomic
-    if Path(plan.path).resolve() != (plan.output_dir / "run.yaml").resolve():
-        shutil.copyfile(plan.path, plan.output_dir / "run.yaml")  # what produced these results
-    write_text_atomic(plan.output_dir / "plan.json", json_text(
-        {"run_file": str(plan.path), "jobs": [j.to_json() for j in plan.jobs]}, "plan.json", indent=2, default=str))
 
 
 @app.command("run")
@@ -65,8 +45,10 @@ def run_cmd(
 ):
     """Run every job of a sweep (skipping finished ones), then write results.csv, results.md and plots.
     Exit code 0 when every job succeeded, 1 when any failed (the count is printed), 2 for bad input."""
-    from rankwise.cli.sweep import load_plan, run_in_process, sole_runner
     from rankwise.eval.report import describe_files, write_report
+    from rankwise.eval.sweep.plan import load_plan
+    from rankwise.eval.sweep.ray_tasks import ray_target
+    from rankwise.eval.sweep.runner import run_sweep, sole_runner
     if jobs < 1:
         raise RankwiseError(f"--jobs must be at least 1, got {jobs}")
     plan = load_plan(config)
@@ -78,45 +60,39 @@ def run_cmd(
         return
     from rankwise.compress.outputs import check_run_output_dir
     check_run_output_dir(plan.output_dir, plan.path)  # a user's results.md / results.csv / run.yaml stay
-    target = _engine(plan, jobs, ray, ray_address) if todo else None
-    failed: dict[str, str] = {}
-    finished = 0
+    target = ray_target(plan, jobs, ray, ray_address) if todo else None
 
-    def on_done(job, error):
-        nonlocal finished
-        finished += 1
+    def on_start(job, n):
+        ratio = f" {job.compress.ratio:g}" if job.compress else ""
+        console.print(f"[{n}/{len(todo)}] {job.name}: {job.method}{ratio} on {job.model}", highlight=False)
+
+    def on_done(job, error, finished):
         if error:
-            failed[job.name] = error
             console.print(f"[red]failed[/] [{finished}/{len(todo)}] {job.name}: {escape(error)}", highlight=False)
         else:
             console.print(f"[green]done[/]   [{finished}/{len(todo)}] {job.name}", highlight=False)
 
+    @contextmanager
+    def bars_for(job):
+        with Bars(quiet) as bars:
+            yield bars
+
     with sole_runner(plan.output_dir):
-        _write_plan(plan)
         console.print(f"{len(plan.jobs)} jobs: {len(plan.jobs) - len(todo)} done already, {len(todo)} to run")
+        if target is not None:
+            console.print(f"running {len(todo)} jobs as Ray tasks ({target.address or 'local cluster'}"
+                          f"{f', {target.max_parallel} at once' if target.max_parallel else ''}); "
+                          "logs in each job folder", highlight=False)
         try:
-            if target is not None:
-                from rankwise.cli.engine import run_on_ray
-                console.print(f"running {len(todo)} jobs as Ray tasks ({target.address or 'local cluster'}"
-                              f"{f', {target.max_parallel} at once' if target.max_parallel else ''}); "
-                              "logs in each job folder", highlight=False)
-                run_on_ray(todo, target, on_done)
-            else:
-                for job in todo:
-                    console.print(f"[{finished + 1}/{len(todo)}] {job.name}: {job.method} "
-                                  f"{'' if not job.compress else job.compress['ratio']} on {job.model}",
-                                  highlight=False)
-                    with Bars(quiet) as bars:
-                        error = run_in_process(job, bars)
-                    on_done(job, error)
+            outcome = run_sweep(plan, todo, target, on_start, on_done, bars_for)
         except KeyboardInterrupt as e:  # the running jobs were stopped; their results are atomic, never partial
             write_report(plan.output_dir)
-            console.print(f"interrupted ({e or 'the running job was stopped'}): {finished} finished jobs are kept; "
+            console.print(f"interrupted ({e or 'the running job was stopped'}); finished jobs are kept: "
                           "rerun to continue", highlight=False)
             raise typer.Exit(130)
         report = write_report(plan.output_dir)
     out_console.print(f"wrote {describe_files(report.files)}")
-    if failed:
-        console.print(f"[red]{len(failed)} of {len(plan.jobs)} jobs failed[/]; rerun to retry them "
+    if outcome.failed:
+        console.print(f"[red]{len(outcome.failed)} of {len(plan.jobs)} jobs failed[/]; rerun to retry them "
                       f"(errors in results.md and {plan.output_dir}/jobs/*/error.json)", highlight=False)
         raise typer.Exit(1)

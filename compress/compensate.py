@@ -76,7 +76,7 @@ def run_compensate(original: str, compressed: str, output, rank: int, calib: str
                    progress=None) -> CompressionResult:
     from rankwise.calib.data import calibration_set, source_path, validate_source
     from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
-    from rankwise.compress.job import peak_memory
+    from rankwise.compress.peak_memory import peak_memory
     from rankwise.compress.loading import load_model, resolve_device
     t0 = time.perf_counter()
     if rank < 1:
@@ -103,7 +103,7 @@ def run_compensate(original: str, compressed: str, output, rank: int, calib: str
     meta.compressed_model = compressed
     meta.compress_seconds = round(time.perf_counter() - t0, 2)
     peak = peak_memory(dev)
-    meta.host_peak_gib, meta.gpu_peak_gib = peak["host_peak_gib"], peak.get("gpu_peak_gib")
+    meta.host_peak_gib, meta.gpu_peak_gib = peak.host_gib, peak.gpu_gib
     save_checkpoint(orig, comp_tok, output, meta, overwrite, inputs=inputs)
     meta.wall_seconds = round(time.perf_counter() - t0, 2)
     return meta

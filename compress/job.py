@@ -1,7 +1,6 @@
 """One compression job end to end: load, calibrate, compress block by block, write the checkpoint."""
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -14,22 +13,15 @@ from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import load_config, load_model, max_context, resolve_device
 from rankwise.compress.lowrank import RANKWISE_KEY
 from rankwise.compress.metadata import Calibration, CompressionResult
+from rankwise.compress.peak_memory import peak_memory, reset_peak_memory
 from rankwise.compress.pipeline import Progress, compress_model, refuse_unstreamable
 from rankwise.compress.stages.recipe import Recipe
 from rankwise.compress.streaming import open_streaming_model
 
 
-def peak_memory(device: torch.device) -> dict:
-    """Peak host RSS of this process and peak GPU memory allocated by torch, in GiB."""
-    out = {"host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-    if device.type == "cuda":
-        out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    return out
-
-
 def _set_peak_memory(meta: CompressionResult, device: torch.device) -> None:
     peak = peak_memory(device)
-    meta.host_peak_gib, meta.gpu_peak_gib = peak["host_peak_gib"], peak.get("gpu_peak_gib")
+    meta.host_peak_gib, meta.gpu_peak_gib = peak.host_gib, peak.gpu_gib
 
 
 def job_inputs(cfg: CompressConfig) -> list[str]:
@@ -57,8 +49,7 @@ def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
 def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Progress | None = None):
     """Load, calibrate and compress; returns (model, tokenizer, meta) without writing anything."""
     t_start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     stream = None
     if cfg.stream_weights:  # decoder blocks stay on meta until the pipeline reads them from the checkpoint
         model, tokenizer, stream = open_streaming_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)

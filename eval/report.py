@@ -9,7 +9,6 @@ at any time, also while a sweep is still going.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,14 +16,15 @@ from pathlib import Path
 
 import matplotlib
 
-from rankwise.compress.metadata import ModuleSpec, parse_result
-from rankwise.errors import RankwiseError
+from rankwise.compress.metadata import ModuleSpec
 
 matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from rankwise.eval.results import STDERR, task_metrics  # noqa: E402
+from rankwise.eval.sweep.records import (JobError, JobRecord, JobResult, read_job_error,  # noqa: E402
+                                         read_job_record, read_job_result, read_plan)
 
 FIXED_COLUMNS = ["job", "status", "model", "method", "ratio_asked", "ratio_achieved", "model_ratio_achieved"]
 TAIL_COLUMNS = ["compress_s", "eval_s", "wall_s", "host_peak_gib", "gpu_peak_gib", "error"]
@@ -41,29 +41,6 @@ class Report:
     rows: list[dict]  # the current run file's jobs, dense baselines first
     earlier: list[tuple[str, str]] = field(default_factory=list)  # (job folder, status) of other run files
     files: list[Path] = field(default_factory=list)
-
-
-def read_job_result(job_dir: Path, name: str | None = None) -> dict | None:
-    """A job's result.json if it is complete: a truncated or empty file, one of another job, or one whose
-    compression metadata does not validate is None (the job is redone)."""
-    r = _read(job_dir / "result.json")
-    if not isinstance(r, dict) or not isinstance(r.get("eval"), dict) or not isinstance(r.get("config"), dict):
-        return None
-    if r.get("job") != (name or job_dir.name):
-        return None
-    try:
-        if r.get("compress") is not None:
-            parse_result(r["compress"], str(job_dir))
-    except (RankwiseError, AttributeError):
-        return None
-    return r
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def varying_settings(compress_settings: list[dict | None]) -> list[str]:
@@ -87,16 +64,16 @@ def collect_rows(run_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]
     """(rows of the current plan's jobs, (folder, status) of the other job folders). Without a plan.json
     (a folder written before plans were recorded) every job folder is current."""
     run_dir = Path(run_dir)
-    plan = _read(run_dir / "plan.json")
-    planned = {j["name"]: j for j in plan["jobs"]} if isinstance(plan, dict) else None
+    plan = read_plan(run_dir)
+    planned = {j.name: j for j in plan.jobs} if plan is not None else None
     rows, earlier = [], []
     folders = {d.name: d for d in sorted(Path(run_dir, "jobs").glob("*/"))}
     for name in (planned or folders):
         d = run_dir / "jobs" / name
-        result, error = read_job_result(d, name), _read(d / "error.json")
-        config = result["config"] if result else (planned or {}).get(name) or _read(d / "job.json")
+        result, error = read_job_result(d, name), read_job_error(d)
+        config = result.config if result else (planned or {}).get(name) or read_job_record(d)
         if result or error or planned:
-            rows.append(_row(config or {"name": name}, result, error if not result else None))
+            rows.append(_row(config, name, result, error if not result else None))
     for name, d in folders.items():
         if planned is not None and name not in planned:
             earlier.append((name, "done" if read_job_result(d) else "failed" if (d / "error.json").is_file()
@@ -104,19 +81,18 @@ def collect_rows(run_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]
     return rows, earlier
 
 
-def _row(config: dict, result: dict | None, error: dict | None) -> dict:
-    comp = config.get("compress") or {}
-    section = (result or {}).get("compress")
-    meta = parse_result(section, f"job {config.get('name', '')}") if section else None
+def _row(config: JobRecord | None, name: str, result: JobResult | None, error: JobError | None) -> dict:
+    comp = (config.compress if config else None) or {}
+    meta = result.compress if result else None
     compressed = meta is not None
-    row = {"job": config.get("name", ""), "status": "done" if result else "failed" if error else "pending",
-           "model": config.get("model", ""), "method": comp.get("method", "none") if config.get("model") else "",
-           "ratio_asked": comp.get("ratio", 0.0) if comp else 0.0,
+    row = {"job": name, "status": "done" if result else "failed" if error else "pending",
+           "model": config.model if config else "", "method": comp["method"] if comp else "none" if config else "",
+           "ratio_asked": comp["ratio"] if comp else 0.0,
            "ratio_achieved": meta.ratio_achieved if compressed else (0.0 if not comp else ""),
            "model_ratio_achieved": meta.model_ratio_achieved if compressed else (0.0 if not comp else ""),
-           "error": (error or {}).get("error", ""), "_compress": comp or None}
+           "error": error.error if error else "", "_compress": comp or None}
     if result:
-        ev = result.get("eval") or {}
+        ev = result.eval
         for source, r in (ev.get("ppl") or {}).items():
             row[f"ppl {source}"] = _num(r.get("ppl"))
         for task, metrics in (ev.get("tasks") or {}).items():
@@ -125,12 +101,12 @@ def _row(config: dict, result: dict | None, error: dict | None) -> dict:
                 row[f"{task} {metric} stderr"] = _num(metrics.get(metric + STDERR))
         row["compress_s"] = meta.wall_seconds if compressed else (0.0 if not comp else "")
         row["eval_s"] = ev.get("wall_seconds", "")
-        row["wall_s"] = result.get("wall_seconds", "")
-        peak = result.get("peak_memory") or {}
+        row["wall_s"] = result.wall_seconds
+        peak = result.peak_memory
         host = meta.host_peak_gib if compressed else None
         gpu = meta.gpu_peak_gib if compressed else None
-        row["host_peak_gib"] = max(peak.get("host_gib", 0), host or 0) or ""
-        row["gpu_peak_gib"] = max(peak.get("gpu_gib", 0), gpu or 0) or ""
+        row["host_peak_gib"] = max(peak.host_gib, host or 0) or ""
+        row["gpu_peak_gib"] = max(peak.gpu_gib or 0, gpu or 0) or ""
         row["_modules"] = meta.modules if compressed else {}
         row["_kept_dense"] = meta.kept_dense if compressed else []
     return row

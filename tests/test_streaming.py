@@ -188,7 +188,7 @@ def test_a_truncated_shard_read_in_the_background_is_one_line_naming_it(sharded_
 
 def test_sweep_accepts_stream_weights_and_keeps_job_names(tiny_dirs, austen_file, tmp_path):
     """A sweep can turn streaming on; how weights are read does not change a job's result, so not its name."""
-    from rankwise.cli.sweep import load_plan
+    from rankwise.eval.sweep.plan import load_plan
     from test_sweep import write_run
     names = {}
     for flag in ("", "stream_weights: true"):

@@ -99,7 +99,7 @@ def test_unknown_key_names_key_and_line(cli, tiny_dirs, austen_file, tmp_path):
     assert "'ratoi'" in r.output and "line 7" in r.output
     nested = write_run(tmp_path, tiny_dirs["llama"], austen_file, extra="eval: {ppl: [wikitext2], windows: 3}")
     nested.write_text(nested.read_text().replace("eval: {ppl: [\"text", "#", 1))
-    from rankwise.cli.sweep import load_plan
+    from rankwise.eval.sweep.plan import load_plan
     with pytest.raises(RankwiseError, match=r"line 7: unknown key 'windows'"):
         load_plan(nested)
     swept = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="methd: [svd, asvd]")
@@ -115,7 +115,7 @@ def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monke
     monkeypatch.setenv("RW_TINY", str(tiny_dirs["llama"].parent))
     run = write_run(tmp_path, "${RW_TINY}/llama", austen_file, extra="baseline: true",
                     sweep="method: [none, svd, asvd]\n  ratio: [0.3, 0.6]")
-    from rankwise.cli.sweep import load_plan
+    from rankwise.eval.sweep.plan import load_plan
     plan = load_plan(run)
     # none x 2 ratios and baseline: true collapse into one dense job, which runs first
     assert [j.method for j in plan.jobs][0] == "none"
@@ -130,7 +130,7 @@ def test_dry_run_plan_dedup_and_env(cli, tiny_dirs, austen_file, tmp_path, monke
 
 
 def test_path_expansion(monkeypatch):
-    from rankwise.cli.sweep import _expand
+    from rankwise.eval.sweep.runfile import expand_vars as _expand
     monkeypatch.delenv("RW_NOPE", raising=False)
     monkeypatch.setenv("RW_SET", "/data")
     home = str(Path.home())
@@ -190,7 +190,7 @@ def test_truncated_result_is_redone_and_exit_code_is_one_on_failure(cli, tiny_di
 
 
 def test_a_second_runner_on_the_same_folder_is_refused(cli, tiny_dirs, austen_file, tmp_path):
-    from rankwise.cli.sweep import sole_runner
+    from rankwise.eval.sweep.runner import sole_runner
     run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3]")
     with sole_runner(tmp_path / "out"):
         r = cli("run", run)
@@ -241,9 +241,10 @@ def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: 
             model_ratio_achieved=0.2, kept_dense=list(kept), calibration={"source": "s", "nsamples": 1, "seqlen": 2},
             modules=modules or {}).to_json()
     (d / "result.json").write_text(json.dumps({
-        "job": name, "config": {"name": name, "model": "m", "compress": compress}, "compress": meta,
+        "job": name, "config": {"name": name, "model": "m", "compress": compress, "eval": {"device": "cpu"}},
+        "compress": meta, "compress_resumed": False,
         "eval": {"ppl": {"text:/x/wiki.txt": {"ppl": ppl}}, "tasks": {"piqa": task}},
-        "peak_memory": {"host_gib": 1.0}, "wall_seconds": 1.0}))
+        "peak_memory": {"host_gib": 1.0}, "wall_seconds": 1.0, "finished": "2026-11-30T12:00:00"}))
 
 
 def test_report_columns_against_dense_and_heatmap_order(tmp_path):

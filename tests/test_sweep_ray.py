@@ -33,7 +33,10 @@ def test_ray_sweep_equals_sequential(cli, tiny_dirs, austen_file, tmp_path, ray_
     assert r.exit_code == 0 and "Ray tasks" in r.output, r.output
     on_ray = ppl_by_job(tmp_path / "out", f"text:{austen_file}")
     assert len(on_ray) == 4
-    assert all((tmp_path / "out" / "jobs" / job / "worker.json").is_file() for job in on_ray)  # ran as tasks
+    for job in on_ray:  # each ran as a task, its progress in its log
+        assert (tmp_path / "out" / "jobs" / job / "worker.json").is_file()
+        log = (tmp_path / "out" / "jobs" / job / "log.txt").read_text()
+        assert "ppl text:" in log and log.rstrip().endswith("done"), log
 
     run.write_text(run.read_text().replace(str(tmp_path / "out"), str(tmp_path / "seq")))
     assert cli("run", run).exit_code == 0
@@ -44,7 +47,7 @@ def test_ray_sweep_equals_sequential(cli, tiny_dirs, austen_file, tmp_path, ray_
 
 
 def test_killed_worker_is_recorded_and_rerun_completes_it(cli, tiny_dirs, austen_file, tmp_path, ray_cluster):
-    from rankwise.cli.sweep import load_plan
+    from rankwise.eval.sweep.plan import load_plan
     run = write_run(tmp_path, tiny_dirs["llama"], austen_file, extra="baseline: true", sweep="ratio: [0.3]")
     dense, victim = load_plan(run).jobs  # the dense baseline comes first
     assert cli("run", run).exit_code == 0  # both done; then the victim's work is undone, to be redone on Ray
@@ -106,40 +109,58 @@ def test_workers_die_with_a_killed_runner_and_the_folder_is_free_again(tiny_dirs
         time.sleep(0.1)
     else:
         pytest.fail(f"worker {worker} outlived its runner")
-    from rankwise.cli.sweep import sole_runner
+    from rankwise.eval.sweep.runner import sole_runner
     with sole_runner(tmp_path / "out"):  # the lock went with the runner
         pass
 
 
-def test_ctrl_c_cancels_running_tasks_and_keeps_nothing_half_written(cli, tiny_dirs, austen_file, tmp_path,
-                                                                      ray_cluster):
-    from rankwise.cli.sweep import load_plan
-    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3]")
-    (job,) = load_plan(run).jobs
-    workers = []
-
-    def interrupt_when_started():
-        for _ in range(1200):
-            try:
-                workers.append(json.loads((job.dir / "worker.json").read_text())["pid"])
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.05)
-                continue
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends to `compress run`
-            return
-
-    interrupter = threading.Thread(target=interrupt_when_started)
-    interrupter.start()
-    r = cli("run", run, "--ray")
-    interrupter.join()
-    assert workers and r.exit_code == 130 and "cancelled" in r.output, r.output
-    assert not (job.dir / "result.json").exists() and not (job.checkpoint_dir / "model").exists()
-    for _ in range(300):
+def _gone(pid: int, seconds: float = 30.0) -> bool:
+    for _ in range(int(seconds * 10)):
         try:
-            os.kill(workers[0], 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
-            break
+            return True
         time.sleep(0.1)
-    else:
-        pytest.fail("the cancelled task's worker is still running")
-    assert cli("run", run).exit_code == 0 and job.status() == "done"
+    return False
+
+
+def test_ctrl_c_stops_a_parallel_sweep_with_exit_130_and_the_rerun_completes(cli, tiny_dirs, austen_file, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while both jobs of `--jobs 2` evaluate: exit
+    130, no result and no half-written file, no job or Ray worker left; the rerun finishes both jobs."""
+    import subprocess
+    import sys
+    long_text = tmp_path / "eval.txt"  # long enough that the evaluation is still running when Ctrl-C comes
+    long_text.write_text(austen_file.read_text() * 10)
+    run = write_run(tmp_path, tiny_dirs["llama"], austen_file, sweep="ratio: [0.3, 0.6]")
+    run.write_text(run.read_text().replace(f'eval: {{ppl: ["text:{austen_file}"], seqlen: 32, max_windows: 3}}',
+                                           f'eval: {{ppl: ["text:{long_text}"], seqlen: 32}}'))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster
+    runner = subprocess.Popen([sys.executable, "-m", "rankwise.cli.main", "run", str(run), "--jobs", "2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    try:
+        for _ in range(3000):  # a job is running when its log shows evaluation progress
+            if any("ppl text:" in log.read_text() for log in out.glob("jobs/*/log.txt")):
+                break
+            assert runner.poll() is None, runner.communicate()[0]
+            time.sleep(0.1)
+        else:
+            pytest.fail("no job reached its evaluation")
+        os.killpg(runner.pid, signal.SIGINT)
+        output = runner.communicate(timeout=120)[0]
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+    assert runner.returncode == 130 and "cancelled" in output, output
+    workers = [json.loads(w.read_text()) for w in out.glob("jobs/*/worker.json")]
+    assert workers and all(_gone(w["pid"]) and _gone(w["worker_pid"]) for w in workers)
+    assert not list(out.glob("jobs/*/result.json"))
+    assert not [p for p in out.rglob(".*") if p.name != ".run.lock"]  # no temporary left behind
+    for written in out.rglob("*.json"):
+        json.loads(written.read_text())  # every file is whole
+
+    long_text.write_text(austen_file.read_text())  # the same run file, now quick to evaluate
+    r = cli("run", run)
+    assert r.exit_code == 0 and "2 to run" in r.output, r.output
+    results = [json.loads(p.read_text()) for p in out.glob("jobs/*/result.json")]
+    assert len(results) == 2 and all(res["eval"]["ppl"][f"text:{long_text}"]["ppl"] > 1 for res in results)
