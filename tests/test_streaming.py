@@ -195,7 +195,7 @@ def test_sweep_accepts_stream_weights_and_keeps_job_names(tiny_dirs, austen_file
         where = tmp_path / ("stream" if flag else "plain")
         where.mkdir()
         plan = load_plan(write_run(where, tiny_dirs["llama"], austen_file, extra=flag))
-        assert [job.compress["stream_weights"] for job in plan.jobs] == [bool(flag)] * 2
+        assert [job.compress.stream_weights for job in plan.jobs] == [bool(flag)] * 2
         names[flag] = [job.name for job in plan.jobs]
     assert names[""] == names["stream_weights: true"]
 
