@@ -48,7 +48,8 @@ def run_cmd(
     from rankwise.eval.report import describe_files, write_report
     from rankwise.eval.sweep.plan import load_plan
     from rankwise.eval.sweep.ray_tasks import ray_target
-    from rankwise.eval.sweep.runner import run_sweep, sole_runner
+    from rankwise.eval.sweep.run import run_sweep
+    from rankwise.eval.sweep.runner import sole_runner
     if jobs < 1:
         raise RankwiseError(f"--jobs must be at least 1, got {jobs}")
     plan = load_plan(config)

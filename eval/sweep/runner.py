@@ -1,5 +1,5 @@
-"""Running a sweep: one job end to end (compress unless done, evaluate, write result.json), the lock that keeps a
-second runner out of the folder, and the sweep itself, in this process or as Ray tasks (ray_tasks.py).
+"""Running sweep jobs: one job end to end (compress unless done, evaluate, write result.json), its failure record,
+its progress as log lines, and the lock that keeps a second runner out of the folder.
 
 Every file a job writes is written to a temporary sibling and renamed, so a job that is stopped (Ctrl-C, a
 killed worker) leaves at most a hidden temporary, which its next attempt removes.
@@ -16,9 +16,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from rankwise.errors import RankwiseError, first_line
 from rankwise.eval.sweep.plan import Job, Plan
@@ -171,44 +169,3 @@ class SweepInterrupted(KeyboardInterrupt):
     def __init__(self, stopped: int):
         super().__init__(f"{stopped} running job{'s' if stopped != 1 else ''} cancelled")
         self.stopped = stopped
-
-
-@dataclass
-class SweepOutcome:
-    """What a sweep's pending jobs came to: job name -> error line for the ones that failed."""
-    finished: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
-
-
-def run_sweep(plan: Plan, todo: list[Job], target=None,
-              on_start: Optional[Callable[[Job, int], None]] = None,
-              on_done: Optional[Callable[[Job, Optional[str], int], None]] = None,
-              progress_for: Optional[Callable[[Job], object]] = None) -> SweepOutcome:
-    """Run the pending jobs: in this process one after another (target None) or as Ray tasks on `target`
-    (a RayTarget). on_start(job, n) / on_done(job, error_or_None, n_finished) report; progress_for(job) is a
-    context manager giving the in-process job's progress callback. Ctrl-C stops the running jobs and raises
-    SweepInterrupted (or KeyboardInterrupt for the in-process one); their jobs stay pending."""
-    outcome = SweepOutcome()
-
-    def done(job: Job, error: str | None) -> None:
-        outcome.finished += 1
-        if error:
-            outcome.failed[job.name] = error
-        if on_done:
-            on_done(job, error, outcome.finished)
-
-    write_plan(plan)
-    if target is not None:
-        from rankwise.eval.sweep.ray_tasks import run_on_ray
-        run_on_ray(todo, target, done)
-        return outcome
-    for job in todo:
-        if on_start:
-            on_start(job, outcome.finished + 1)
-        if progress_for is None:
-            done(job, run_in_process(job))
-            continue
-        with progress_for(job) as progress:
-            error = run_in_process(job, progress)
-        done(job, error)
-    return outcome
