@@ -114,13 +114,10 @@ def _digest(obj) -> str:
 
 def readable_name(compress: CompressConfig | None) -> str:
     """The readable part of a job's name: what changes a checkpoint, from its recipe (CompressConfig.name_parts:
-    the factorizer, the ratio, every other stage with its non-default options), and the Linears kept dense;
-    "dense" for the uncompressed model. Calibration settings are told apart by the hash and by their own report
+    the factorizer, the ratio, every other stage with its non-default options, the Linears kept dense); "dense"
+    for the uncompressed model. Calibration settings are told apart by the hash and by their own report
     columns. The one place sweep names are made."""
-    if compress is None:
-        return "dense"
-    dense = next((s["options"]["keep_dense"] for s in compress.stages() if "keep_dense" in s["options"]), None)
-    return "_".join(compress.name_parts() + (["dense-" + "+".join(_slug(k) for k in dense)] if dense else []))
+    return "_".join(compress.name_parts()) if compress is not None else "dense"
 
 
 def job_names(model: str, compress: CompressConfig | None, ev: JobEval) -> tuple[str, str]:
