@@ -121,6 +121,15 @@ def test_peak_memory_with_block_refinement_does_not_grow_with_blocks():
     assert abs(peak8 - peak2) < block_bytes, (peak2, peak8, block_bytes)
 
 
+def test_peak_memory_with_held_out_refinement_does_not_grow_with_blocks():
+    options = {"steps": 6, "holdout": 0.5, "patience": 1, "eval_every": 1, "norms": True, "clip": 1.0,
+               "weight_decay": 0.01}
+    recipe = [{"stage": "svd-llm"}, {"stage": "block-refine", "options": options}]
+    peak2, block_bytes, _ = pipeline_peak(2, recipe=recipe)
+    peak8, _, _ = pipeline_peak(8, recipe=recipe)
+    assert abs(peak8 - peak2) < block_bytes, (peak2, peak8, block_bytes)
+
+
 def test_memory_probe_catches_statistics_kept_for_every_block():
     """Statistics kept for every block: the peak grows by what six more blocks' statistics hold."""
     peak2, block_bytes, per_block = pipeline_peak(2, leak_stats=True)

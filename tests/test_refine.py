@@ -8,7 +8,7 @@ import torch
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.pipeline import compress_model
 from rankwise.compress.stages.refine_block import (Refinement, RefineSettings, block_mse, factor_parameters,
-                                                   refine_block)
+                                                   refine_block, split_batches)
 from helpers_methods import calib_ids, config, model
 from rankwise.errors import RankwiseWarning
 
@@ -114,3 +114,96 @@ def test_a_stage_reverted_on_every_block_warns_once():
         compress_model(m, calib_ids(), config(ratio=0.5, refine=True, refine_steps=3, refine_lr=10.0))
     lines = [str(w.message) for w in caught if issubclass(w.category, RankwiseWarning)]
     assert len(lines) == 1 and "reverted on every block (2)" in lines[0], lines
+
+
+def small_block_set(layer: int = 1, windows: int = 16, batch: int = 2):
+    """A compressed block, its inputs / dense targets / keyword arguments over `windows` calibration windows."""
+    dense, comp = compressed_pair()
+    ids = calib_ids(windows, 48, seed=3)
+    x, _, kw = block_io(comp, ids, layer, batch)
+    _, y, _ = block_io(dense, ids, layer, batch)
+    return comp.model.layers[layer], x, y, kw
+
+
+def held_out_error(block, x, y, kw, settings: RefineSettings) -> float:
+    _, held = split_batches(len(x), settings.holdout, settings.seed)
+    return block_mse(block, [x[i] for i in held], [y[i] for i in held], [kw[i] for i in held], "cpu")
+
+
+@pytest.mark.parametrize("lr", [3e-3, 3e-2, 10.0])
+def test_held_out_refinement_never_ends_above_the_closed_form_on_the_held_out_batches(lr):
+    block, x, y, kw = small_block_set()
+    settings = RefineSettings(steps=60, lr=lr, holdout=0.25, patience=3, eval_every=4, warmup=0.1, clip=1.0)
+    closed_form = held_out_error(block, x, y, kw, settings)
+    result = refine_block(block, x, y, kw, "cpu", settings)
+    final = held_out_error(block, x, y, kw, settings)
+    assert result.heldout_before == pytest.approx(closed_form, rel=1e-6)
+    assert final <= closed_form
+    assert result.heldout_windows == 4 and result.train_windows == 12
+    if result.kept:
+        assert final < closed_form and final == pytest.approx(result.heldout_after, rel=1e-6)
+    else:
+        assert final == closed_form  # reverted to the closed form's weights
+    if lr == 10.0:
+        assert not result.kept
+
+
+def test_early_stopping_stops_before_the_cap_when_the_held_out_error_stops_falling():
+    block, x, y, kw = small_block_set(windows=8)
+    cap = 400
+    stopped = refine_block(copy.deepcopy(block), x, y, kw, "cpu",
+                           RefineSettings(steps=cap, lr=3e-2, holdout=0.25, patience=3, eval_every=3))
+    assert stopped.steps < cap, stopped
+    full = refine_block(copy.deepcopy(block), x, y, kw, "cpu",
+                        RefineSettings(steps=60, lr=3e-2, holdout=0.25, eval_every=3))
+    assert full.steps == 60
+    epochs = refine_block(copy.deepcopy(block), x, y, kw, "cpu", RefineSettings(steps=cap, epochs=5, holdout=0.25))
+    assert epochs.steps == 5 * 3  # 4 batches, one held out: 3 training batches per epoch
+
+
+def test_held_out_refinement_is_deterministic_for_a_seed():
+    block, x, y, kw = small_block_set(windows=12)
+    settings = RefineSettings(steps=30, lr=3e-3, holdout=0.34, patience=2, eval_every=2, warmup=0.2, clip=0.5,
+                              weight_decay=0.01, norms=True)
+    runs = []
+    for seed in (0, 0, 5):
+        b = copy.deepcopy(block)
+        runs.append((refine_block(b, x, y, kw, "cpu", RefineSettings(**{**settings.__dict__, "seed": seed})), b))
+    (r0, b0), (r1, b1), (r2, b2) = runs
+    assert (r0.steps, r0.heldout_after, r0.mse_after, r0.kept) == (r1.steps, r1.heldout_after, r1.mse_after, r1.kept)
+    assert all(torch.equal(p, q) for p, q in zip(b0.parameters(), b1.parameters()))
+    assert split_batches(6, 0.34, 0) != split_batches(6, 0.34, 5)
+    assert any(not torch.equal(p, q) for p, q in zip(b0.parameters(), b2.parameters()))
+
+
+def test_norms_train_only_when_asked():
+    block, x, y, kw = small_block_set(windows=8)
+    norms = [n for n, _ in block.named_parameters() if "norm" in n]
+    for train_norms in (False, True):
+        b = copy.deepcopy(block)
+        result = refine_block(b, x, y, kw, "cpu", RefineSettings(steps=10, lr=3e-3, norms=train_norms))
+        assert result.kept
+        moved = [n for n in norms if not torch.equal(dict(b.named_parameters())[n], dict(block.named_parameters())[n])]
+        assert bool(moved) == train_norms, moved
+
+
+def test_pipeline_records_the_held_out_split_and_the_steps():
+    m = model("llama")
+    options = {"steps": 50, "lr": 1e-3, "holdout": 0.34, "patience": 2, "eval_every": 2}
+    meta = compress_model(m, calib_ids(12), config(recipe=[{"stage": "svd-llm"},
+                                                           {"stage": "block-refine", "options": options}]))
+    run = meta.stage_run("block-refine")
+    record = run.typed_record(Refinement)
+    assert (record.train_windows, record.heldout_windows) == (8, 4)  # 6 batches of 2 windows, two held out
+    assert any(b.kept for b in record.blocks.values())
+    assert run.options["holdout"] == 0.34 and run.options["seed"] == 0
+    for b in record.blocks.values():
+        assert 1 <= b.steps <= 50 and b.heldout_before is not None
+        assert b.heldout_after <= b.heldout_before or not b.kept
+    json.dumps(meta.to_json(), allow_nan=False)
+
+
+def test_patience_without_a_hold_out_is_refused_in_one_line(tiny_dirs, tmp_path, cli):
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--ratio", "0.3", "--stage", "block-refine:patience=2")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "patience needs held-out batches" in r.output and not (tmp_path / "c").exists()
