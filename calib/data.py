@@ -12,10 +12,12 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rankwise.errors import RankwiseError, RankwiseWarning, first_line
+
+if TYPE_CHECKING:  # torch only where windows are built: checking a source name stays light
+    import torch
 
 # name -> (dataset path, config name, {split: data_files or split name}, text field)
 HUB_SOURCES = {
@@ -99,6 +101,9 @@ def load_text(source: str, split: str = "train") -> str:
                     if not line.strip():
                         continue
                     row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise RankwiseError(f"{path}:{lineno}: a jsonl row must be a JSON object with the field "
+                                            f"{field!r}, got {json.dumps(row)[:40]}")
                     if field not in row:
                         raise RankwiseError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)})")
                     docs.append(str(row[field]))
@@ -160,6 +165,7 @@ def calibration_set(tokenizer, source: str, nsamples: int, seqlen: int, seed: in
     calibrated on the activations it has in use. Deterministic for a seed: the start offsets come from
     `random.Random(seed)` only.
     """
+    import torch
     if nsamples < 1 or seqlen < 2:
         raise RankwiseError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     bos_id = resolve_bos(tokenizer, bos)

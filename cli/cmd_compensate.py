@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, eora_rank_option, out_console,
-                                 quiet_option, user_errors)
+                                 quiet_option, use_hub_cache_when_offline, user_errors)
 
 
 @app.command("compensate")
@@ -27,6 +27,7 @@ def compensate_cmd(
     quiet: bool = quiet_option(),
 ):
     """EoRA: add to every layer of COMPRESSED a low-rank path fitted to ORIGINAL's layer on ORIGINAL's inputs."""
+    use_hub_cache_when_offline([original, compressed], [calib])
     from rankwise.compress.compensate import run_compensate
     with Bars(quiet) as bars:
         meta = run_compensate(original, compressed, output, eora_rank, calib, nsamples, seqlen, seed, batch_size,

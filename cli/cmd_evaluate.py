@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from rankwise.errors import RankwiseError
-from rankwise.cli.common import Bars, app, out_console, quiet_option, user_errors
+from rankwise.cli.common import Bars, app, out_console, quiet_option, use_hub_cache_when_offline, user_errors
 
 # lm-eval's and datasets' own tqdm bars (ours are the rich ones); tqdm reads this when first imported
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -107,6 +107,7 @@ def evaluate_cmd(
     elif not sources and not task_list:
         sources = ["wikitext2"]
     check_outputs(json_path, output_path, overwrite, [checkpoint, baseline, *local_sources(sources, task_list)])
+    use_hub_cache_when_offline([None if gguf_file else checkpoint], sources)
     with Bars(quiet) as bars:
         result = evaluate_model(checkpoint, sources, task_list, 2048 if seqlen is None else seqlen, max_windows, limit,
                                 batch_size if batch_size == "auto" else int(batch_size), dtype, device, bos,

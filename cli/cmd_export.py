@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from rankwise.errors import RankwiseError
-from rankwise.cli.common import app, out_console, user_errors
+from rankwise.cli.common import app, out_console, use_hub_cache_when_offline, user_errors
 
 
 @app.command("export-peft")
@@ -24,6 +24,7 @@ def export_peft_cmd(
     Load it with transformers + peft, as the adapter's README.md shows:
     AutoModelForCausalLM.from_pretrained(OUTPUT/base, trust_remote_code=True), then model.load_adapter(OUTPUT).
     """
+    use_hub_cache_when_offline([checkpoint])
     from transformers import AutoTokenizer
 
     from rankwise.compress.checkpoint import save_checkpoint

@@ -11,7 +11,8 @@ from rankwise.errors import RankwiseError
 from rankwise.compress.outputs import check_output_file, json_text, write_text_atomic
 
 from rankwise.cli.common import (Bars, app, calib_batch_option, calib_source_option, console, eora_rank_option,
-                                 out_console, quiet_option, ratio_table, user_errors)
+                                 out_console, quiet_option, ratio_table, use_hub_cache_when_offline,
+                                 user_errors)
 from rankwise.compress.describe import pipeline_name, ratio_warning
 
 if TYPE_CHECKING:  # the CLI's import stays free of torch until a command runs
@@ -131,6 +132,7 @@ def model_cmd(
     quiet: bool = quiet_option(),
 ):
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
+    use_hub_cache_when_offline([model], [calib])
     from rankwise.compress.config import CompressConfig
     from rankwise.compress.job import run_compress
     options = dict(model=model, preset=preset, method=method, ratio=ratio, ranks=ranks, compensate=compensate,

@@ -13,9 +13,9 @@ from rankwise.cli.common import app, out_console, user_errors
 @user_errors
 def report_cmd(run_dir: Path = typer.Argument(..., help="The output_dir of a `compress run`.")):
     """Tabulate and plot the jobs of the run folder's last run file (job folders of earlier ones listed apart)."""
-    from rankwise.eval.report import describe_files, write_report
     if not (run_dir / "jobs").is_dir():
         raise RankwiseError(f"{str(run_dir)!r} is not a run folder (it has no jobs/ folder)")
+    from rankwise.eval.report import describe_files, write_report
     report = write_report(run_dir)
     count = {s: sum(r["status"] == s for r in report.rows) for s in ("done", "failed", "pending")}
     earlier = f" ({len(report.earlier)} job folders of other run files listed apart)" if report.earlier else ""

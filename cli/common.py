@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import os
+import socket
+import sys
 import time
 import warnings
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import typer
 from pydantic import ValidationError
@@ -32,7 +37,9 @@ app = typer.Typer(
     context_settings=CONTEXT, rich_markup_mode=None,
     help="Rankwise: SVD-family low-rank compression of Hugging Face causal LMs, and what it cost in quality.")
 console = Console(stderr=True)
-out_console = Console()
+# results (Markdown tables, summaries) are never wrapped at the console's width: a row piped through `| tee`
+# or into a file stays one line (on a terminal the terminal wraps what is too long)
+out_console = Console(soft_wrap=True)
 
 
 def _print_version(value: bool):
@@ -79,12 +86,30 @@ def _show_warning(fallback, message, category, *args, **kwargs):
         fallback(message, category, *args, **kwargs)
 
 
+def _flag(name: str, declared) -> str:
+    """How the user writes a command's parameter: its longest --flag as declared (typer.Option's
+    param_decls), else typer's default spelling of the name."""
+    flags = [d for d in getattr(declared, "param_decls", None) or () if d.startswith("--")]
+    return max(flags, key=len) if flags else "--" + name.replace("_", "-")
+
+
+def check_finite(fn, values: dict) -> None:
+    """Every number a command was given is finite (click's FLOAT parses "inf" and "nan"): checked here, at
+    parse time, for every option of every command, before any work."""
+    params = inspect.signature(fn).parameters
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            declared = params[name].default if name in params else None
+            raise RankwiseError(f"{_flag(name, declared)} must be a finite number, got {value}")
+
+
 def user_errors(fn):
     """Bad input -> one line and exit 2; an unexpected failure -> one line and exit 1 (traceback only with
     RANKWISE_DEBUG=1). Never a traceback to the user by default."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            check_finite(fn, kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("always", RankwiseWarning)
                 warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
@@ -106,6 +131,54 @@ def user_errors(fn):
             fail(f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                  " (set RANKWISE_DEBUG=1 for a traceback)", 1)
     return wrapper
+
+
+def _offline_requested() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connection to the hub (HF_ENDPOINT) opens within `timeout`; behind a proxy, the libraries decide."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
+def use_hub_cache_when_offline(models: list[str | None], data: list[str] = ()) -> None:
+    """Before anything reaches the hub: when a model named by hub id (not a local path) or a hub data set is
+    asked for and the hub cannot be reached, fail at once for a model the hub cache does not hold, else switch
+    the hub libraries to their cache (HF_HUB_OFFLINE) and say so: one line, not minutes of retries."""
+    hub_models = [m for m in models if m and not os.path.exists(m) and not m.endswith(".gguf")]
+    from rankwise.calib.data import HUB_SOURCES
+    hub_data = [d for d in data if d in HUB_SOURCES]
+    if not (hub_models or hub_data) or _offline_requested() or _hub_reachable():
+        return
+    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    for ref in hub_models:
+        if not _in_hub_cache(ref):
+            raise RankwiseError(f"{ref!r} is not a local folder and the hub ({url}) cannot be reached: give a local "
+                                f"checkpoint folder (offline, HF_HUB_OFFLINE=1 uses the hub cache only)")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module in ("huggingface_hub.constants", "datasets.config"):  # already imported: read at import time
+        if module in sys.modules:
+            sys.modules[module].HF_HUB_OFFLINE = True
+    warnings.warn(f"the hub ({url}) cannot be reached: models and data sets come from the hub cache only "
+                  f"(as with HF_HUB_OFFLINE=1); use local files (text:PATH) for anything not cached",
+                  RankwiseWarning, stacklevel=2)
 
 
 def _duration(seconds: float | None) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.calib.data import calibration_set, source_path, validate_source
+from rankwise.calib.data import calibration_set, load_text, source_path, validate_source
 from rankwise.errors import RankwiseError
 from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
 from rankwise.compress.config import CompressConfig
@@ -50,6 +50,7 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     """Load, calibrate and compress; returns (model, tokenizer, meta) without writing anything."""
     t_start = time.perf_counter()
     reset_peak_memory(device)
+    text = load_text(cfg.calib, "train")  # a missing or unreachable data set fails before the model loads
     stream = None
     if cfg.stream_weights:  # decoder blocks stay on meta until the pipeline reads them from the checkpoint
         model, tokenizer, stream = open_streaming_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
@@ -59,7 +60,7 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     if progress:
         progress("load", 1, 1)
     try:
-        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, bos=cfg.bos)
+        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, text=text, bos=cfg.bos)
         meta = compress_model(model, calib.input_ids, cfg, progress, block_source=stream)
         meta.calibration = Calibration(source=calib.source, nsamples=calib.nsamples, seqlen=calib.seqlen,
                                        seed=calib.seed, bos=calib.bos)

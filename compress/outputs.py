@@ -87,8 +87,13 @@ def check_writable(path: Path, what: str) -> None:
     base = _nearest_existing(path.parent)
     if not base.is_dir():
         raise RankwiseError(f"{what} {str(path)!r} cannot be created: {str(base)!r} is not a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise RankwiseError(f"{what} {str(path)!r} cannot be written: no write permission in {str(base)!r}")
+    try:  # create and remove a file: os.access says yes to root, also where nothing can be created (/proc)
+        fd, probe = tempfile.mkstemp(prefix=".rankwise-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RankwiseError(f"{what} {str(path)!r} cannot be written: no file can be created in {str(base)!r} "
+                            f"({e.strerror})") from None
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -283,6 +288,21 @@ def _finish_tree(root: Path) -> None:
         _fsync(Path(folder))
 
 
+# the storage refused the data (from OSError.strerror, or inside a library's message: safetensors' SafetensorError)
+_STORAGE_FAILURES = re.compile(r"No space left on device|Disk quota exceeded|File too large|Read-only file system|"
+                               r"Input/output error")
+
+
+def _raise_if_storage_failed(e: BaseException, target: Path, what: str) -> None:
+    """A disk that is full (or over quota, read-only, failing) while an output is written: one line naming the
+    output, after its temporary copy was removed."""
+    found = _STORAGE_FAILURES.search(e.strerror or "" if isinstance(e, OSError) else str(e))
+    if found:
+        kept = "; the existing one is unchanged" if target.exists() else ""
+        raise RankwiseError(f"could not write {str(target)!r}: {found.group(0)}; {what} was written under a "
+                            f"temporary name and removed, nothing half-written is left{kept}") from None
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()):
     """Yield a temporary sibling folder to write into; on success it replaces `out_dir` (swapped in, then the
@@ -301,8 +321,9 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Iter
         else:
             os.rename(tmp, out)
         _fsync(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_storage_failed(e, out, "the folder")
         raise
 
 
@@ -331,7 +352,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_storage_failed(e, path, "the file")
         raise
     _fsync(path.parent)
