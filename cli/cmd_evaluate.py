@@ -78,8 +78,6 @@ def evaluate_cmd(
     quiet: bool = quiet_option(),
 ):
     """Token perplexity by the papers' protocol and lm-eval zero-shot accuracy, one JSON + Markdown per run."""
-    from rankwise.eval.evaluate import evaluate_model
-    from rankwise.eval.results import add_deltas, load_baseline, markdown, write_output_path, write_results
     if log_samples and output_path is None:
         raise RankwiseError("--log-samples needs --output-path (where the sample files go), as in lm-eval")
     if json_path is not None and json_path.suffix == ".md":
@@ -93,7 +91,10 @@ def evaluate_cmd(
         raise RankwiseError("--tasks needs at least one task")
     if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
         raise RankwiseError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
-    base = load_baseline(baseline) if baseline else None
+    base = None
+    if baseline:
+        from rankwise.eval.results import load_baseline
+        base = load_baseline(baseline)
     if base is not None and not sources and not task_list:  # compare like with like: repeat the baseline's run
         s = base.get("settings", {})
         sources = list(base["ppl"])
@@ -107,7 +108,13 @@ def evaluate_cmd(
     elif not sources and not task_list:
         sources = ["wikitext2"]
     check_outputs(json_path, output_path, overwrite, [checkpoint, baseline, *local_sources(sources, task_list)])
-    use_hub_cache_when_offline([None if gguf_file else checkpoint], sources)
+    hub_tasks = []
+    if task_list:  # a misspelled name fails here, before torch, transformers or lm-eval load
+        from rankwise.eval.zeroshot import TaskSet
+        hub_tasks = TaskSet().check_names(task_list)
+    use_hub_cache_when_offline([None if gguf_file else checkpoint], sources, hub_tasks)
+    from rankwise.eval.evaluate import evaluate_model
+    from rankwise.eval.results import add_deltas, markdown, write_output_path, write_results
     with Bars(quiet) as bars:
         result = evaluate_model(checkpoint, sources, task_list, 2048 if seqlen is None else seqlen, max_windows, limit,
                                 batch_size if batch_size == "auto" else int(batch_size), dtype, device, bos,

@@ -84,8 +84,8 @@ def model_cmd(
                                 help="Fraction of the targeted Linear parameters REMOVED, in (0, 1): 0.2 keeps 80%."),
     ranks: str = typer.Option("uniform", help="Rank allocation: uniform (same fraction of every matrix) or welore "
                                               "(one global threshold on normalised spectra) or loss-aware "
-                                              "(components kept by predicted output error per parameter); both "
-                                              "make an extra statistics pass over the dense model."),
+                                              "(components kept by predicted output error per parameter); welore and "
+                                              "loss-aware make an extra statistics pass over the dense model."),
     compensate: str = typer.Option("none", help="Residual path after truncation: none or eora (its parameters "
                                                 "count inside --ratio)."),
     eora_rank: int = eora_rank_option("EoRA: rank of the residual path of every factorized Linear."),

@@ -158,13 +158,14 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def use_hub_cache_when_offline(models: list[str | None], data: list[str] = ()) -> None:
-    """Before anything reaches the hub: when a model named by hub id (not a local path) or a hub data set is
-    asked for and the hub cannot be reached, fail at once for a model the hub cache does not hold, else switch
-    the hub libraries to their cache (HF_HUB_OFFLINE) and say so: one line, not minutes of retries."""
+def use_hub_cache_when_offline(models: list[str | None], texts: list[str] = (), tasks: list[str] = ()) -> None:
+    """Before anything reaches the hub: when a model named by hub id (not a local path), a hub text source or
+    an lm-eval task (`tasks`, data from the hub) is asked for and the hub cannot be reached, fail at once for a
+    model the hub cache does not hold, else switch the hub libraries to their cache (HF_HUB_OFFLINE) and say
+    so: one line, not minutes of retries."""
     hub_models = [m for m in models if m and not os.path.exists(m) and not m.endswith(".gguf")]
     from rankwise.calib.data import HUB_SOURCES
-    hub_data = [d for d in data if d in HUB_SOURCES]
+    hub_data = [d for d in texts if d in HUB_SOURCES] + list(tasks)
     if not (hub_models or hub_data) or _offline_requested() or _hub_reachable():
         return
     url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"

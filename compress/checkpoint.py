@@ -10,6 +10,7 @@ Everything is written to a temporary sibling folder first and renamed into place
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -34,15 +35,25 @@ def package_versions() -> dict:
     return out
 
 
+def _shared_name(ref: str) -> str:
+    """A hub id as given; a local file or folder by its name only: a card is published, the path is not."""
+    kind, sep, path = ref.partition(":") if ref.startswith(("text:", "jsonl:")) else ("", "", ref)
+    if sep:  # a local text file, e.g. text:/data/wiki.txt -> text:wiki.txt
+        return f"{kind}:{Path(path).name}"
+    return Path(ref).name if os.path.isabs(ref) or os.path.exists(ref) else ref
+
+
 def model_card(meta: CompressionResult) -> str:
     ranks = [m.rank for m in meta.modules.values() if m.rank]
     cal = meta.calibration
+    source = meta.source_model or "model"
+    is_hub_id = not (os.path.isabs(source) or os.path.exists(source))
+    base_model = f"base_model: {source}\n" if is_hub_id else ""  # the card's base_model is a hub id
     return f"""---
 library_name: transformers
 tags: [rankwise, low-rank, svd, compression]
-base_model: {meta.source_model}
----
-# {Path(meta.source_model or 'model').name} compressed with Rankwise ({pipeline_name(meta)})
+{base_model}---
+# {_shared_name(source)} compressed with Rankwise ({pipeline_name(meta)})
 
 Low-rank factorization of every decoder Linear (W ~ B A) with `{meta.method}`, rank allocation
 `{meta.ranks_allocation}`.
@@ -55,7 +66,7 @@ Low-rank factorization of every decoder Linear (W ~ B A) with `{meta.method}`, r
 | model parameters before / after | {meta.model_params_before:,} / {meta.model_params_after:,} |
 | factorized / kept dense | {len(ranks)} / {len(meta.kept_dense)} |
 | rank min / max | {min(ranks) if ranks else '-'} / {max(ranks) if ranks else '-'} |
-| calibration | {cal.source}, {cal.nsamples} x {cal.seqlen} tokens, seed {cal.seed} |
+| calibration | {_shared_name(cal.source)}, {cal.nsamples} x {cal.seqlen} tokens, seed {cal.seed} |
 
 Load it with Rankwise (`compress evaluate DIR`) or with plain transformers:
 

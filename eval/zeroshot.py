@@ -130,6 +130,24 @@ def is_task_path(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml")) or os.sep in spec
 
 
+def names_in_no_task_file(names: list[str]) -> list[str]:
+    """The names that occur in none of lm-eval's task files (YAML and Python, read as bytes: about a second,
+    against tens of seconds for lm-eval's index, and lm-eval is not imported). Such a name is no task; a name
+    that occurs somewhere is left to the index to decide."""
+    import importlib.util
+    spec = importlib.util.find_spec("lm_eval")
+    roots = [Path(p) / "tasks" for p in (spec.submodule_search_locations or [])] if spec else []
+    missing = {n: n.encode() for n in names}
+    for root in roots:
+        for path in root.rglob("*"):
+            if not missing:
+                return []
+            if path.suffix in (".yaml", ".yml", ".py") and path.is_file():
+                data = path.read_bytes()
+                missing = {n: b for n, b in missing.items() if b not in data}
+    return [n for n in names if n in missing]
+
+
 class TaskSet:
     """Resolves task specs to lm-eval Task objects, loading each task's data with a clear error."""
 
@@ -146,22 +164,29 @@ class TaskSet:
             return self._full
         return TaskManager(include_path=str(self.include_dir), include_defaults=False)
 
-    def prepare(self, specs: list[str]) -> list:
-        """[(spec, {name: Task}, TaskManager)] with every task's data loaded: unknown tasks and unreachable
-        data fail here, before the model is loaded."""
+    def check_names(self, specs: list[str], index: bool = False) -> list[str]:
+        """Every spec is a task YAML path, a local task or an lm-eval task name: names found in no lm-eval task
+        file fail at once (lm-eval not imported); with `index`, the others are looked up in lm-eval's index.
+        Returns the lm-eval task names (their data comes from the hub)."""
         hub = []
         for spec in specs:
             if is_task_path(spec):
                 load_local_task_config(spec)
             elif spec not in self._local_names:
                 hub.append(spec)
-        if hub:
+        unknown = names_in_no_task_file(hub)
+        if hub and index and not unknown:
             known = set(self.task_manager(full=True).all_tasks)
-            for spec in hub:
-                if spec not in known:
-                    raise RankwiseError(
-                        f"unknown task {spec!r}: not an lm-eval task name, not a task in {self.include_dir}, "
-                        "and not a path to a task YAML")
+            unknown = [spec for spec in hub if spec not in known]
+        if unknown:
+            raise RankwiseError(f"unknown task {unknown[0]!r}: not an lm-eval task name, not a task in "
+                                f"{self.include_dir}, and not a path to a task YAML")
+        return hub
+
+    def prepare(self, specs: list[str]) -> list:
+        """[(spec, {name: Task}, TaskManager)] with every task's data loaded: unknown tasks and unreachable
+        data fail here, before the model is loaded."""
+        self.check_names(specs, index=True)
         return [(spec, *self.load(spec)) for spec in specs]
 
     def load(self, spec: str):

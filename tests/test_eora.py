@@ -50,7 +50,7 @@ def test_compensation_lowers_every_layer_output_error_and_counts_exactly():
     assert abs(meta.ratio_achieved - (1 - meta.targeted_params_after / before)) < 1e-12
     without = 1 - (meta.targeted_params_after - lora_total) / before
     assert abs(meta.ratio_achieved_without_compensation - without) < 1e-12
-    assert meta.ratio_achieved >= 0.5 - 1e-9  # the EoRA path is paid for inside --ratio
+    assert 0.5 <= meta.ratio_achieved <= 0.51  # the EoRA path is paid for inside --ratio (ranks round down)
 
 
 def test_checkpoint_and_peft_adapter_reproduce_logits(tmp_path):

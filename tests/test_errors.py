@@ -62,7 +62,7 @@ def test_unsupported_architecture(t5_dir, tmp_path, cli, austen_file):
     out = tmp_path / "out"
     res = cli("model", t5_dir, "-o", out, "--ratio", "0.3", *calib_args(austen_file))
     assert res.exit_code == 2, res.output
-    assert "T5Config" in res.output or "unsupported" in res.output
+    assert res.output.startswith(f"error: unsupported model {str(t5_dir)!r}: ") and "T5Config" in res.output
     assert not out.exists()
 
 
@@ -240,6 +240,7 @@ HEAVY = ("torch", "transformers", "lm_eval", "datasets", "ray", "matplotlib")
                                        (["model", "M", "-o", "O", "--ratio", "nan"], 2),
                                        (["model", "M", "-o", "O", "--ratio", "0.3", "--no-such-option"], 2),
                                        (["evaluate", "M", "--limit", "many"], 2), (["report", "."], 2),
+                                       (["evaluate", "M", "--tasks", "austen_mc,arc_eazy"], 2),
                                        (["inspect", "."], 2)])
 def test_help_and_option_errors_import_no_heavy_library(args, code, tmp_path):
     """They answer at once: torch, transformers, lm-eval, datasets, ray and matplotlib load only in the
@@ -248,3 +249,5 @@ def test_help_and_option_errors_import_no_heavy_library(args, code, tmp_path):
              f"    print(e.code, sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path)
     assert proc.stderr.splitlines()[-1] == f"{code} []", proc.stderr
+    if "arc_eazy" in args:  # a misspelled lm-eval task name: found in none of lm-eval's task files
+        assert proc.stderr.startswith("error: unknown task 'arc_eazy': not an lm-eval task name"), proc.stderr
