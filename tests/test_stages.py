@@ -82,7 +82,8 @@ def test_a_corrector_from_outside_adds_its_path_inside_the_ratio():
     dense, m, ids = model(), model(), calib_ids()
     cfg = config(method="svd", ratio=0.3)
     meta = compress_model(m, ids, cfg, recipe=Recipe.from_entries([{"stage": "svd"}, {"stage": "test-residual"}]))
-    assert meta.ratio_achieved >= 0.3 and meta.compensation_params > 0
+    assert 0.3 <= meta.ratio_achieved < 0.35 and meta.compensation_params == sum(
+        2 * (s.in_features + s.out_features) for s in meta.modules.values())  # rank-2 paths, inside the ratio
     for name, spec in meta.modules.items():
         layer, W = m.get_submodule(name), dense.get_submodule(name).weight.detach()
         assert isinstance(layer, LowRankLinear) and spec.lora_rank == 2
@@ -98,4 +99,4 @@ def test_a_block_corrector_sees_the_compressed_block_and_both_streams():
                                                                    {"stage": "test-block-probe"}]))
     assert [s[0] for s in BlockProbe.seen] == [0, 1]
     assert all(len(s[1]) == 7 and s[2] > 0 for s in BlockProbe.seen)  # every Linear factorized, outputs differ
-    assert meta.stage_seconds["test-block-probe"] >= 0
+    assert 0 < meta.stage_seconds["test-block-probe"] < sum(meta.stage_seconds.values())
