@@ -195,15 +195,13 @@ def test_full_disk_while_writing_a_checkpoint(tiny_dirs, austen_file, tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_unwritable_output_fails_before_the_work(tiny_dirs, austen_file, tmp_path):
+def test_unwritable_output_fails_before_the_work(tiny_dirs, austen_file, cli):
     """/proc accepts no new file, even from root (for whom os.access says yes)."""
-    proc = subprocess.run([sys.executable, "-m", "rankwise.cli.main", "model", str(tiny_dirs["llama"]), "-o",
-                           "/proc/rankwise/out", "--ratio", "0.3", *calib_args(austen_file)],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: output folder '/proc/rankwise/out' cannot be written: no file can be "
-                                  "created in '/proc'"), proc.stderr
-    assert "load:" not in proc.stderr + proc.stdout  # no progress: the model was never loaded
+    res = cli("model", tiny_dirs["llama"], "-o", "/proc/rankwise/out", "--ratio", "0.3", *calib_args(austen_file))
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: output folder '/proc/rankwise/out' cannot be written: no file can be "
+                                 "created in '/proc'"), res.output
+    assert "load:" not in res.output  # no progress line (the output is not a terminal): nothing was loaded
 
 
 def _offline_env(tmp_path, **extra):
