@@ -15,7 +15,10 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="The output_dir of a `co
     """Tabulate and plot the jobs of the run folder's last run file (job folders of earlier ones listed apart)."""
     if not (run_dir / "jobs").is_dir():
         raise RankwiseError(f"{str(run_dir)!r} is not a run folder (it has no jobs/ folder)")
-    from rankwise.eval.report import describe_files, write_report
+    from rankwise.eval.report import collect_rows, describe_files, write_report
+    if collect_rows(run_dir) == ([], []):  # before writing anything into a folder that holds no run
+        raise RankwiseError(f"{str(run_dir)!r} is not a run folder: neither plan.json nor jobs/ holds a job of "
+                            f"`compress run`")
     report = write_report(run_dir)
     count = {s: sum(r["status"] == s for r in report.rows) for s in ("done", "failed", "pending")}
     earlier = f" ({len(report.earlier)} job folders of other run files listed apart)" if report.earlier else ""

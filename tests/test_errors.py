@@ -146,6 +146,19 @@ def test_jsonl_row_that_is_not_an_object(tiny_dirs, tmp_path, cli):
     assert not out.exists()
 
 
+def test_report_on_a_folder_of_unrelated_json_writes_nothing(tmp_path, cli):
+    for name, text in {"plan.json": '"a plan?"', "jobs/a/result.json": "[1, 2]", "jobs/b/result.json": '{"x": 1}',
+                       "jobs/b/job.json": '{"y": 2}'}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    res = cli("report", tmp_path)
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (f"error: {str(tmp_path)!r} is not a run folder: neither plan.json nor jobs/ "
+                                  f"holds a job of `compress run`")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def _limited_file_size(limit: int):
     """In the child: files may not grow past `limit` bytes; a write beyond fails with EFBIG (File too large),
     as a full disk fails with ENOSPC, instead of killing the process."""
