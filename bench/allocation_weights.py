@@ -121,7 +121,7 @@ def main() -> None:
         for n, m in linears.items():
             k = ranks[n]
             m.weight.data.copy_(dense_weights[n] if k is None else svds[n][0][:, :k] @ svds[n][1][:k])
-        return perplexity(model, eval_ids, args.seqlen, "cpu", max_windows=args.windows)["ppl"]
+        return perplexity(model, eval_ids, args.seqlen, "cpu", max_windows=args.windows).ppl
 
     dense = ppl({n: None for n in shapes})
     dense_params = sum(s.dense_params for s in shapes.values())

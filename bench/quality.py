@@ -95,12 +95,12 @@ def main() -> None:
         ood_ids = tokenize(tokenizer, args.ood.read_text(encoding="utf-8")[-OOD_CHARS:])
 
     def ppl_of(m) -> float:
-        return perplexity(m, ids, args.seqlen, device, max_windows=args.windows)["ppl"]
+        return perplexity(m, ids, args.seqlen, device, max_windows=args.windows).ppl
 
     def ood_of(m) -> float | None:
         if ood_ids is None:
             return None
-        return perplexity(m, ood_ids, args.seqlen, device, max_windows=args.ood_windows)["ppl"]
+        return perplexity(m, ood_ids, args.seqlen, device, max_windows=args.ood_windows).ppl
 
     tasks = [t for t in args.tasks.split(",") if t]
 
@@ -108,7 +108,7 @@ def main() -> None:
         if not tasks:
             return {}
         from rankwise.eval.zeroshot import run_tasks
-        return {t: metrics["acc"] for t, metrics in run_tasks(m, tokenizer, tasks, seed=0).metrics.items()}
+        return {t: task.metrics["acc"] for t, task in run_tasks(m, tokenizer, tasks, seed=0).metrics.items()}
 
     dense, dense_ood, dense_acc = ppl_of(model), ood_of(model), accuracy_of(model)
     del model

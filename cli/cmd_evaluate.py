@@ -96,15 +96,14 @@ def evaluate_cmd(
         from rankwise.eval.results import load_baseline
         base = load_baseline(baseline)
     if base is not None and not sources and not task_list:  # compare like with like: repeat the baseline's run
-        s = base.get("settings", {})
-        sources = list(base["ppl"])
+        s = base.settings
+        sources = list(base.ppl)
         # a task run from a YAML path is repeated from that path (its `source`), a hub task by name
-        task_list = list(dict.fromkeys(r.get("source") if r.get("source") not in (None, "lm-eval") else name
-                                       for name, r in base["tasks"].items()))
-        seqlen = seqlen if seqlen is not None else s.get("seqlen")
-        max_windows = max_windows if max_windows is not None else s.get("max_windows")
-        limit = limit if limit is not None else s.get("limit")
-        bos = bos if bos is not None else s.get("bos")
+        task_list = list(dict.fromkeys(r.source if r.from_yaml else name for name, r in base.tasks.items()))
+        seqlen = seqlen if seqlen is not None else s.seqlen
+        max_windows = max_windows if max_windows is not None else s.max_windows
+        limit = limit if limit is not None else s.limit
+        bos = bos if bos is not None else s.bos
     elif not sources and not task_list:
         sources = ["wikitext2"]
     check_outputs(json_path, output_path, overwrite, [checkpoint, baseline, *local_sources(sources, task_list)])

@@ -20,7 +20,7 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="The output_dir of a `co
         raise RankwiseError(f"{str(run_dir)!r} is not a run folder: neither plan.json nor jobs/ holds a job of "
                             f"`compress run`")
     report = write_report(run_dir)
-    count = {s: sum(r["status"] == s for r in report.rows) for s in ("done", "failed", "pending")}
     earlier = f" ({len(report.earlier)} job folders of other run files listed apart)" if report.earlier else ""
-    out_console.print(f"{count['done']} done, {count['failed']} failed, {count['pending']} pending{earlier}; "
+    out_console.print(f"{report.count('done')} done, {report.count('failed')} failed, {report.count('pending')} "
+                      f"pending{earlier}; "
                       f"wrote {describe_files(report.files)}")

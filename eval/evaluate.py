@@ -14,22 +14,22 @@ from rankwise.compress.metadata import read_result
 from rankwise.compress.loading import (check_finite_tensors, load_config, load_model, max_context, normalize_dtype,
                                        resolve_device, resolve_dtype)
 from rankwise.eval.ppl import perplexity
+from rankwise.eval.records import EvalResult, EvalSettings, PplResult
 
 
-def _rankwise_section(model_ref: str) -> dict | None:
-    """The checkpoint's validated compression record as JSON (None for a dense model or a GGUF file)."""
-    meta = None if os.path.isfile(model_ref) else read_result(model_ref)
-    return meta and meta.to_json()
+def _compression_record(model_ref: str):
+    """The checkpoint's validated compression record (None for a dense model or a GGUF file)."""
+    return None if os.path.isfile(model_ref) else read_result(model_ref)
 
 
 def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: str = "auto",
                  device: str = "auto", batch_size: int = 1, bos: bool | None = None, max_windows: int | None = None,
-                 trust_remote_code: bool = False, progress=None, loaded=None) -> dict:
+                 trust_remote_code: bool = False, progress=None, loaded=None) -> dict[str, PplResult]:
+    """Token perplexity of each source (eval/ppl.py), the model loaded here unless `loaded` is given."""
     for s in sources:
         validate_source(s)
     if max_windows is not None and max_windows < 1:
         raise RankwiseError(f"--max-windows must be at least 1, got {max_windows}")
-    t_start = time.perf_counter()
     dev = resolve_device(device)
     ctx = max_context(loaded[2] if loaded else load_config(model_ref, trust_remote_code))
     if ctx is not None and seqlen > ctx:
@@ -41,16 +41,7 @@ def evaluate_ppl(model_ref: str, sources: list[str], seqlen: int = 2048, dtype: 
         ids = tokenize(tokenizer, load_text(source, "test"))
         cb = (lambda done, total, s=source: progress(f"ppl {s}", done, total)) if progress else None
         results[source] = perplexity(model, ids, seqlen, dev, batch_size, bos_id, max_windows, cb)
-    return {
-        "model": model_ref,
-        "rankwise": _rankwise_section(model_ref),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(dev),
-        "ppl": results,
-        "settings": {"seqlen": seqlen, "batch_size": batch_size, "bos": bos_id is not None,
-                     "max_windows": max_windows},
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-    }
+    return results
 
 
 def _versions() -> dict:
@@ -106,13 +97,14 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
                    max_windows: int | None = None, limit: int | float | None = None, batch_size: int | str = 1,
                    dtype: str = "auto", device: str = "auto", bos: bool | None = None, trust_remote_code: bool = False,
                    progress=None, gguf_file: str | None = None, num_fewshot: int | None = None,
-                   bootstrap_iters: int = 1000, seed: int | None = None, log_samples: bool = False) -> dict:
-    """All evaluations of one model, loaded once, in one result dict: Rankwise's sections {"model",
-    "rankwise", "ppl": {source: {...}}, "tasks": {task: {metric: value, metric_stderr: value,
-    requests_per_second, ...}}, "settings", "package_versions", "wall_seconds", ...} beside lm-eval's own
-    ("results" with its "acc,none" keys, "versions", "n-shot", "higher_is_better", "configs", "config", ...),
-    so that tools reading lm-eval output read this too. With log_samples, "samples" holds lm-eval's per-task
-    samples (written to their own files, not into the JSON). Bad input fails before the model is loaded."""
+                   bootstrap_iters: int = 1000, seed: int | None = None, log_samples: bool = False,
+                   task_set=None) -> EvalResult:
+    """All evaluations of one model, loaded once, in one EvalResult (eval/records.py): token perplexity per
+    source, lm-eval's metrics per task, the settings, and lm-eval's own sections ("results" with its "acc,none"
+    keys, "versions", "n-shot", "higher_is_better", "configs", "config", ...) as extra fields, so that its JSON
+    reads as lm-eval output too. With log_samples, `samples` holds lm-eval's per-task samples (written to
+    their own files, not into the JSON). Bad input fails before the model is loaded. task_set: the
+    eval.zeroshot.TaskSet that resolves task names (default: the local tasks and lm-eval's own)."""
     t_start = time.perf_counter()
     ppl, tasks = list(ppl), list(tasks)
     if not ppl and not tasks:
@@ -127,36 +119,34 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
         validate_source(s)
     if gguf_file is None and not model_ref.endswith(".gguf"):
         load_config(model_ref, trust_remote_code)  # missing path / unknown id: fail before anything heavy
-    task_set = prepared = None
+    prepared = None
     if tasks:  # unknown tasks and unreachable task data fail here, before the model is loaded
         from rankwise.eval.zeroshot import TaskSet
-        task_set = TaskSet()
+        task_set = task_set or TaskSet()
         prepared = task_set.prepare(tasks)
     loaded = load_for_eval(model_ref, dtype, device, trust_remote_code, gguf_file)
     model, tokenizer, _ = loaded
     bos = resolve_bos(tokenizer, bos) is not None  # None: the tokenizer's own setting
     dev = next(model.parameters()).device
-    result = {"model": model_ref, "gguf_file": gguf_file, "rankwise": _rankwise_section(model_ref),
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
-              "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
-              or platform.machine(),
-              "parameters": sum(p.numel() for p in model.parameters()), "ppl": {}, "tasks": {}}
+    ppl_results = {}
     if ppl:  # "auto" means lm-eval's batch-size search; ppl windows are all the same length, 1 is safe
         ppl_batch = 1 if batch_size == "auto" else int(batch_size)
-        result["ppl"] = evaluate_ppl(model_ref, ppl, seqlen, dtype, str(dev), ppl_batch, bos, max_windows,
-                                     trust_remote_code, progress, loaded=loaded)["ppl"]
+        ppl_results = evaluate_ppl(model_ref, ppl, seqlen, dtype, str(dev), ppl_batch, bos, max_windows,
+                                   trust_remote_code, progress, loaded=loaded)
     from rankwise.eval.zeroshot import TaskRun, run_tasks
     run = TaskRun()
     if tasks:
         run = run_tasks(model, tokenizer, prepared, limit, batch_size if batch_size == "auto" else int(batch_size),
                         bos, num_fewshot, bootstrap_iters, task_set, progress, seed, log_samples)
-    result["tasks"] = run.metrics
-    result["settings"] = {"ppl": ppl, "tasks": tasks, "seqlen": seqlen, "max_windows": max_windows,
-                          "limit": limit, "batch_size": batch_size, "bos": bos, "num_fewshot": num_fewshot or 0,
-                          "bootstrap_iters": bootstrap_iters, "dtype": dtype, "device": device, "seed": seed}
-    result["package_versions"] = _versions()
-    result.update(run.lm_eval)  # lm-eval's own keys; none of them collides with the ones above
-    if log_samples:
-        result["samples"] = run.samples
-    result["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-    return result
+    settings = EvalSettings(ppl=ppl, tasks=tasks, seqlen=seqlen, max_windows=max_windows, limit=limit,
+                            batch_size=batch_size, bos=bos, num_fewshot=num_fewshot or 0,
+                            bootstrap_iters=bootstrap_iters, dtype=dtype, device=device, seed=seed)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or \
+        platform.machine()
+    return EvalResult(model=model_ref, gguf_file=gguf_file, rankwise=_compression_record(model_ref),
+                      dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=str(dev),
+                      device_name=device_name, parameters=sum(p.numel() for p in model.parameters()),
+                      ppl=ppl_results, tasks=run.metrics, settings=settings, package_versions=_versions(),
+                      samples=run.samples if log_samples else {},
+                      wall_seconds=round(time.perf_counter() - t_start, 2),
+                      **run.lm_eval)  # lm-eval's own keys; none of them collides with the ones above

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rankwise.errors import RankwiseError
+from rankwise.eval.records import PplResult
 
 
 def make_windows(ids: torch.Tensor, seqlen: int, bos_id: int | None = None,
@@ -51,7 +52,7 @@ def window_nll(model, windows: torch.Tensor, device, batch_size: int = 1,
 
 
 def perplexity(model, ids: torch.Tensor, seqlen: int, device, batch_size: int = 1, bos_id: int | None = None,
-               max_windows: int | None = None, progress=None) -> dict:
+               max_windows: int | None = None, progress=None) -> PplResult:
     windows = make_windows(ids, seqlen, bos_id, max_windows)
     t0 = time.perf_counter()
     nll = window_nll(model, windows, device, batch_size, progress)
@@ -61,15 +62,15 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, device, batch_size: int = 
     n_bad = int((~finite).sum())
     mean_finite = float(nll[finite].sum() / (finite.sum() * per_window)) if finite.any() else float("nan")
     ppl_finite = math.exp(mean_finite) if finite.any() and mean_finite < 700 else float("inf")
-    return {
-        "ppl": ppl_finite if n_bad == 0 else float("inf"),
-        "ppl_finite_windows": ppl_finite,
-        "nll_mean": mean_finite if n_bad == 0 else float("inf"),
-        "windows": int(len(windows)),
-        "nonfinite_windows": n_bad,
-        "tokens_scored": int(finite.sum()) * per_window,
-        "seqlen": seqlen,
-        "bos": bos_id is not None,
-        "seconds": round(seconds, 3),
-        "tokens_per_second": round(len(windows) * windows.shape[1] / max(seconds, 1e-9), 1),
-    }
+    return PplResult(
+        ppl=ppl_finite if n_bad == 0 else float("inf"),
+        ppl_finite_windows=ppl_finite,
+        nll_mean=mean_finite if n_bad == 0 else float("inf"),
+        windows=int(len(windows)),
+        nonfinite_windows=n_bad,
+        tokens_scored=int(finite.sum()) * per_window,
+        seqlen=seqlen,
+        bos=bos_id is not None,
+        seconds=round(seconds, 3),
+        tokens_per_second=round(len(windows) * windows.shape[1] / max(seconds, 1e-9), 1),
+    )

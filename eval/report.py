@@ -1,10 +1,10 @@
 """Tables and plots of a batch run: RUN_DIR/results.csv, results.md and RUN_DIR/plots/*.png.
 
-Reads what the jobs left in RUN_DIR/jobs/*/: result.json (a finished job: config, compression metadata,
-evaluation results, time, peak memory) or error.json + job.json (a failed one). RUN_DIR/plan.json names the
-jobs of the current run file: only those are tabulated and plotted; job folders of other run files (e.g.
-evaluations with other settings) are listed apart. Nothing here runs a model, so `compress report` can be run
-at any time, also while a sweep is still going.
+Reads what the jobs left in RUN_DIR/jobs/*/ (typed records, eval/sweep/records.py): result.json (a finished
+job: config, compression metadata, evaluation results, time, peak memory) or error.json + job.json (a failed
+one). RUN_DIR/plan.json names the jobs of the current run file: only those are tabulated and plotted; job
+folders of other run files (e.g. evaluations with other settings) are listed apart. Nothing here runs a model,
+so `compress report` can be run at any time, also while a sweep is still going.
 """
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import matplotlib
 
 from rankwise.compress.metadata import ModuleSpec
+from rankwise.compress.peak_memory import PeakMemory
 
 matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from rankwise.eval.results import STDERR, task_metrics  # noqa: E402
 from rankwise.eval.sweep.records import (JobError, JobRecord, JobResult, read_job_error,  # noqa: E402
                                          read_job_record, read_job_result, read_plan)
 
@@ -34,13 +35,52 @@ NOT_SETTINGS = {"model", "method", "ratio", "device", "offload", "stream_weights
 # The usual forward order of a decoder block's Linears: the heatmap's columns, whatever order a checkpoint lists
 MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "o_proj", "out_proj", "dense",
                 "gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "down_proj", "fc2", "c_proj"]
+DENSE = "none"
+Cell = Union[float, str, None]  # "" where a value does not apply (e.g. the time to compress a dense job)
+
+
+@dataclass
+class ReportRow:
+    """One job of the table. `values` holds the measured columns: "ppl SOURCE", "TASK METRIC" and
+    "TASK METRIC stderr", and against the dense job of the same model "ppl SOURCE x dense" and "Δ TASK METRIC"."""
+    job: str
+    status: str  # done, failed or pending
+    model: str
+    method: str
+    ratio_asked: float
+    ratio_achieved: Cell = ""
+    model_ratio_achieved: Cell = ""
+    settings: Optional[dict[str, Any]] = None  # the compression settings (None: dense, or not known)
+    values: dict[str, Optional[float]] = field(default_factory=dict)
+    compress_s: Cell = ""
+    eval_s: Cell = ""
+    wall_s: Cell = ""
+    host_peak_gib: Cell = ""
+    gpu_peak_gib: Cell = ""
+    error: str = ""
+    modules: dict[str, ModuleSpec] = field(default_factory=dict)
+    kept_dense: list[str] = field(default_factory=list)
+
+    @property
+    def dense(self) -> bool:
+        return self.method == DENSE
+
+    def cell(self, column: str) -> Cell:
+        if column in FIXED_COLUMNS or column in TAIL_COLUMNS:
+            return getattr(self, column)
+        if column in self.values:
+            return self.values[column]
+        return setting_value(self.settings, column) if column in (self.settings or {}) else ""
 
 
 @dataclass
 class Report:
-    rows: list[dict]  # the current run file's jobs, dense baselines first
+    rows: list[ReportRow]  # the current run file's jobs, dense baselines first
     earlier: list[tuple[str, str]] = field(default_factory=list)  # (job folder, status) of other run files
     files: list[Path] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.rows)
 
 
 def varying_settings(compress_settings: list[dict | None]) -> list[str]:
@@ -52,15 +92,15 @@ def varying_settings(compress_settings: list[dict | None]) -> list[str]:
 
 
 def setting_value(compress: dict | None, key: str) -> str:
-    if not compress:
+    if not compress or key not in compress:
         return ""
-    v = compress.get(key)
+    v = compress[key]
     if isinstance(v, list):
         return ",".join(map(str, v)) or "-"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def collect_rows(run_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
+def collect_rows(run_dir: str | Path) -> tuple[list[ReportRow], list[tuple[str, str]]]:
     """(rows of the current plan's jobs, (folder, status) of the other job folders). Without a plan.json
     (a folder written before plans were recorded) every job folder is current."""
     run_dir = Path(run_dir)
@@ -81,70 +121,68 @@ def collect_rows(run_dir: str | Path) -> tuple[list[dict], list[tuple[str, str]]
     return rows, earlier
 
 
-def _row(config: JobRecord | None, name: str, result: JobResult | None, error: JobError | None) -> dict:
-    comp = (config.compress if config else None) or {}
-    meta = result.compress if result else None
-    compressed = meta is not None
-    row = {"job": name, "status": "done" if result else "failed" if error else "pending",
-           "model": config.model if config else "", "method": comp["method"] if comp else "none" if config else "",
-           "ratio_asked": comp["ratio"] if comp else 0.0,
-           "ratio_achieved": meta.ratio_achieved if compressed else (0.0 if not comp else ""),
-           "model_ratio_achieved": meta.model_ratio_achieved if compressed else (0.0 if not comp else ""),
-           "error": error.error if error else "", "_compress": comp or None}
-    if result:
-        ev = result.eval
-        for source, r in (ev.get("ppl") or {}).items():
-            row[f"ppl {source}"] = _num(r.get("ppl"))
-        for task, metrics in (ev.get("tasks") or {}).items():
-            for metric, value in task_metrics(metrics).items():
-                row[f"{task} {metric}"] = _num(value)
-                row[f"{task} {metric} stderr"] = _num(metrics.get(metric + STDERR))
-        row["compress_s"] = meta.wall_seconds if compressed else (0.0 if not comp else "")
-        row["eval_s"] = ev.get("wall_seconds", "")
-        row["wall_s"] = result.wall_seconds
-        peak = result.peak_memory
-        host = meta.host_peak_gib if compressed else None
-        gpu = meta.gpu_peak_gib if compressed else None
-        row["host_peak_gib"] = max(peak.host_gib, host or 0) or ""
-        row["gpu_peak_gib"] = max(peak.gpu_gib or 0, gpu or 0) or ""
-        row["_modules"] = meta.modules if compressed else {}
-        row["_kept_dense"] = meta.kept_dense if compressed else []
+def _row(config: JobRecord | None, name: str, result: JobResult | None, error: JobError | None) -> ReportRow:
+    settings = config.compress if config else None
+    unknown = "" if settings else 0.0  # a dense job removes nothing; a compressed one's numbers come with it
+    row = ReportRow(job=name, status="done" if result else "failed" if error else "pending",
+                    model=config.model if config else "",
+                    method=settings["method"] if settings else DENSE if config else "",
+                    ratio_asked=settings["ratio"] if settings else 0.0, ratio_achieved=unknown,
+                    model_ratio_achieved=unknown, settings=settings, error=error.error if error else "")
+    if result is None:
+        return row
+    ev = result.eval
+    for source, r in ev.ppl.items():
+        row.values[f"ppl {source}"] = r.ppl
+    for task, t in ev.tasks.items():
+        for metric, value in t.metrics.items():
+            row.values[f"{task} {metric}"] = value
+            row.values[f"{task} {metric} stderr"] = t.stderr.get(metric)
+    row.eval_s, row.wall_s = ev.wall_seconds, result.wall_seconds
+    peak = result.peak_memory
+    meta = result.compress
+    if meta is not None:
+        row.ratio_achieved, row.model_ratio_achieved = meta.ratio_achieved, meta.model_ratio_achieved
+        row.compress_s = meta.wall_seconds if meta.wall_seconds is not None else ""
+        row.modules, row.kept_dense = meta.modules, meta.kept_dense
+        peak = peak.max(_checkpoint_peak(meta))
+    elif not settings:
+        row.compress_s = 0.0
+    row.host_peak_gib = peak.host_gib or ""
+    row.gpu_peak_gib = peak.gpu_gib or ""
     return row
 
 
-def _num(x):
-    try:
-        return float(x)  # "inf" strings come back as floats
-    except (TypeError, ValueError):
-        return None
+def _checkpoint_peak(meta) -> PeakMemory:
+    """The compression's own peaks, recorded in its checkpoint (the job's process may have started later)."""
+    return PeakMemory(host_gib=meta.host_peak_gib or 0.0, gpu_gib=meta.gpu_peak_gib)
 
 
-def add_dense_comparisons(rows: list[dict]) -> None:
+def add_dense_comparisons(rows: list[ReportRow]) -> None:
     """`ppl X x dense` (this ppl / the dense job's) and `Δ task metric` (this - dense), per model."""
-    dense = {r["model"]: r for r in rows if r["method"] == "none" and r["status"] == "done"}
+    dense = {r.model: r for r in rows if r.dense and r.status == "done"}
     for r in rows:
-        base = dense.get(r["model"])
-        if base is None or r["status"] != "done":
+        base = dense.get(r.model)
+        if base is None or r.status != "done":
             continue
-        for k, v in list(r.items()):
-            b = base.get(k)
-            if v is None or b is None or k.endswith(" stderr") or not isinstance(v, float):
+        for k, v in list(r.values.items()):
+            b = base.values.get(k)
+            if v is None or b is None or k.endswith(" stderr"):
                 continue
             if k.startswith("ppl "):
-                r[f"{k} x dense"] = v / b if b else None
-            elif k in base and k not in FIXED_COLUMNS and k not in TAIL_COLUMNS:
-                r[f"Δ {k}"] = v - b
+                r.values[f"{k} x dense"] = v / b if b else None
+            else:
+                r.values[f"Δ {k}"] = v - b
 
 
-def _columns(rows: list[dict]) -> list[str]:
-    settings = varying_settings([r["_compress"] for r in rows])
+def _columns(rows: list[ReportRow]) -> list[str]:
+    settings = varying_settings([r.settings for r in rows])
     ppl, tasks = [], []
     for r in rows:
-        for k in r:
-            if k.startswith("_") or k in FIXED_COLUMNS or k in TAIL_COLUMNS or k in ppl or k in tasks:
-                continue
-            (ppl if k.startswith("ppl ") else tasks).append(k)
-    tail = [c for c in TAIL_COLUMNS if c == "error" or any(r.get(c) not in ("", None) for r in rows)]
+        for k in r.values:
+            if k not in ppl and k not in tasks:
+                (ppl if k.startswith("ppl ") else tasks).append(k)
+    tail = [c for c in TAIL_COLUMNS if c == "error" or any(r.cell(c) not in ("", None) for r in rows)]
     return FIXED_COLUMNS + settings + sorted(ppl) + _task_order(tasks) + tail
 
 
@@ -152,12 +190,6 @@ def _task_order(columns: list[str]) -> list[str]:
     """Each task metric followed by its stderr and its delta."""
     values = [c for c in columns if not c.endswith(" stderr") and not c.startswith("Δ ")]
     return [c for v in values for c in (v, f"{v} stderr", f"Δ {v}") if c in columns]
-
-
-def _cell(row: dict, column: str):
-    if column in row:
-        return row[column]
-    return setting_value(row["_compress"], column) if column in (row["_compress"] or {}) else ""
 
 
 def _fmt(v) -> str:
@@ -173,41 +205,40 @@ def _short(column: str) -> str:
     return re.sub(r"(text|jsonl):(\S*/)?", "", column)
 
 
-def _sort_key(r: dict):
-    settings = tuple(sorted((k, setting_value(r["_compress"], k)) for k in (r["_compress"] or {})
-                            if k not in NOT_SETTINGS))
-    return (r["model"], r["method"] != "none", r["method"], settings, r["ratio_asked"])
+def _sort_key(r: ReportRow):
+    settings = tuple(sorted((k, setting_value(r.settings, k)) for k in (r.settings or {}) if k not in NOT_SETTINGS))
+    return (r.model, not r.dense, r.method, settings, r.ratio_asked)
 
 
-def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
+def write_csv(rows: list[ReportRow], path: Path, columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow({k: _cell(r, k) for k in columns})
+            w.writerow({k: r.cell(k) for k in columns})
 
 
 def write_markdown(report: Report, path: Path, columns: list[str]) -> None:
     rows = report.rows
     shown = [c for c in columns if c != "job"]
-    count = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "pending")}
-    lines = [f"# Results ({count['done']} done, {count['failed']} failed, {count['pending']} pending)", "",
+    lines = [f"# Results ({report.count('done')} done, {report.count('failed')} failed, {report.count('pending')} "
+             "pending)", "",
              "ratio = fraction of the targeted Linear parameters removed (model_ratio: of all parameters); "
              "ppl = token perplexity; `x dense` = ppl / the dense model's; Δ = value - the dense model's; "
              "time in seconds; peak memory in GiB.", "",
              "| " + " | ".join(_short(c) for c in shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(_cell(r, c)).replace("|", "/") for c in shown) + " |")
-    lines += ["", "Job folders: `jobs/<job>/` (" + ", ".join(f"`{r['job']}`" for r in rows) + ")."]
+        lines.append("| " + " | ".join(_fmt(r.cell(c)).replace("|", "/") for c in shown) + " |")
+    lines += ["", "Job folders: `jobs/<job>/` (" + ", ".join(f"`{r.job}`" for r in rows) + ")."]
     if report.earlier:
         lines += ["", "## Job folders of other run files (not in the table)", ""]
         lines += [f"- `{name}` ({status})" for name, status in report.earlier]
     path.write_text("\n".join(lines) + "\n")
 
 
-def line_label(row: dict, settings: list[str], multi_model: bool) -> str:
-    parts = [row["method"]] + [f"{k}={setting_value(row['_compress'], k)}" for k in settings]
-    return " ".join(parts) + (f" ({Path(row['model']).name})" if multi_model else "")
+def line_label(row: ReportRow, settings: list[str], multi_model: bool) -> str:
+    parts = [row.method] + [f"{k}={setting_value(row.settings, k)}" for k in settings]
+    return " ".join(parts) + (f" ({Path(row.model).name})" if multi_model else "")
 
 
 def _readable_y(ax, values: list[float]) -> None:
@@ -222,22 +253,23 @@ def _readable_y(ax, values: list[float]) -> None:
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
 
 
-def plot_ppl_vs_ratio(rows: list[dict], path: Path) -> bool:
+def plot_ppl_vs_ratio(rows: list[ReportRow], path: Path) -> bool:
     """One panel per perplexity suite; a line per model, method and setting that differs; dense at ratio 0."""
-    done = [r for r in rows if r["status"] == "done"]
-    suites = sorted({k for r in done for k in r if k.startswith("ppl ") and not k.endswith(" x dense")})
+    done = [r for r in rows if r.status == "done"]
+    suites = sorted({k for r in done for k in r.values if k.startswith("ppl ") and not k.endswith(" x dense")})
     if not suites:
         return False
-    settings = varying_settings([r["_compress"] for r in done])
+    settings = varying_settings([r.settings for r in done])
     fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.5), squeeze=False)
-    multi_model = len({r["model"] for r in done}) > 1
+    multi_model = len({r.model for r in done}) > 1
     for ax, suite in zip(axes[0], suites):
         groups: dict[str, list] = {}
         for r in done:
-            if r.get(suite) is not None and math.isfinite(r[suite]):
-                groups.setdefault(line_label(r, settings, multi_model) if r["method"] != "none" else
-                                  "dense" + (f" ({Path(r['model']).name})" if multi_model else ""),
-                                  []).append((float(r["ratio_asked"]), float(r[suite])))
+            value = r.values.get(suite)
+            if value is not None and math.isfinite(value):
+                groups.setdefault(line_label(r, settings, multi_model) if not r.dense else
+                                  "dense" + (f" ({Path(r.model).name})" if multi_model else ""),
+                                  []).append((float(r.ratio_asked), value))
         for label, pts in sorted(groups.items()):
             pts.sort()
             if label.startswith("dense"):
@@ -283,10 +315,10 @@ def rank_grid(modules: dict[str, ModuleSpec], kept_dense: list[str] = ()) -> tup
     return layers, kinds, ranks, frac
 
 
-def plot_rank_heatmap(row: dict, path: Path) -> bool:
-    kept = " (hatched: kept dense)" if row.get("_kept_dense") else ""
-    title = f"{row['method']} ratio {row['ratio_asked']:g}{kept}\n{row['job']}"
-    return plot_module_ranks(row.get("_modules") or {}, title, path, row.get("_kept_dense") or [])
+def plot_rank_heatmap(row: ReportRow, path: Path) -> bool:
+    kept = " (hatched: kept dense)" if row.kept_dense else ""
+    title = f"{row.method} ratio {row.ratio_asked:g}{kept}\n{row.job}"
+    return plot_module_ranks(row.modules, title, path, row.kept_dense)
 
 
 def plot_module_ranks(modules: dict[str, ModuleSpec], title: str, path: Path, kept_dense: list[str] = ()) -> bool:
@@ -340,8 +372,8 @@ def write_report(run_dir: str | Path) -> Report:
     if plot_ppl_vs_ratio(rows, plots / "ppl_vs_ratio.png"):
         report.files.append(plots / "ppl_vs_ratio.png")
     for r in rows:
-        if r["status"] == "done" and r.get("_modules") and plot_rank_heatmap(r, plots / f"ranks_{r['job']}.png"):
-            report.files.append(plots / f"ranks_{r['job']}.png")
+        if r.status == "done" and r.modules and plot_rank_heatmap(r, plots / f"ranks_{r.job}.png"):
+            report.files.append(plots / f"ranks_{r.job}.png")
     return report
 
 

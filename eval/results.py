@@ -1,7 +1,8 @@
 """Result files of `compress evaluate`: one JSON per run, a Markdown table beside it, deltas against a baseline.
 
 Token perplexity (our protocol, eval/ppl.py) and lm-eval's metrics live in separate sections and separate
-tables: lm-eval's `wikitext` reports *word* perplexity on document-level text, a different number.
+tables: lm-eval's `wikitext` reports *word* perplexity on document-level text, a different number. The records
+themselves are in eval/records.py.
 """
 from __future__ import annotations
 
@@ -9,37 +10,15 @@ import json
 import math
 from pathlib import Path
 
-from rankwise.errors import RankwiseError
+from pydantic import ValidationError
+
 from rankwise.compress.describe import pipeline_name
-from rankwise.compress.metadata import parse_result
 from rankwise.compress.outputs import write_text_atomic
-
-STDERR = "_stderr"
-# bookkeeping keys in a task's result dict that are not metrics
-TASK_INFO = ("samples", "requests", "seconds", "requests_per_second", "source")
+from rankwise.errors import RankwiseError
+from rankwise.eval.records import BaselineRef, Deltas, EvalResult
 
 
-def _json_default(o):
-    return str(o)
-
-
-def _clean(o):
-    """JSON has no inf/nan: write them as strings ("inf"), never as invalid JSON."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
-
-
-def task_metrics(task_result: dict) -> dict[str, float | None]:
-    """metric -> value for one task (stderr and bookkeeping keys excluded)."""
-    return {k: v for k, v in task_result.items() if k not in TASK_INFO and not k.endswith(STDERR)}
-
-
-def load_baseline(path: str | Path) -> dict:
+def load_baseline(path: str | Path) -> EvalResult:
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -47,52 +26,41 @@ def load_baseline(path: str | Path) -> dict:
         raise RankwiseError(f"baseline {str(p)!r} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RankwiseError(f"cannot read baseline {str(p)!r}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("ppl"), dict) or not isinstance(data.get("tasks"), dict):
-        raise RankwiseError(f"baseline {str(p)!r} is not a `compress evaluate` result JSON (no ppl/tasks sections)")
-    return data
-
-
-def _num(x):
     try:
-        return float(x)  # "inf" strings from JSON come back as floats
-    except (TypeError, ValueError):
-        return None
+        return EvalResult.model_validate(data)
+    except (ValidationError, RankwiseError) as e:
+        why = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
+        where = ".".join(str(x) for x in why["loc"])
+        raise RankwiseError(f"baseline {str(p)!r} is not a `compress evaluate` result JSON "
+                            f"({where + ': ' if where else ''}{why['msg']})") from None
 
 
-def add_deltas(result: dict, baseline: dict, baseline_path: str | Path) -> dict:
-    """result["deltas"] = {"ppl": {source: this - baseline}, "tasks": {task: {metric: this - baseline}}}.
-    Perplexities are compared only when measured the same way (seqlen, BOS, windows)."""
-    deltas, notes = {"ppl": {}, "tasks": {}}, []
-    for source, r in result.get("ppl", {}).items():
-        b = baseline["ppl"].get(source)
+def add_deltas(result: EvalResult, baseline: EvalResult, baseline_path: str | Path) -> EvalResult:
+    """result.deltas: ppl per source (this - baseline) and metric per task (this - baseline). Perplexities are
+    compared only when measured the same way (seqlen, BOS, windows)."""
+    deltas, notes = Deltas(), []
+    for source, r in result.ppl.items():
+        b = baseline.ppl.get(source)
         if b is None:
             continue
-        same = all(r.get(k) == b.get(k) for k in ("seqlen", "bos", "windows"))
-        if not same:
+        if not r.measured_like(b):
             notes.append(f"ppl {source}: baseline measured with other seqlen/BOS/windows; no delta")
             continue
-        this, base = _num(r.get("ppl")), _num(b.get("ppl"))
-        if this is not None and base is not None:
-            deltas["ppl"][source] = this - base if math.isfinite(this) and math.isfinite(base) else float("inf")
-    for task, r in result.get("tasks", {}).items():
-        b = baseline["tasks"].get(task)
+        deltas.ppl[source] = r.ppl - b.ppl if math.isfinite(r.ppl) and math.isfinite(b.ppl) else float("inf")
+    for task, r in result.tasks.items():
+        b = baseline.tasks.get(task)
         if b is None:
             continue
-        if b.get("samples") != r.get("samples"):
-            notes.append(f"task {task}: baseline scored {b.get('samples')} samples, this run {r.get('samples')}")
-        d = {}
-        for metric, value in task_metrics(r).items():
-            this, base = _num(value), _num(b.get(metric))
-            if this is not None and base is not None:
-                d[metric] = this - base
-        deltas["tasks"][task] = d
-    result["baseline"] = {"path": str(baseline_path), "model": baseline.get("model"), "notes": notes}
-    result["deltas"] = deltas
+        if b.samples != r.samples:
+            notes.append(f"task {task}: baseline scored {b.samples} samples, this run {r.samples}")
+        deltas.tasks[task] = {metric: value - b.metrics[metric] for metric, value in r.metrics.items()
+                              if value is not None and b.metrics.get(metric) is not None}
+    result.baseline = BaselineRef(path=str(baseline_path), model=baseline.model, notes=notes)
+    result.deltas = deltas
     return result
 
 
-def _fmt(x, digits=4) -> str:
-    x = _num(x)
+def _fmt(x: float | None, digits=4) -> str:
     if x is None:
         return "-"
     if not math.isfinite(x):
@@ -100,64 +68,71 @@ def _fmt(x, digits=4) -> str:
     return f"{x:.{digits}f}"
 
 
-def _signed(x, digits=4) -> str:
+def _signed(x: float | None, digits=4) -> str:
     return "-" if x is None else (f"{x:+.{digits}f}" if math.isfinite(x) else str(x))
 
 
-def markdown(result: dict) -> str:
+def _ppl_table(result: EvalResult) -> list[str]:
+    deltas = result.deltas
+    head = ["source", "token ppl"] + (["Δ ppl"] if deltas is not None else []) + \
+        ["seqlen", "windows", "non-finite", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for source, r in result.ppl.items():
+        row = [source, _fmt(r.ppl)]
+        if deltas is not None:
+            row.append(_signed(deltas.ppl.get(source)))
+        row += [str(r.seqlen), str(r.windows), str(r.nonfinite_windows), _fmt(r.tokens_per_second, 0)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _task_table(result: EvalResult) -> list[str]:
+    deltas = result.deltas
+    head = ["task (lm-eval)", "metric", "value", "± stderr"] + (["Δ"] if deltas is not None else []) + \
+        ["samples", "requests/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    word_ppl = False
+    for task, r in result.tasks.items():
+        for metric, value in r.metrics.items():
+            word_ppl |= "perplexity" in metric
+            row = [task, metric, _fmt(value), _fmt(r.stderr.get(metric))]
+            if deltas is not None:
+                row.append(_signed(deltas.tasks[task].get(metric) if task in deltas.tasks else None))
+            row += [str(r.samples), _fmt(r.requests_per_second, 1)]
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if word_ppl:
+        lines += ["lm-eval's perplexity metrics (e.g. `wikitext` word_perplexity) are per word/byte on "
+                  "document-level text: not comparable with the token ppl above.", ""]
+    return lines
+
+
+def markdown(result: EvalResult) -> str:
     """The run as Markdown: a token-perplexity table and an lm-eval table, with deltas when present."""
-    deltas = result.get("deltas")
-    lines = [f"# {result['model']}", ""]
-    meta = result.get("rankwise")
-    if meta:
-        info = parse_result(meta, "results")
+    lines = [f"# {result.model}", ""]
+    info = result.rankwise
+    if info is not None:
         lines += [f"Rankwise checkpoint: {pipeline_name(info)}; ratio requested {info.ratio_requested:g}, achieved "
                   f"{info.ratio_achieved:.4f}.", ""]
-    lines += [f"dtype {result.get('dtype')}, device {result.get('device')} ({result.get('device_name')}), "
-              f"wall time {result.get('wall_seconds')} s.", ""]
-    if deltas is not None:
-        lines += [f"Deltas against baseline `{result['baseline']['path']}` ({result['baseline']['model']}).", ""]
-    if result.get("ppl"):
-        head = ["source", "token ppl"] + (["Δ ppl"] if deltas is not None else []) + \
-               ["seqlen", "windows", "non-finite", "tokens/s"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for source, r in result["ppl"].items():
-            row = [source, _fmt(r["ppl"])]
-            if deltas is not None:
-                row.append(_signed(deltas["ppl"].get(source)))
-            row += [str(r["seqlen"]), str(r["windows"]), str(r["nonfinite_windows"]),
-                    _fmt(r["tokens_per_second"], 0)]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    if result.get("tasks"):
-        head = ["task (lm-eval)", "metric", "value", "± stderr"] + (["Δ"] if deltas is not None else []) + \
-               ["samples", "requests/s"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        word_ppl = False
-        for task, r in result["tasks"].items():
-            for metric, value in task_metrics(r).items():
-                word_ppl |= "perplexity" in metric
-                row = [task, metric, _fmt(value), _fmt(r.get(metric + STDERR))]
-                if deltas is not None:
-                    row.append(_signed(deltas["tasks"].get(task, {}).get(metric)))
-                row += [str(r.get("samples")), _fmt(r.get("requests_per_second"), 1)]
-                lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-        if word_ppl:
-            lines += ["lm-eval's perplexity metrics (e.g. `wikitext` word_perplexity) are per word/byte on "
-                      "document-level text: not comparable with the token ppl above.", ""]
-    for note in (result.get("baseline") or {}).get("notes", []):
+    lines += [f"dtype {result.dtype}, device {result.device} ({result.device_name}), "
+              f"wall time {result.wall_seconds} s.", ""]
+    if result.baseline is not None:
+        lines += [f"Deltas against baseline `{result.baseline.path}` ({result.baseline.model}).", ""]
+    if result.ppl:
+        lines += _ppl_table(result)
+    if result.tasks:
+        lines += _task_table(result)
+    for note in result.baseline.notes if result.baseline is not None else []:
         lines.append(f"- note: {note}")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _results_json(result: dict) -> str:
+def _results_json(result: EvalResult) -> str:
     """The result as JSON text; per-sample logs go to their own files, not into it."""
-    body = {k: v for k, v in result.items() if k != "samples"}
-    return json.dumps(_clean(body), indent=2, default=_json_default) + "\n"
+    return json.dumps(result.to_json(), indent=2, default=str) + "\n"
 
 
-def write_results(result: dict, json_path: str | Path) -> tuple[Path, Path]:
+def write_results(result: EvalResult, json_path: str | Path) -> tuple[Path, Path]:
     """JSON at `json_path` and Markdown beside it (same name, .md), each written atomically."""
     json_path = Path(json_path)
     md_path = json_path.with_suffix(".md")
@@ -167,7 +142,7 @@ def write_results(result: dict, json_path: str | Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def write_output_path(result: dict, output_path: str | Path) -> list[Path]:
+def write_output_path(result: EvalResult, output_path: str | Path) -> list[Path]:
     """lm-eval's --output_path layout: a folder gets MODEL/results_DATE.json (MODEL the sanitized model name),
     a path ending in .json gets STEM_DATE.json beside it; per-task samples_TASK_DATE.jsonl go next to the
     results file when the run logged samples."""
@@ -179,12 +154,12 @@ def write_output_path(result: dict, output_path: str | Path) -> list[Path]:
     if path.suffix == ".json":
         folder, results_file = path.parent, path.with_name(f"{path.stem}_{date_id}.json")
     else:
-        folder = path / sanitize_model_name(str(result["model"]))
+        folder = path / sanitize_model_name(result.model)
         results_file = folder / f"results_{date_id}.json"
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results_file, _results_json(result))
     written = [results_file]
-    for task, samples in (result.get("samples") or {}).items():
+    for task, samples in result.samples.items():
         lines = "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n" for s in samples)
         written.append(folder / f"samples_{task}_{date_id}.jsonl")
         write_text_atomic(written[-1], lines)

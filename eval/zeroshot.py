@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankwise.errors import RankwiseError, first_line
+from rankwise.eval.records import TaskResult
 
 LOCAL_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LOCAL_HELP = ("use a local task instead: a YAML with `dataset_path: json` and `dataset_kwargs: {data_files: "
@@ -40,7 +41,7 @@ LM_EVAL_TASK_SECTIONS = ("results", "groups", "group_subtasks", "configs", "vers
 class TaskRun:
     """What the task specs of one evaluation gave: Rankwise's flat per-task metrics, lm-eval's own result dict
     (its per-task sections merged over specs, the rest from the last spec) and, when asked, the samples."""
-    metrics: dict = field(default_factory=dict)
+    metrics: dict[str, TaskResult] = field(default_factory=dict)
     lm_eval: dict = field(default_factory=lambda: {k: {} for k in LM_EVAL_TASK_SECTIONS})
     samples: dict = field(default_factory=dict)
 
@@ -151,16 +152,24 @@ def names_in_no_task_file(names: list[str]) -> list[str]:
 class TaskSet:
     """Resolves task specs to lm-eval Task objects, loading each task's data with a clear error."""
 
-    def __init__(self, include_dir: Path = LOCAL_TASK_DIR):
+    def __init__(self, include_dir: Path = LOCAL_TASK_DIR, builtin: bool = True):
+        """include_dir: local task YAMLs; builtin: also lm-eval's own ~15k tasks (indexed when first needed)."""
         self.include_dir = include_dir
+        self.builtin = builtin
         self._local_names = _local_yamls(include_dir)
         self._full = None
+
+    def source(self, spec: str) -> str:
+        """Where a task spec's YAML is ("lm-eval" for lm-eval's own tasks)."""
+        if is_task_path(spec):
+            return str(Path(spec).resolve())
+        return str(self._local_names[spec].resolve()) if spec in self._local_names else "lm-eval"
 
     def task_manager(self, full: bool = False):
         from lm_eval.tasks import TaskManager
         if full:
             if self._full is None:
-                self._full = TaskManager(include_path=str(self.include_dir))
+                self._full = TaskManager(include_path=str(self.include_dir), include_defaults=self.builtin)
             return self._full
         return TaskManager(include_path=str(self.include_dir), include_defaults=False)
 
@@ -265,8 +274,8 @@ def run_tasks(model, tokenizer, prepared: list, limit: int | float | None = None
               bos: bool = False, num_fewshot: int | None = None, bootstrap_iters: int = 1000,
               task_set: TaskSet | None = None, progress=None, seed: int | None = None,
               log_samples: bool = False) -> TaskRun:
-    """One simple_evaluate per spec. TaskRun.metrics: {task: {metric: value, metric_stderr: value, "samples": n,
-    "requests": n, "requests_per_second": r, "seconds": s, "source": yaml path or "lm-eval"}}. `limit` below 1
+    """One simple_evaluate per spec. TaskRun.metrics: task -> TaskResult (metrics, their stderr, samples,
+    requests, requests per second, seconds, source: the YAML's path or "lm-eval"). `limit` below 1
     is a fraction of each task's examples (as lm-eval's). `prepared` is TaskSet.prepare(specs) (or a list of
     specs, prepared here)."""
     import lm_eval
@@ -289,15 +298,11 @@ def run_tasks(model, tokenizer, prepared: list, limit: int | float | None = None
         seconds = time.perf_counter() - t0
         n_req, model_s = lm.requests - before_req, lm.model_seconds - before_s
         for name, res in out["results"].items():
-            metrics = _flatten_metrics(res)
-            n = out.get("n-samples", {}).get(name, {})
-            metrics.update({
-                "samples": n.get("effective"), "requests": n_req, "seconds": round(seconds, 3),
-                "requests_per_second": round(n_req / max(model_s, 1e-9), 2),
-                "source": "lm-eval" if not (is_task_path(spec) or spec in task_set._local_names)
-                else str(Path(spec if is_task_path(spec) else task_set._local_names[spec]).resolve()),
-            })
-            run.metrics[name] = metrics
+            n = out["n-samples"][name] if name in out.get("n-samples", {}) else {}  # lm-eval's own dict
+            run.metrics[name] = TaskResult.model_validate({
+                **_flatten_metrics(res), "samples": n["effective"] if "effective" in n else None,
+                "requests": n_req, "seconds": round(seconds, 3),
+                "requests_per_second": round(n_req / max(model_s, 1e-9), 2), "source": task_set.source(spec)})
         run.add(out)
         if progress:
             progress("lm-eval tasks", i + 1, len(prepared))

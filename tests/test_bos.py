@@ -52,8 +52,8 @@ def test_bos_recorded_in_metadata_and_followed_by_evaluate(tmp_path, austen_file
     assert r.exit_code == 0, r.output
     assert read_result(str(out)).calibration.bos is True
     common = dict(seqlen=32, max_windows=2, device="cpu")
-    assert evaluate_model(str(out), [f"text:{austen_file}"], **common)["settings"]["bos"] is True
-    assert evaluate_model(str(out), [f"text:{austen_file}"], bos=False, **common)["settings"]["bos"] is False
+    assert evaluate_model(str(out), [f"text:{austen_file}"], **common).settings.bos is True
+    assert evaluate_model(str(out), [f"text:{austen_file}"], bos=False, **common).settings.bos is False
 
 
 def test_bos_asked_of_a_tokenizer_without_one_is_refused():

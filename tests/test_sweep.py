@@ -227,24 +227,31 @@ def test_parallel_without_ray_says_what_to_install(cli, tiny_dirs, austen_file, 
 
 
 def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: float, modules=None, kept=()):
+    """A finished job's folder as a sweep writes it, with chosen numbers."""
+    from rankwise.compress.metadata import CompressionResult
+    from rankwise.compress.peak_memory import PeakMemory
+    from rankwise.eval.records import EvalResult, PplResult, TaskResult
+    from rankwise.eval.sweep.records import JobRecord, JobResult
     d = run_dir / "jobs" / name
     d.mkdir(parents=True)
-    task = {"acc": acc, "acc_stderr": 0.01, "samples": 50, "requests": 100, "seconds": 2.0,
-            "requests_per_second": 50.0}
     meta = None
     if compress:
-        from rankwise.compress.metadata import CompressionResult
         meta = CompressionResult(
             method="svd", ranks_allocation="uniform", ratio_requested=compress["ratio"],
             ratio_achieved=compress["ratio"], ratio_achieved_without_compensation=compress["ratio"],
             targeted_params_before=100, targeted_params_after=60, model_params_before=200, model_params_after=160,
             model_ratio_achieved=0.2, kept_dense=list(kept), calibration={"source": "s", "nsamples": 1, "seqlen": 2},
-            modules=modules or {}).to_json()
-    (d / "result.json").write_text(json.dumps({
-        "job": name, "config": {"name": name, "model": "m", "compress": compress, "eval": {"device": "cpu"}},
-        "compress": meta, "compress_resumed": False,
-        "eval": {"ppl": {"text:/x/wiki.txt": {"ppl": ppl}}, "tasks": {"piqa": task}},
-        "peak_memory": {"host_gib": 1.0}, "wall_seconds": 1.0, "finished": "2026-11-30T12:00:00"}))
+            modules=modules or {})
+    windows = PplResult(ppl=ppl, ppl_finite_windows=ppl, nll_mean=1.0, windows=3, nonfinite_windows=0,
+                        tokens_scored=93, seqlen=32, bos=False, seconds=1.0, tokens_per_second=96.0)
+    task = TaskResult(metrics={"acc": acc}, stderr={"acc": 0.01}, samples=50, requests=100, seconds=2.0,
+                      requests_per_second=50.0)
+    ev = EvalResult(model="m", dtype="float32", device="cpu", ppl={"text:/x/wiki.txt": windows},
+                    tasks={"piqa": task}, wall_seconds=1.0)
+    result = JobResult(job=name, config=JobRecord(name=name, model="m", compress=compress, eval={"device": "cpu"}),
+                       compress=meta, compress_resumed=False, eval=ev, peak_memory=PeakMemory(host_gib=1.0),
+                       wall_seconds=1.0, finished="2026-11-30T12:00:00")
+    (d / "result.json").write_text(json.dumps(result.to_json()))
 
 
 def test_report_columns_against_dense_and_heatmap_order(tmp_path):
@@ -258,7 +265,7 @@ def test_report_columns_against_dense_and_heatmap_order(tmp_path):
               kept=["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"])
     report = write_report(tmp_path)
     rows = {row["job"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
-    assert [r["job"] for r in report.rows] == ["dense", "svd"]
+    assert [r.job for r in report.rows] == ["dense", "svd"]
     assert float(rows["svd"]["ppl text:/x/wiki.txt x dense"]) == pytest.approx(1.5)
     assert float(rows["svd"]["Δ piqa acc"]) == pytest.approx(-0.10)
     assert float(rows["svd"]["piqa acc stderr"]) == pytest.approx(0.01)

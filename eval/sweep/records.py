@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_serializer, f
 from rankwise.compress.metadata import CompressionResult, parse_result
 from rankwise.compress.peak_memory import PeakMemory
 from rankwise.errors import RankwiseError
+from rankwise.eval.records import EvalResult, finite_or_str
 from rankwise.eval.sweep.runfile import JobEval
 
 
@@ -42,7 +43,7 @@ class JobResult(BaseModel):
     config: JobRecord
     compress: Optional[CompressionResult]
     compress_resumed: bool  # the checkpoint was there already: only evaluated
-    eval: dict[str, Any]
+    eval: EvalResult
     peak_memory: PeakMemory
     wall_seconds: float
     finished: str
@@ -61,7 +62,12 @@ class JobResult(BaseModel):
         return v.model_dump(exclude_none=True)
 
     def to_json(self) -> dict:
-        return self.model_dump(mode="json")
+        """The JSON form: the evaluation without its copy of the compression record (kept once, under
+        `compress`), inf/nan as strings."""
+        out = self.model_dump(mode="python", exclude={"eval"})
+        out["eval"] = self.eval.to_json()
+        out["eval"].pop("rankwise")
+        return finite_or_str({k: out[k] for k in type(self).model_fields})
 
 
 class JobError(BaseModel):

@@ -70,9 +70,7 @@ def run_job(job: Job, progress=None) -> JobResult:
         if not resumed:
             meta = run_compress(job.compress, ckpt, overwrite=ckpt.exists(), progress=progress)
         model_ref = str(ckpt)
-    settings = job.eval.model_dump()
-    result_eval = evaluate_model(model_ref, progress=progress, **settings)
-    result_eval.pop("rankwise", None)  # the compression metadata is kept once, under "compress"
+    result_eval = evaluate_model(model_ref, progress=progress, **job.eval.model_dump())
     peak = peak_memory(device)
     result = JobResult(job=job.name, config=job.record(), compress=meta, compress_resumed=resumed,
                        eval=result_eval, peak_memory=peak, wall_seconds=round(time.perf_counter() - t0, 2),
