@@ -8,10 +8,10 @@ with `lazy=True`, one block at a time just before the pipeline reaches it (see `
 from __future__ import annotations
 
 import os
-import resource
-from dataclasses import dataclass
 
 import torch
+
+from rankwise.compress.peak_memory import PeakMemory as Peaks, peak_memory, reset_peak_memory
 
 
 # name -> LlamaConfig fields (hidden, intermediate, heads, kv heads, layers, vocab)
@@ -168,51 +168,23 @@ def calibration_ids(tokenizer, vocab: int, source: str, nsamples: int, seqlen: i
     return calibration_set(tokenizer, source, nsamples, seqlen, seed).input_ids
 
 
-@dataclass
-class Peaks:
-    host_gib: float
-    gpu_gib: float | None
-
-
 class PeakMemory:
-    """Peak host RSS and peak GPU allocation over a window; `reset()` starts a new window.
-
-    Host: Linux lets a process reset its own high-water mark (VmHWM) by writing 5 to /proc/self/clear_refs;
-    where that is not possible the window is the whole process lifetime (ru_maxrss).
-    """
+    """Peak host RSS and peak GPU allocation over a window (compress/peak_memory.py measures them); `reset()`
+    starts a new window."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.resettable = True
         self.reset()
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.resettable = False
+        reset_peak_memory(self.device)
 
     def read(self) -> Peaks:
-        host = None
-        if self.resettable:
-            try:
-                with open("/proc/self/status") as f:
-                    for line in f:
-                        if line.startswith("VmHWM:"):
-                            host = int(line.split()[1]) / 2**20  # kB -> GiB
-            except OSError:
-                host = None
-        if host is None:
-            host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        gpu = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            gpu = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return Peaks(round(host, 3), None if gpu is None else round(gpu, 3))
+        return peak_memory(self.device)
 
 
 def thread_note() -> str:
