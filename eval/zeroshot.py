@@ -17,9 +17,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rankwise.errors import RankwiseError, first_line
-from rankwise.eval.records import TaskResult
+
+if TYPE_CHECKING:  # the record's module imports torch; checking task names must not
+    from rankwise.eval.records import TaskResult
 
 LOCAL_TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LOCAL_HELP = ("use a local task instead: a YAML with `dataset_path: json` and `dataset_kwargs: {data_files: "
@@ -279,6 +282,8 @@ def run_tasks(model, tokenizer, prepared: list, limit: int | float | None = None
     is a fraction of each task's examples (as lm-eval's). `prepared` is TaskSet.prepare(specs) (or a list of
     specs, prepared here)."""
     import lm_eval
+
+    from rankwise.eval.records import TaskResult
     _quiet_lm_eval()
     task_set = task_set or TaskSet()
     if all(isinstance(s, str) for s in prepared):
