@@ -159,6 +159,18 @@ def test_report_on_a_folder_of_unrelated_json_writes_nothing(tmp_path, cli):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_run_file_non_finite_numbers_are_refused_naming_the_option(tiny_dirs, austen_file, tmp_path, cli):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"output_dir: {tmp_path / 'out'}\nmodel: {tiny_dirs['llama']}\n"
+                   f"calib: {{source: 'text:{austen_file}', nsamples: 2, seqlen: 16}}\n"
+                   "jobs: [{method: svd-llm, ratio: 0.3, refine: true, refine_lr: .inf}]\n")
+    res = cli("run", run, "--dry-run")
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (f"error: {run}: stage 'block-refine': option 'lr': Input should be a finite "
+                                  f"number")
+    assert not (tmp_path / "out").exists()
+
+
 def _limited_file_size(limit: int):
     """In the child: files may not grow past `limit` bytes; a write beyond fails with EFBIG (File too large),
     as a full disk fails with ENOSPC, instead of killing the process."""

@@ -146,7 +146,7 @@ def _resolve(options: dict, origin: dict, ev: EvalBlock, keep: bool, path: Path,
         loc = origin.get(key, (key,)) if key is not None else ()
         if err["type"] == "missing":
             raise RankwiseError(f"{path}: no {key!r} for a job (give it at the top level, in sweep: or jobs:)")
-        raise validation_error(path, lines, err, loc, str(key)) from None
+        raise validation_error(path, lines, err, loc, None if key is None else str(key)) from None
     job_eval = JobEval(**{**ev.model_dump(), "device": ev.device or cfg.device,
                           "trust_remote_code": cfg.trust_remote_code,
                           "dtype": cfg.dtype if dense and ev.dtype == "auto" else ev.dtype})

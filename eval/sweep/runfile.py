@@ -114,7 +114,7 @@ def validation_error(path: Path, lines: dict, err: dict, loc: tuple, name: str |
         return RankwiseError(f"{where}: unknown key {name.rsplit('.', 1)[-1]!r}"
                              + (f" (in {name})" if "." in name else ""))
     msg = err["msg"].removeprefix("Value error, ")
-    return RankwiseError(f"{where}: invalid {name}: {msg}")
+    return RankwiseError(f"{where}: invalid {name}: {msg}" if name else f"{where}: {msg}")  # no key: the message names it
 
 
 # ---------------------------------------------------------------- schema
