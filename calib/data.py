@@ -150,10 +150,13 @@ class CalibrationSet:
     seqlen: int
     seed: int
     bos: bool = False        # every window starts with BOS, then seqlen - 1 text tokens
+    chat: str | None = None  # the conversations file chat-templated windows came from (calib/chat.py)
+    chat_windows: int = 0    # how many of the windows are chat-templated
 
     def describe(self) -> dict:
         return {"source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
-                "bos": self.bos, "tokens": self.nsamples * self.seqlen}
+                "bos": self.bos, "tokens": self.nsamples * self.seqlen, "chat": self.chat,
+                "chat_windows": self.chat_windows}
 
 
 def calibration_set(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,

@@ -74,6 +74,12 @@ def evaluate_cmd(
                                      "(samples_TASK_DATE.jsonl beside the --output-path results)."),
     seed: Optional[int] = typer.Option(None, help="lm-eval's seeds (python, numpy, torch, few-shot sampling); "
                                                   "default lm-eval's own."),
+    generation_check: bool = typer.Option(False, "--generation-check", help="Greedy answers to a fixed prompt set "
+                                          "(chat template applied) scored against --reference's: exact-match rate "
+                                          "and first-token agreement, in the JSON's `generation`."),
+    reference: Optional[str] = typer.Option(None, help="The model the generation check compares with (default: "
+                                            "the checkpoint's dense source model)."),
+    max_new_tokens: int = typer.Option(32, help="Generation check: the longest answer, in tokens."),
     overwrite: bool = typer.Option(False, help="Replace the --json file and its Markdown if they exist."),
     quiet: bool = quiet_option(),
 ):
@@ -104,7 +110,7 @@ def evaluate_cmd(
         max_windows = max_windows if max_windows is not None else s.max_windows
         limit = limit if limit is not None else s.limit
         bos = bos if bos is not None else s.bos
-    elif not sources and not task_list:
+    elif not sources and not task_list and not generation_check:
         sources = ["wikitext2"]
     check_outputs(json_path, output_path, overwrite, [checkpoint, baseline, *local_sources(sources, task_list)])
     hub_tasks = []
@@ -118,10 +124,16 @@ def evaluate_cmd(
         result = evaluate_model(checkpoint, sources, task_list, 2048 if seqlen is None else seqlen, max_windows, limit,
                                 batch_size if batch_size == "auto" else int(batch_size), dtype, device, bos,
                                 trust_remote_code, progress=bars, gguf_file=gguf_file, num_fewshot=num_fewshot,
-                                seed=seed, log_samples=log_samples)
+                                seed=seed, log_samples=log_samples, generation=generation_check,
+                                reference=reference, max_new_tokens=max_new_tokens)
     if base is not None:
         add_deltas(result, base, baseline)
     out_console.print(markdown(result), markup=False, highlight=False)
+    if result.generation is not None:
+        g = result.generation
+        out_console.print(f"generation check against {g.reference_model}: exact match {g.exact_match:.0%}, "
+                          f"first token {g.first_token_agreement:.0%} of {len(g.answers)} prompts",
+                          markup=False, highlight=False)
     if json_path:
         j, m = write_results(result, json_path)
         out_console.print(f"wrote {j} and {m}", markup=False, highlight=False)

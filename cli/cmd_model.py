@@ -103,6 +103,11 @@ def model_cmd(
     seed: int = typer.Option(0, help="Seed of the window sampling (same seed, same windows)."),
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start every calibration window with BOS "
                                        "(default: as the model's tokenizer does in normal use)."),
+    calib_chat: Optional[str] = typer.Option(None, help="Conversations JSONL ({\"messages\": [{\"role\", "
+                                             "\"content\"}, ...]} a line) rendered with the chat template and mixed "
+                                             "into the calibration (default: a small set built from Austen's novels)."),
+    chat_fraction: Optional[float] = typer.Option(None, help="Share of calibration windows from the conversations "
+                                                  "(default: 0.25 when the tokenizer has a chat template, else 0)."),
     batch_size: int = calib_batch_option(),
     alpha: float = typer.Option(0.5, help="ASVD: exponent on mean |x| in the channel scaling."),
     rank_multiple: int = typer.Option(1, help="Round every rank down to a multiple of this (GPU-friendly shapes)."),
@@ -138,7 +143,7 @@ def model_cmd(
     options = dict(model=model, preset=preset, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
                    eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, refine=refine, refine_steps=refine_steps,
                    refine_lr=refine_lr, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
-                   batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype, device=device,
+                   calib_chat=calib_chat, chat_fraction=chat_fraction, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype, device=device,
                    offload=offload, stream_weights=stream_weights, trust_remote_code=trust_remote_code,
                    keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
     if preset != "none":  # the preset fills in what the command line left at its default

@@ -61,6 +61,11 @@ class CompressConfig(BaseModel):
     seed: int = 0
     bos: bool | None = Field(None, description="start every calibration window with BOS (None: as the tokenizer "
                              "does in normal use)")
+    calib_chat: str | None = Field(None, description="conversations JSONL ({messages: [{role, content}]}) whose "
+                                   "chat-templated windows are mixed into the calibration (None: the package's "
+                                   "configs/chat/austen_chat.jsonl)")
+    chat_fraction: float | None = Field(None, ge=0, lt=1, description="share of calibration windows from the "
+                                        "conversations (None: 0.25 when the tokenizer has a chat template, else 0)")
     batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
     alpha: float = Field(0.5, gt=0, description="ASVD exponent on mean |x|")
     rank_multiple: int = Field(1, ge=1)

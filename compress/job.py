@@ -1,12 +1,14 @@
 """One compression job end to end: load, calibrate, compress block by block, write the checkpoint."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from rankwise.calib.data import calibration_set, load_text, source_path, validate_source
+from rankwise.calib.chat import mixed_calibration_set
+from rankwise.calib.data import load_text, source_path, validate_source
 from rankwise.errors import RankwiseError
 from rankwise.compress.checkpoint import check_output_dir, save_checkpoint
 from rankwise.compress.config import CompressConfig
@@ -26,13 +28,15 @@ def _set_peak_memory(meta: CompressionResult, device: torch.device) -> None:
 
 def job_inputs(cfg: CompressConfig) -> list[str]:
     """Local paths the job reads: --overwrite never deletes them."""
-    return [p for p in (cfg.model, source_path(cfg.calib)) if p]
+    return [p for p in (cfg.model, source_path(cfg.calib), cfg.calib_chat) if p]
 
 
 def validate_job(cfg: CompressConfig, output: str | Path, overwrite: bool):
     """Everything that can be checked before loading weights: fail fast, write nothing."""
     check_output_dir(output, overwrite, job_inputs(cfg))
     validate_source(cfg.calib)
+    if cfg.calib_chat is not None and not os.path.isfile(cfg.calib_chat):
+        raise RankwiseError(f"--calib-chat {cfg.calib_chat!r}: no such file")
     device = resolve_device(cfg.device)
     if cfg.stream_weights:  # the pipeline's own check, before any weight is loaded
         refuse_unstreamable(Recipe.from_config(cfg), cfg)
@@ -60,10 +64,12 @@ def compress_in_memory(cfg: CompressConfig, device: torch.device, progress: Prog
     if progress:
         progress("load", 1, 1)
     try:
-        calib = calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, text=text, bos=cfg.bos)
+        calib = mixed_calibration_set(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, bos=cfg.bos,
+                                      chat=cfg.calib_chat, chat_fraction=cfg.chat_fraction, text=text)
         meta = compress_model(model, calib.input_ids, cfg, progress, block_source=stream)
         meta.calibration = Calibration(source=calib.source, nsamples=calib.nsamples, seqlen=calib.seqlen,
-                                       seed=calib.seed, bos=calib.bos)
+                                       seed=calib.seed, bos=calib.bos, chat=calib.chat,
+                                       chat_windows=calib.chat_windows)
     finally:
         if stream is not None:
             stream.close()

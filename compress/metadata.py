@@ -54,6 +54,8 @@ class Calibration(BaseModel):
     seqlen: int
     seed: int = 0
     bos: bool = False  # every window started with BOS (as the tokenizer does in normal use)
+    chat: str | None = None  # the conversations file of the chat-templated windows (calib/chat.py)
+    chat_windows: int = 0    # how many windows were chat-templated conversations
 
 
 class StageRun(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from rankwise.calib.data import calibration_set
+from rankwise.calib.chat import mixed_calibration_set
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.metadata import Calibration, CompressionResult
 from rankwise.compress.pipeline import compress_model
@@ -34,10 +34,12 @@ def oneshot(model: nn.Module, tokenizer_or_ids, /, *, ratio: float, recipe: Iter
         ids = tokenizer_or_ids
         calibration = Calibration(source="token ids", nsamples=ids.shape[0], seqlen=ids.shape[1], seed=cfg.seed)
     else:
-        windows = calibration_set(tokenizer_or_ids, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, bos=cfg.bos)
+        windows = mixed_calibration_set(tokenizer_or_ids, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                        bos=cfg.bos, chat=cfg.calib_chat, chat_fraction=cfg.chat_fraction)
         ids = windows.input_ids
         calibration = Calibration(source=windows.source, nsamples=windows.nsamples, seqlen=windows.seqlen,
-                                  seed=windows.seed, bos=windows.bos)
+                                  seed=windows.seed, bos=windows.bos, chat=windows.chat,
+                                  chat_windows=windows.chat_windows)
     result = compress_model(model, ids, cfg, progress)
     result.calibration, result.source_model = calibration, source
     result.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -13,6 +13,7 @@ from rankwise.compress.checkpoint import package_versions
 from rankwise.compress.metadata import read_result
 from rankwise.compress.loading import (check_finite_tensors, load_config, load_model, max_context, normalize_dtype,
                                        resolve_device, resolve_dtype)
+from rankwise.eval.generation import check_generation
 from rankwise.eval.ppl import perplexity
 from rankwise.eval.records import EvalResult, EvalSettings, PplResult
 
@@ -98,16 +99,19 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
                    dtype: str = "auto", device: str = "auto", bos: bool | None = None, trust_remote_code: bool = False,
                    progress=None, gguf_file: str | None = None, num_fewshot: int | None = None,
                    bootstrap_iters: int = 1000, seed: int | None = None, log_samples: bool = False,
-                   task_set=None) -> EvalResult:
+                   task_set=None, generation: bool = False, reference: str | None = None,
+                   max_new_tokens: int = 32) -> EvalResult:
     """All evaluations of one model, loaded once, in one EvalResult (eval/records.py): token perplexity per
     source, lm-eval's metrics per task, the settings, and lm-eval's own sections ("results" with its "acc,none"
     keys, "versions", "n-shot", "higher_is_better", "configs", "config", ...) as extra fields, so that its JSON
     reads as lm-eval output too. With log_samples, `samples` holds lm-eval's per-task samples (written to
     their own files, not into the JSON). Bad input fails before the model is loaded. task_set: the
-    eval.zeroshot.TaskSet that resolves task names (default: the local tasks and lm-eval's own)."""
+    eval.zeroshot.TaskSet that resolves task names (default: the local tasks and lm-eval's own). With generation,
+    `generation` holds the generation check (eval/generation.py) against `reference` (default: a checkpoint's
+    dense source model, else the model itself)."""
     t_start = time.perf_counter()
     ppl, tasks = list(ppl), list(tasks)
-    if not ppl and not tasks:
+    if not ppl and not tasks and not generation:
         raise RankwiseError("nothing to evaluate: give at least one perplexity source or task")
     limit = check_limit(limit)
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
@@ -119,6 +123,10 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
         validate_source(s)
     if gguf_file is None and not model_ref.endswith(".gguf"):
         load_config(model_ref, trust_remote_code)  # missing path / unknown id: fail before anything heavy
+    if generation:
+        source = _compression_record(model_ref)
+        reference = reference or (source.source_model if source is not None else None) or model_ref
+        load_config(reference, trust_remote_code)
     prepared = None
     if tasks:  # unknown tasks and unreachable task data fail here, before the model is loaded
         from rankwise.eval.zeroshot import TaskSet
@@ -140,13 +148,17 @@ def evaluate_model(model_ref: str, ppl: list[str] = (), tasks: list[str] = (), s
                         bos, num_fewshot, bootstrap_iters, task_set, progress, seed, log_samples)
     settings = EvalSettings(ppl=ppl, tasks=tasks, seqlen=seqlen, max_windows=max_windows, limit=limit,
                             batch_size=batch_size, bos=bos, num_fewshot=num_fewshot or 0,
-                            bootstrap_iters=bootstrap_iters, dtype=dtype, device=device, seed=seed)
+                            bootstrap_iters=bootstrap_iters, dtype=dtype, device=device, seed=seed,
+                            generation=generation)
+    check = check_generation(model, tokenizer, reference, max_new_tokens, dtype=dtype,
+                             trust_remote_code=trust_remote_code) if generation else None
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or \
         platform.machine()
     return EvalResult(model=model_ref, gguf_file=gguf_file, rankwise=_compression_record(model_ref),
                       dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=str(dev),
                       device_name=device_name, parameters=sum(p.numel() for p in model.parameters()),
-                      ppl=ppl_results, tasks=run.metrics, settings=settings, package_versions=_versions(),
+                      ppl=ppl_results, tasks=run.metrics, generation=check, settings=settings,
+                      package_versions=_versions(),
                       samples=run.samples if log_samples else {},
                       wall_seconds=round(time.perf_counter() - t_start, 2),
                       **run.lm_eval)  # lm-eval's own keys; none of them collides with the ones above

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
     model_validator
 
 from rankwise.compress.metadata import CompressionResult, parse_result
+from rankwise.eval.generation import GenerationCheck
 
 STDERR = "_stderr"
 # a task's bookkeeping keys beside its metrics
@@ -109,6 +110,7 @@ class EvalSettings(BaseModel):
     dtype: str = "auto"
     device: str = "auto"
     seed: Optional[int] = None
+    generation: bool = False  # the generation check ran
 
 
 class BaselineRef(BaseModel):
@@ -136,6 +138,7 @@ class EvalResult(BaseModel):
     parameters: int = 0
     ppl: dict[str, PplResult] = Field(default_factory=dict)
     tasks: dict[str, TaskResult] = Field(default_factory=dict)
+    generation: Optional[GenerationCheck] = None  # the generation check (--generation-check)
     settings: EvalSettings = Field(default_factory=EvalSettings)
     package_versions: dict[str, str] = Field(default_factory=dict)
     wall_seconds: float = 0.0

@@ -26,7 +26,7 @@ def test_compress_reload_both_ways_gives_in_memory_logits(family, tiny_dirs, aus
     assert 0.3 <= meta["ratio_achieved"] < 0.4
     assert meta["model_params_after"] < meta["model_params_before"]
     assert meta["calibration"] == {"source": f"text:{austen_file}", "nsamples": 4, "seqlen": 32, "seed": 0,
-                                   "bos": False}  # the tiny tokenizer adds no BOS
+                                   "bos": False, "chat_windows": 0}  # no BOS, no chat template
     assert {"torch", "transformers"} <= set(meta["versions"])
 
     model, _, mem_meta = compress_in_memory(CompressConfig(model=str(src), **args), torch.device("cpu"))
