@@ -137,7 +137,6 @@ def model_cmd(
     quiet: bool = quiet_option(),
 ):
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
-    use_hub_cache_when_offline([model], [calib])
     from rankwise.compress.config import CompressConfig
     from rankwise.compress.job import run_compress
     options = dict(model=model, preset=preset, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
@@ -154,6 +153,7 @@ def model_cmd(
     cfg = CompressConfig(**options)
     if stage:
         cfg = cfg.with_stages([parse_stage(spec) for spec in stage])
+    use_hub_cache_when_offline([model], [calib])  # the options are valid: now the hub, before anything loads
     if json_path is not None:  # before the work, not after it; --overwrite never reaches an input
         from rankwise.compress.job import job_inputs
         check_output_file(json_path, "--json", overwrite, job_inputs(cfg), output_dirs=[output])
