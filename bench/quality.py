@@ -1,9 +1,10 @@
 """Quality benchmark (not a test): perplexity of SmolLM2-135M compressed by each method, vs its dense self.
 
-Protocol: calibration 32 x 512 tokens of wiki_calib.txt (seed 0), perplexity on the first 64
-non-overlapping 512-token windows of wiki_eval.txt; out of domain, the first `--ood-windows` 512-token windows
-of the last 400,000 characters of ../shared/data/austen.txt (public-domain Austen), so overfitting to the
-calibration domain shows; with `--tasks`, zero-shot accuracy (lm-eval, on the in-memory model) beside them.
+Protocol: calibration 32 x 512 tokens of wiki_calib.txt (seed 0; plain text: `--chat-fraction 0` unless
+given), perplexity on the first 64 non-overlapping 512-token windows of wiki_eval.txt; out of domain, the
+first `--ood-windows` 512-token windows of the last 400,000 characters of ../shared/data/austen.txt
+(public-domain Austen), so overfitting to the calibration domain shows; with `--tasks`, zero-shot accuracy
+(lm-eval, on the in-memory model) beside them.
 Assets from ../shared/assets/prepare.py.
 
     python bench/quality.py [--rows svd,svd-llm] [--ratios 0.2,0.4] [--threads 1] [--tasks austen_mc]
@@ -71,6 +72,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     ap.add_argument("--ratios", default="0.2,0.4")
     ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--chat-fraction", type=float, default=0.0,
+                    help="share of chat-templated calibration windows (the protocol: 0, plain wiki text)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--ood", type=Path, default=AUSTEN, help="out-of-domain text (its last 400,000 characters)")
@@ -118,8 +121,9 @@ def main() -> None:
           flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for row in rows:
+            options = {"chat_fraction": args.chat_fraction, **ROWS[row]}
             cfg = CompressConfig(model=args.model, ratio=ratio, calib=args.calib, nsamples=args.nsamples,
-                                 seqlen=args.seqlen, device=args.device, **ROWS[row])
+                                 seqlen=args.seqlen, device=args.device, **options)
             t0 = time.perf_counter()
             m, _, meta = compress_in_memory(cfg, torch.device(device))
             seconds = time.perf_counter() - t0
