@@ -114,6 +114,10 @@ def model_cmd(
     keep_dense: str = typer.Option("", help="Comma-separated Linear names or suffixes to leave dense (e.g. k_proj,v_proj "
                                             "where factorized layers run slower); the others give up more."),
     dtype: str = typer.Option("auto", help="Weights dtype: auto (checkpoint's on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    factor_dtype: str = typer.Option("auto", help="How the factors are stored: auto (the model's dtype), bf16, fp16, "
+                                     "fp32, int8 (one scale per output channel; CPU matmuls stay int8) or int4 "
+                                     "(one scale per --int4-group inputs, ranks rounded to the group)."),
+    int4_group: int = typer.Option(32, help="int4 factors: inputs per scale (it must divide the ranks)."),
     device: str = typer.Option("auto", help="Where blocks are calibrated and factorized: auto, cpu, cuda, cuda:N."),
     offload: bool = typer.Option(False, help="Keep calibration activations and statistics on CPU (saves GPU memory)."),
     stream_weights: bool = typer.Option(False, help="Read each decoder block from the checkpoint's safetensors files "
@@ -142,8 +146,9 @@ def model_cmd(
     options = dict(model=model, preset=preset, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
                    eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, refine=refine, refine_steps=refine_steps,
                    refine_lr=refine_lr, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
-                   calib_chat=calib_chat, chat_fraction=chat_fraction, batch_size=batch_size, alpha=alpha, rank_multiple=rank_multiple, dtype=dtype, device=device,
-                   offload=offload, stream_weights=stream_weights, trust_remote_code=trust_remote_code,
+                   calib_chat=calib_chat, chat_fraction=chat_fraction, batch_size=batch_size, alpha=alpha,
+                   rank_multiple=rank_multiple, dtype=dtype, factor_dtype=factor_dtype, int4_group=int4_group,
+                   device=device, offload=offload, stream_weights=stream_weights, trust_remote_code=trust_remote_code,
                    keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
     if preset != "none":  # the preset fills in what the command line left at its default
         options = {k: v for k, v in options.items() if k in ("model", "preset") or _given(ctx, k)}

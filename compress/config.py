@@ -1,12 +1,14 @@
 """Validated settings of one compression job (the CLI and YAML runs build this; the pipeline reads it)."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rankwise.compress.defaults import EORA_RANK_DEFAULT
+from rankwise.compress.lowrank import INT4_GROUP_DEFAULT
 from rankwise.compress.plugins import load_plugins
 from rankwise.compress.stages.base import REGISTRIES
 from rankwise.compress.stages.recipe import Recipe
@@ -72,6 +74,11 @@ class CompressConfig(BaseModel):
     keep_dense: list[str] = Field(default_factory=list, description="Linears left dense (name or suffix, e.g. "
                                   "k_proj): the others make up the ratio")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    factor_dtype: Literal["auto", "bf16", "fp16", "fp32", "int8", "int4"] = Field(
+        "auto", description="how the factors A and B are stored: auto (the model's dtype), a float dtype, int8 "
+        "(one scale per output channel) or int4 (one scale per group of inputs)")
+    int4_group: int = Field(INT4_GROUP_DEFAULT, ge=2, description="int4 factors: inputs per scale (even; it must "
+                            "divide every rank and the hidden sizes)")
     device: str = "auto"
     offload: bool = Field(False, description="keep calibration activations and statistics on CPU")
     stream_weights: bool = Field(False, description="read each decoder block from the checkpoint's safetensors "
@@ -134,8 +141,11 @@ class CompressConfig(BaseModel):
         """The recipe entries: `recipe` as given, or the ones the shorthand options stand for."""
         if self.recipe is not None:
             return [e.model_dump() for e in self.recipe]
+        multiple = self.rank_multiple
+        if self.factor_dtype == "int4":  # int4 groups run along B's inputs: every rank a multiple of the group
+            multiple = math.lcm(multiple, self.int4_group)
         entries = [{"stage": self.method, "options": {"alpha": self.alpha} if self.method == "asvd" else {}},
-                   {"stage": self.ranks, "options": {"rank_multiple": self.rank_multiple,
+                   {"stage": self.ranks, "options": {"rank_multiple": multiple,
                                                      "keep_dense": list(self.keep_dense)}}]
         if self.refit:
             entries.append({"stage": "refit", "options": {"damp": self.refit_damp}})

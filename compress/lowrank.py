@@ -14,9 +14,13 @@ the same code.
 
 Checkpoint format: `config.json` is the source model's config plus a `rankwise` section whose `modules` maps
 each factorized Linear's qualified name to {"rank": k, "in": n, "out": m, "bias": bool, "lora_rank": r}
-(and `format_version`, see FORMAT_VERSION);
+(and `format_version`, see FORMAT_VERSION), plus "factor_dtype" and "group_size" when the factors are
+stored in another dtype than the model's (FACTOR_DTYPES);
 weights are stored as `<name>.A.weight` [k, n], `<name>.B.weight` [m, k] (+ `<name>.B.bias`) and, for a
-compensated layer, `<name>.lora_A.weight` [r, n], `<name>.lora_B.weight` [m, r].
+compensated layer, `<name>.lora_A.weight` [r, n], `<name>.lora_B.weight` [m, r]. Factors stored in int8 hold
+`<name>.A.weight` int8 [k, n] and `<name>.A.weight_scale` float32 [k] (one scale per output channel; B alike);
+in int4, `<name>.A.weight` uint8 [k, n / 2] (two values per byte) and `<name>.A.weight_scale` float32
+[k, n / group_size] (one scale per group of inputs).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:  # transformers is always present where checkpoints are loaded; the layer itself needs only torch
@@ -37,22 +42,138 @@ AUTO_MAP = {"AutoModel": "modeling_rankwise.RankwiseModel",
             "AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
 
 
+# How the factors A and B are stored: "auto" in the model's dtype, a float dtype, or quantized (Int8Linear,
+# Int4Linear); biases and residual paths stay in the model's dtype.
+FACTOR_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+FLOAT_FACTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INT4_GROUP_DEFAULT = 32
+
+
+class Int8Linear(nn.Module):
+    """y = x (s Q)^T + b: an int8 weight Q [out, in] with one float32 scale per output channel, s = absmax / 127
+    (symmetric, round to nearest). On CPU the product runs in torch's weight-only int8 kernel
+    (aten._weight_int8pack_mm(x [tokens, in], Q, s in x's dtype): Q stays int8 in memory, no float copy);
+    elsewhere Q is dequantized per call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
+                 group_size: int = 0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float()
+        scale = w.abs().amax(1).clamp_min(1e-30) / 127
+        self.weight = nn.Parameter(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s Q in `dtype`: the weight this layer computes with."""
+        return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight_scale.to(x.dtype)
+        if x.device.type == "cpu" and (x.dtype in (torch.float32, torch.float16)
+                                       or (x.dtype == torch.bfloat16 and self.in_features % 16 == 0)):
+            # torch 2.13's CPU kernel reads bf16 inputs 16 at a time (other widths crash it)
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight,
+                                                   scale).reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype) * scale[:, None])
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """y = x (s Q)^T + b: int4 values Q in [-8, 7] [out, in], two per byte (uint8 [out, in / 2], the even input
+    in the low nibble), one float32 scale per group of `group_size` inputs of each output, s = absmax / 7
+    (symmetric, group-wise). Dequantized to x's dtype per call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
+                 group_size: int = INT4_GROUP_DEFAULT):
+        super().__init__()
+        if group_size < 2 or group_size % 2 or in_features % group_size:
+            raise ValueError(f"int4 group size {group_size} must be even and divide the {in_features} inputs")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, in_features // group_size, dtype=torch.float32,
+                                                     device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float().reshape(self.out_features, -1, self.group_size)
+        scale = w.abs().amax(2).clamp_min(1e-30) / 7
+        q = (torch.round(w / scale[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(self.out_features, -1)
+        self.weight = nn.Parameter(q[:, 0::2] | (q[:, 1::2] << 4), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s Q in `dtype`: the weight this layer computes with."""
+        q = torch.stack((self.weight & 15, self.weight >> 4), -1).reshape(self.out_features, -1).float() - 8
+        q = q.reshape(self.out_features, -1, self.group_size) * self.weight_scale.float()[..., None]
+        return q.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+QUANTIZED_LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def factor_linear(in_features: int, out_features: int, bias: bool, storage: str | None, group_size: int,
+                  device=None, dtype=None) -> nn.Module:
+    """An empty factor (A or B) stored as `storage` (None or "auto": in `dtype`)."""
+    if storage in QUANTIZED_LINEARS:
+        return QUANTIZED_LINEARS[storage](in_features, out_features, bias=bias, device=device, dtype=dtype,
+                                          group_size=group_size)
+    return nn.Linear(in_features, out_features, bias=bias, device=device,
+                     dtype=FLOAT_FACTOR_DTYPES.get(storage, dtype))
+
+
+def factor_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a factor computes with (dequantized when stored quantized)."""
+    return layer.dequantized() if isinstance(layer, tuple(QUANTIZED_LINEARS.values())) else layer.weight
+
+
 class LowRankFactors(nn.Module):
     """y = B(A x) [+ lora_B(lora_A x)]: a rank-k factorization W ~ B A of a dense Linear, bias kept in B.
 
     The optional lora path is a residual correction (EoRA compensation) kept separate so it can be exported
     as an adapter or dropped. Not an nn.Linear: an engine that swaps every nn.Linear for its own dense kernel
     (vLLM's Transformers backend) swaps A and B (and the lora pair) instead, and loads `<name>.A.weight` and
-    `<name>.B.weight` into them. `weight` and `bias` are the ones it computes (read-only).
+    `<name>.B.weight` into them. `weight` and `bias` are the ones it computes (read-only). `factor_dtype`
+    (FACTOR_DTYPES; None: `dtype`) is how A and B are stored; a float one computes in that dtype (the input
+    cast to it, the output back).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 lora_rank: int = 0, device=None, dtype=None):
+                 lora_rank: int = 0, device=None, dtype=None, factor_dtype: str | None = None,
+                 group_size: int = 0):
         nn.Module.__init__(self)  # never nn.Linear's (LowRankLinear): it would allocate the dense weight
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.factor_dtype, self.group_size = None, 0
         kw = {"device": device, "dtype": dtype}
-        self.A = nn.Linear(in_features, rank, bias=False, **kw)
-        self.B = nn.Linear(rank, out_features, bias=bias, **kw)
+        if factor_dtype in (None, "auto"):
+            self.A = nn.Linear(in_features, rank, bias=False, **kw)
+            self.B = nn.Linear(rank, out_features, bias=bias, **kw)
+        else:
+            self.A = factor_linear(in_features, rank, False, factor_dtype, group_size, **kw)
+            self.B = factor_linear(rank, out_features, bias, factor_dtype, group_size, **kw)
+            self.factor_dtype, self.group_size = factor_dtype, group_size if factor_dtype == "int4" else 0
         self.lora_rank = lora_rank
         if lora_rank:
             self.lora_A = nn.Linear(in_features, lora_rank, bias=False, **kw)
@@ -72,10 +193,32 @@ class LowRankFactors(nn.Module):
                 layer.B.bias.copy_(bias)
         return layer
 
-    def add_lora(self, lora_B: torch.Tensor, lora_A: torch.Tensor) -> None:
-        """Attach (or replace) the residual path lora_B @ lora_A."""
+    @torch.no_grad()
+    def store_factors(self, factor_dtype: str, group_size: int = INT4_GROUP_DEFAULT) -> None:
+        """Store A and B as `factor_dtype` (FACTOR_DTYPES; "auto" leaves them as they are). Quantized: each
+        factor rounded on its own (per output channel for int8, per group of inputs for int4)."""
+        if factor_dtype in (None, "auto"):
+            return
+        for name, (n, m, bias) in (("A", (self.in_features, self.rank, False)),
+                                   ("B", (self.rank, self.out_features, self.B.bias is not None))):
+            old = getattr(self, name)
+            new = factor_linear(n, m, bias, factor_dtype, group_size, device=old.weight.device,
+                               dtype=old.bias.dtype if bias else old.weight.dtype)
+            if factor_dtype in QUANTIZED_LINEARS:
+                new.set_weight(factor_weight(old))
+            else:
+                new.weight.copy_(factor_weight(old))
+            if bias:
+                new.bias.copy_(old.bias)
+            setattr(self, name, new)
+        self.factor_dtype, self.group_size = factor_dtype, group_size if factor_dtype == "int4" else 0
+
+    def add_lora(self, lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Attach (or replace) the residual path lora_B @ lora_A, in `dtype` (default: the factors' dtype, or
+        lora_A's when the factors are stored in another one than the model's)."""
         r = lora_A.shape[0]
-        kw = {"device": self.A.weight.device, "dtype": self.A.weight.dtype}
+        dtype = dtype or (self.A.weight.dtype if self.factor_dtype is None else lora_A.dtype)
+        kw = {"device": self.A.weight.device, "dtype": dtype}
         self.lora_rank = r
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
@@ -86,9 +229,9 @@ class LowRankFactors(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight this layer computes (for inspection; forward never materialises it)."""
-        w = self.B.weight @ self.A.weight
+        w = factor_weight(self.B) @ factor_weight(self.A).to(factor_weight(self.B).dtype)
         if self.lora_rank:
-            w = w + self.lora_B.weight @ self.lora_A.weight
+            w = w.to(self.lora_A.weight.dtype) + self.lora_B.weight @ self.lora_A.weight
         return w
 
     @property
@@ -96,14 +239,16 @@ class LowRankFactors(nn.Module):
         return self.B.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.B(self.A(x))
+        h = x.to(self.A.weight.dtype) if self.factor_dtype in FLOAT_FACTOR_DTYPES else x
+        y = self.B(self.A(h)).to(x.dtype)
         if self.lora_rank:
             y = y + self.lora_B(self.lora_A(x))
         return y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-                f"bias={self.B.bias is not None}, lora_rank={self.lora_rank}")
+                f"bias={self.B.bias is not None}, lora_rank={self.lora_rank}"
+                + (f", factors {self.factor_dtype}" if self.factor_dtype else ""))
 
 
 class LowRankLinear(LowRankFactors, nn.Linear):
@@ -145,7 +290,8 @@ def apply_structure(model: nn.Module, modules: dict, layer: type = LowRankLinear
             continue
         setattr(parent, child, layer(spec["in"], spec["out"], spec["rank"], bias=spec["bias"],
                                      lora_rank=spec.get("lora_rank", 0), device=dense.weight.device,
-                                     dtype=dense.weight.dtype))
+                                     dtype=dense.weight.dtype, factor_dtype=spec.get("factor_dtype"),
+                                     group_size=spec.get("group_size", 0)))
 
 
 def relative_to(model: nn.Module, named: dict) -> dict:

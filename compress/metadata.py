@@ -24,8 +24,10 @@ from rankwise.errors import RankwiseError
 
 class ModuleSpec(BaseModel):
     """One changed Linear: its factorization rank (None: left dense, e.g. a pruned layer given an EoRA path),
-    shape, bias, and the rank of its EoRA path (0: none). Stored as {"rank", "in", "out", "bias", "lora_rank"},
-    the mapping modeling_rankwise.py reads."""
+    shape, bias, the rank of its EoRA path (0: none) and how its factors are stored (factor_dtype, one of
+    lowrank.FACTOR_DTYPES, None: in the model's dtype; group_size: int4's group of inputs). Stored as
+    {"rank", "in", "out", "bias", "lora_rank"} (+ "factor_dtype", "group_size" when set), the mapping
+    modeling_rankwise.py reads."""
     model_config = ConfigDict(populate_by_name=True, frozen=True)
 
     rank: int | None
@@ -33,15 +35,24 @@ class ModuleSpec(BaseModel):
     out_features: int = Field(alias="out")
     bias: bool = False
     lora_rank: int = 0
+    factor_dtype: str | None = None
+    group_size: int = 0
 
     @classmethod
     def of(cls, layer) -> "ModuleSpec":
         """The spec of a compressed layer: a LowRankLinear, or a dense layer carrying a path (LoraLinear)."""
         if isinstance(layer, LowRankLinear):
             return cls(rank=layer.rank, in_features=layer.in_features, out_features=layer.out_features,
-                       bias=layer.B.bias is not None, lora_rank=layer.lora_rank)
+                       bias=layer.B.bias is not None, lora_rank=layer.lora_rank, factor_dtype=layer.factor_dtype,
+                       group_size=layer.group_size)
         return cls(rank=None, in_features=layer.in_features, out_features=layer.out_features,
                    bias=getattr(layer.base, "bias", None) is not None, lora_rank=layer.lora_rank)
+
+    def to_json(self) -> dict:
+        """The stored mapping; factor_dtype and group_size only when the factors are stored in another dtype
+        (checkpoints in the model's dtype keep the layout they always had)."""
+        out = self.model_dump(mode="json", by_alias=True)
+        return {k: v for k, v in out.items() if k not in ("factor_dtype", "group_size") or v}
 
     @property
     def lora_params(self) -> int:
@@ -141,7 +152,7 @@ class CompressionResult(BaseModel):
         """The JSON form (module shapes under "in" / "out"; unset optional fields left out, but a module's
         rank is always written: null is a layer left dense)."""
         out = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        out["modules"] = {n: s.model_dump(mode="json", by_alias=True) for n, s in self.modules.items()}
+        out["modules"] = {n: s.to_json() for n, s in self.modules.items()}
         return out
 
 

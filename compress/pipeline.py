@@ -28,6 +28,7 @@ from rankwise.compress.lowrank import get_submodule_parent
 from rankwise.compress.metadata import CompressionResult, ModuleSpec
 from rankwise.compress.stages.base import BlockWork, CompressionJob, LinearStatistics, LinearWork
 from rankwise.compress.stages.recipe import Recipe
+from rankwise.compress.storage import check_factor_storage, store_factors
 from rankwise.errors import RankwiseError
 
 __all__ = ["BlockSource", "Progress", "StageTimer", "compress_model", "count_params", "target_shapes"]
@@ -75,7 +76,9 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     for model_pass in recipe.model_passes:
         with timer.stage(model_pass.name):
             job.passes[model_pass.name] = model_pass.run(job)
+    check_factor_storage(job.shapes, None, cfg.factor_dtype, cfg.int4_group)
     ranks = recipe.allocate(job, cfg.ratio)
+    check_factor_storage(job.shapes, ranks, cfg.factor_dtype, cfg.int4_group)
     modules: dict[str, ModuleSpec] = {}
 
     def compress_group(step: BlockStep, group: list[str], stats) -> None:
@@ -96,7 +99,9 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
 
     runner = block_runner(model, calib_ids, cfg.batch_size, device, job.storage, block_source, timer, progress)
     runner.compress(recipe.statistics, recipe.dense_stream, compress_group, correct_block)
-    return recipe.result(cfg, job.shapes, ranks, modules, params_before, count_params(model), timer.seconds)
+    params_after = count_params(model)  # parameters, not stored elements: counted before quantized storage
+    modules = store_factors(model, modules, cfg.factor_dtype, cfg.int4_group)
+    return recipe.result(cfg, job.shapes, ranks, modules, params_before, params_after, timer.seconds)
 
 
 def compress_linear(recipe: Recipe, timer: StageTimer, step: BlockStep, name: str, work: LinearWork) -> ModuleSpec:

@@ -1,0 +1,44 @@
+"""How the factors of a compressed model are stored (`--factor-dtype`): checked against the ranks before any
+work, applied once every stage has run (refinement and correction work on float factors), so the model in
+memory computes what the written checkpoint computes."""
+from __future__ import annotations
+
+from torch import nn
+
+from rankwise.compress.lowrank import LowRankFactors
+from rankwise.compress.metadata import ModuleSpec
+from rankwise.compress.numerics import MatrixShape
+from rankwise.errors import RankwiseError
+
+
+def check_factor_storage(shapes: dict[str, MatrixShape], ranks: dict[str, int | None] | None, factor_dtype: str,
+                         group_size: int) -> None:
+    """int4 groups run along each factor's inputs: the group must divide every targeted matrix's input size
+    (A's inputs; checked before the allocation when `ranks` is None) and every rank (B's inputs). One line
+    naming the first that it does not."""
+    if factor_dtype != "int4":
+        return
+    if group_size % 2:
+        raise RankwiseError(f"--int4-group {group_size} must be even (two int4 values per byte)")
+    sizes = ([("input size", name, s.inp) for name, s in shapes.items()] if ranks is None else
+             [("rank", name, rank) for name, rank in ranks.items() if rank is not None])
+    for what, name, size in sizes:
+        if size % group_size:
+            raise RankwiseError(f"int4 group {group_size} does not divide the {what} {size} of {name}: "
+                                + ("give ranks a --rank-multiple of it" if what == "rank" else "choose another "
+                                   "--int4-group"))
+
+
+def store_factors(model: nn.Module, modules: dict[str, ModuleSpec], factor_dtype: str,
+                  group_size: int) -> dict[str, ModuleSpec]:
+    """Store the factors of every compressed layer named in `modules` as `factor_dtype` (in place); their
+    specs, updated."""
+    if factor_dtype == "auto":
+        return modules
+    out = dict(modules)
+    for name, spec in modules.items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, LowRankFactors):
+            layer.store_factors(factor_dtype, group_size)
+            out[name] = ModuleSpec.of(layer)
+    return out

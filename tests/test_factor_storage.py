@@ -1,0 +1,117 @@
+"""Factors stored in int8 / int4 (`--factor-dtype`): the checkpoint loads in plain transformers, keeps the
+quantized factors, and computes exactly what its dequantized weights compute; int8 costs little against float
+factors; an int4 group that cannot divide the ranks is refused in one line."""
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from tiny import austen_text, tiny_tokenizer
+
+# The loaded model's classes are the checkpoint's modeling_rankwise.py's (a copy of compress/lowrank.py): named.
+QUANTIZED = ("Int8Linear", "Int4Linear")
+
+
+def compress(cli, tiny_dirs, austen_file, out, *extra):
+    res = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.3", "--calib", f"text:{austen_file}",
+              "--nsamples", "8", "--seqlen", "32", "--device", "cpu", *extra)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_dirs, austen_file, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from rankwise.cli.main import app
+    root = tmp_path_factory.mktemp("storage")
+
+    def cli(*args):
+        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    extra = {"auto": (), "int8": (), "int4": ("--int4-group", "16")}  # a group the tiny model's ranks can hold
+    return {dt: compress(cli, tiny_dirs, austen_file, root / dt, "--factor-dtype", dt, *extra[dt])
+            for dt in ("auto", "int8", "int4")}
+
+
+def text_ids(n: int = 96) -> torch.Tensor:
+    return tiny_tokenizer()(austen_text(20_000)[10_000:], return_tensors="pt").input_ids[:, :n]
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """The model with every quantized factor replaced by a float nn.Linear holding its dequantized weight."""
+    ref = copy.deepcopy(model)
+    for name, mod in list(ref.named_modules()):
+        if type(mod).__name__ in QUANTIZED:
+            parent, _, child = name.rpartition(".")
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.dequantized())
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            setattr(ref.get_submodule(parent), child, lin)
+    return ref
+
+
+@pytest.mark.parametrize("factor_dtype, stored", [("int8", torch.int8), ("int4", torch.uint8)])
+def test_quantized_checkpoint_loads_in_transformers_and_matches_dequantized_weights(checkpoints, factor_dtype,
+                                                                                    stored):
+    ck = checkpoints[factor_dtype]
+    modules = json.loads((ck / "config.json").read_text())["rankwise"]["modules"]
+    assert modules and all(m["factor_dtype"] == factor_dtype for m in modules.values())
+    model = transformers.AutoModelForCausalLM.from_pretrained(ck, trust_remote_code=True).eval()
+    layers = [m for m in model.modules() if getattr(m, "factor_dtype", None) == factor_dtype]
+    assert len(layers) == len(modules)
+    assert all(m.A.weight.dtype == stored and m.B.weight.dtype == stored for m in layers)  # kept quantized
+    ids = text_ids()
+    with torch.no_grad():
+        logits = model(ids).logits
+        ref = dequantized_copy(model)(ids).logits
+    assert not any(type(m).__name__ in QUANTIZED for m in dequantized_copy(model).modules())
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_factors_cost_little_against_float_factors(checkpoints):
+    ids = text_ids(128)
+
+    def loss(ck):
+        model = transformers.AutoModelForCausalLM.from_pretrained(ck, trust_remote_code=True).eval()
+        with torch.no_grad():
+            return float(model(ids, labels=ids).loss)
+    float_loss, int8_loss = loss(checkpoints["auto"]), loss(checkpoints["int8"])
+    print(f"loss: float factors {float_loss:.5f}, int8 factors {int8_loss:.5f}")
+    assert abs(int8_loss - float_loss) < 0.01 * float_loss, (float_loss, int8_loss)
+
+
+def test_int8_checkpoint_is_smaller_on_disk(checkpoints):
+    def size(ck):
+        return sum(p.stat().st_size for p in ck.glob("*.safetensors"))
+    assert size(checkpoints["int8"]) < size(checkpoints["auto"])
+    assert size(checkpoints["int4"]) < size(checkpoints["int8"])
+
+
+def one_error_line(res) -> str:
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "Traceback" not in res.output, res.output
+    return errors[0]
+
+
+def test_int4_group_that_cannot_divide_an_input_size_is_refused(cli, tiny_dirs, austen_file, tmp_path):
+    res = cli("model", tiny_dirs["llama"], "-o", tmp_path / "out", "--ratio", "0.3", "--calib",
+              f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32", "--device", "cpu",
+              "--factor-dtype", "int4", "--int4-group", "48")
+    assert "int4 group 48 does not divide the input size 64" in one_error_line(res)
+    assert not (tmp_path / "out").exists()
+
+
+def test_int4_group_that_cannot_divide_a_rank_is_refused(cli, tiny_dirs, austen_file, tmp_path):
+    recipe = tmp_path / "recipe.yaml"  # a recipe's own rank multiple is kept as given
+    recipe.write_text("- {stage: svd-llm}\n- {stage: uniform, options: {rank_multiple: 1}}\n")
+    res = cli("model", tiny_dirs["llama"], "-o", tmp_path / "out", "--ratio", "0.3", "--recipe", recipe,
+              "--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32", "--device", "cpu",
+              "--factor-dtype", "int4", "--int4-group", "16")
+    line = one_error_line(res)
+    assert "int4 group 16 does not divide the rank" in line and "--rank-multiple" in line
+    assert not (tmp_path / "out").exists()
