@@ -61,6 +61,12 @@ def inspect_cmd(
     for line in stage_lines(info):
         out.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     out.print(ratio_table(info, "Parameters removed"))
+    if info.targeted_bytes_before:
+        dtypes = sorted({m.factor_dtype or "model dtype" for m in info.modules.values() if m.rank is not None})
+        asked = f", asked {info.size_ratio_requested:g}" if info.size_ratio_requested is not None else ""
+        out.print(f"storage: factors in {', '.join(dtypes) or '-'}; targeted Linears {info.targeted_bytes_after:,} "
+                  f"bytes of {info.targeted_bytes_before:,} at 16 bits per weight (size ratio "
+                  f"{info.size_ratio_achieved:.4f}{asked})", highlight=False, markup=False, soft_wrap=True)
     out.print(rank_table(info))
     out.print(f"kept dense: {', '.join(info.kept_dense) if info.kept_dense else 'none'}", highlight=False,
               markup=False, soft_wrap=True)

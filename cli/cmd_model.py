@@ -80,8 +80,12 @@ def model_cmd(
                                     "(Fisher-weighted: one extra forward+backward pass over the calibration set, one "
                                     "sequence at a time with gradient checkpointing; memory ~ the model's weights + "
                                     "one sequence's activations and logits)."),
-    ratio: float = typer.Option(..., "--ratio", "-r",
-                                help="Fraction of the targeted Linear parameters REMOVED, in (0, 1): 0.2 keeps 80%."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", "-r", help="Fraction of the targeted Linear parameters "
+                                          "REMOVED, in (0, 1): 0.2 keeps 80%. Or --size-ratio."),
+    size_ratio: Optional[float] = typer.Option(None, "--size-ratio", help="Instead of --ratio, a byte budget: the "
+                                               "stored bytes of the targeted Linears KEPT, as a fraction of the same "
+                                               "Linears at 16 bits per weight, in (0, 1); every rank is priced at "
+                                               "its stored bytes (--factor-dtype, scales included)."),
     ranks: str = typer.Option("uniform", help="Rank allocation: uniform (same fraction of every matrix) or welore "
                                               "(one global threshold on normalised spectra) or loss-aware "
                                               "(components kept by predicted output error per parameter); welore and "
@@ -143,12 +147,13 @@ def model_cmd(
     """Compress a causal LM: calibrate on real text, factorize every decoder Linear, write a checkpoint."""
     from rankwise.compress.config import CompressConfig
     from rankwise.compress.job import run_compress
-    options = dict(model=model, preset=preset, method=method, ratio=ratio, ranks=ranks, compensate=compensate,
-                   eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, refine=refine, refine_steps=refine_steps,
-                   refine_lr=refine_lr, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
-                   calib_chat=calib_chat, chat_fraction=chat_fraction, batch_size=batch_size, alpha=alpha,
-                   rank_multiple=rank_multiple, dtype=dtype, factor_dtype=factor_dtype, int4_group=int4_group,
-                   device=device, offload=offload, stream_weights=stream_weights, trust_remote_code=trust_remote_code,
+    options = dict(model=model, preset=preset, method=method, ratio=ratio, size_ratio=size_ratio, ranks=ranks,
+                   compensate=compensate, eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, refine=refine,
+                   refine_steps=refine_steps, refine_lr=refine_lr, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                   seed=seed, bos=bos, calib_chat=calib_chat, chat_fraction=chat_fraction, batch_size=batch_size,
+                   alpha=alpha, rank_multiple=rank_multiple, dtype=dtype, factor_dtype=factor_dtype,
+                   int4_group=int4_group, device=device, offload=offload, stream_weights=stream_weights,
+                   trust_remote_code=trust_remote_code,
                    keep_dense=[k.strip() for k in keep_dense.split(",") if k.strip()])
     if preset != "none":  # the preset fills in what the command line left at its default
         options = {k: v for k, v in options.items() if k in ("model", "preset") or _given(ctx, k)}

@@ -255,11 +255,17 @@ def ratio_table(meta: CompressionResult, title: str) -> Table:
     t = Table(title=title, show_header=True)
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("removed", "right")):
         t.add_column(col, justify=justify)
+    asked = f" (asked {meta.ratio_requested:.2%})" if meta.ratio_requested is not None else ""
     t.add_row("targeted Linear params", f"{meta.targeted_params_before:,}", f"{meta.targeted_params_after:,}",
-              f"{meta.ratio_achieved:.2%} (asked {meta.ratio_requested:.2%})")
+              f"{meta.ratio_achieved:.2%}{asked}")
     if meta.compensation_params:
         t.add_row("  without the EoRA paths", "", f"{meta.targeted_params_after - meta.compensation_params:,}",
                   f"{meta.ratio_achieved_without_compensation:.2%}")
     t.add_row("whole model params", f"{meta.model_params_before:,}", f"{meta.model_params_after:,}",
               f"{meta.model_ratio_achieved:.2%}")
+    if meta.targeted_bytes_before:  # before: at 16 bits per weight; after: as stored (factor dtype, scales)
+        asked = f", asked {meta.size_ratio_requested:.2%}" if meta.size_ratio_requested is not None else ""
+        kept = f"{1 - meta.size_ratio_achieved:.2%} (kept {meta.size_ratio_achieved:.2%}{asked})"
+        t.add_row("targeted Linear bytes (16-bit before)", f"{meta.targeted_bytes_before:,}",
+                  f"{meta.targeted_bytes_after:,}", kept)
     return t

@@ -19,7 +19,7 @@ from typing import Iterable
 from rankwise.errors import RankwiseError
 from rankwise.compress.outputs import atomic_output_dir, check_output_dir, json_text  # noqa: F401 (the writers' entry points)
 from rankwise.compress import lowrank
-from rankwise.compress.describe import pipeline_name
+from rankwise.compress.describe import budget_asked, pipeline_name
 from rankwise.compress.lowrank import AUTO_MAP, RANKWISE_KEY, checkpoint_file
 from rankwise.compress.metadata import CompressionResult
 
@@ -60,8 +60,9 @@ Low-rank factorization of every decoder Linear (W ~ B A) with `{meta.method}`, r
 
 | | value |
 |---|---|
-| ratio requested (fraction of targeted parameters removed) | {meta.ratio_requested:.4f} |
-| ratio achieved (targeted Linears) | {meta.ratio_achieved:.4f} |
+| budget | {budget_asked(meta)} |
+| ratio achieved (fraction of targeted parameters removed) | {meta.ratio_achieved:.4f} |
+| targeted Linear bytes, 16-bit / stored | {meta.targeted_bytes_before or 0:,} / {meta.targeted_bytes_after or 0:,} |
 | targeted parameters before / after | {meta.targeted_params_before:,} / {meta.targeted_params_after:,} |
 | model parameters before / after | {meta.model_params_before:,} / {meta.model_params_after:,} |
 | factorized / kept dense | {len(ranks)} / {len(meta.kept_dense)} |

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rankwise.compress.defaults import EORA_RANK_DEFAULT
 from rankwise.compress.lowrank import INT4_GROUP_DEFAULT
+from rankwise.compress.numerics import StoragePrice
 from rankwise.compress.plugins import load_plugins
 from rankwise.compress.stages.base import REGISTRIES
 from rankwise.compress.stages.recipe import Recipe
@@ -47,7 +48,9 @@ class CompressConfig(BaseModel):
     recipe: list[RecipeEntry] | None = Field(None, description="the stages, in order: [{stage, options}]")
     preset: Literal["none", "best"] = Field("none", description="a recommended pipeline; explicit options override it")
     method: str = Field("svd-llm", description="factorization method")
-    ratio: float = Field(description="fraction of the targeted Linear parameters removed, in (0, 1)")
+    ratio: float | None = Field(None, description="fraction of the targeted Linear parameters removed, in (0, 1)")
+    size_ratio: float | None = Field(None, description="instead of `ratio`: the stored bytes of the targeted "
+                                     "Linears as a fraction of the same Linears at 16 bits per weight, in (0, 1)")
     ranks: str = Field("uniform", description="rank allocation")
     compensate: Literal["none", "eora"] = Field("none", description="residual low-rank path after truncation")
     eora_rank: int = Field(EORA_RANK_DEFAULT, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
@@ -95,10 +98,32 @@ class CompressConfig(BaseModel):
 
     @field_validator("ratio")
     @classmethod
-    def _ratio(cls, v: float) -> float:
-        if not 0.0 < v < 1.0:
+    def _ratio(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (fraction of targeted parameters removed), got {v}")
         return v
+
+    @field_validator("size_ratio")
+    @classmethod
+    def _size_ratio(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError(f"size ratio must be in (0, 1) (stored bytes kept, against 16 bits per weight), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.ratio is None) == (self.size_ratio is None):
+            raise ValueError("give exactly one budget: --ratio (parameters removed) or --size-ratio (bytes kept)")
+        return self
+
+    @property
+    def budget_ratio(self) -> float:
+        """The fraction of the budget's unit removed: parameters (ratio), or 16-bit bytes (1 - size_ratio)."""
+        return self.ratio if self.ratio is not None else 1.0 - self.size_ratio
+
+    def storage_price(self) -> StoragePrice | None:
+        """How a byte budget prices the factors (None: the budget counts parameters)."""
+        return None if self.size_ratio is None else StoragePrice.of(self.factor_dtype, self.int4_group)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -166,7 +191,8 @@ class CompressConfig(BaseModel):
         is not the default uniform allocation, as its label in slug form (e.g. loss-aware-ranks, eora-rank-4), the
         Linears the allocator keeps dense and the preset."""
         recipe = Recipe.from_config(self)
-        parts = [_slug(recipe.factorizer.label()), f"{self.ratio:g}"]
+        budget = f"{self.ratio:g}" if self.ratio is not None else f"size-{self.size_ratio:g}"
+        parts = [_slug(recipe.factorizer.label()), budget]
         for stage in recipe.stages[1:]:
             label = stage.label()
             if label != "uniform ranks":

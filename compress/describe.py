@@ -46,8 +46,21 @@ def _value(v) -> str:
     return str(v)
 
 
+def budget_asked(result: CompressionResult) -> str:
+    """The budget the run was given: a parameter ratio removed, or a size ratio of 16-bit bytes kept."""
+    if result.ratio_requested is None:
+        return f"size ratio requested {result.size_ratio_requested:g}, achieved {result.size_ratio_achieved:.4f}"
+    return f"ratio requested {result.ratio_requested:g}, achieved {result.ratio_achieved:.4f}"
+
+
 def ratio_warning(result: CompressionResult) -> str | None:
-    """One line when the achieved ratio misses the requested one by more than RATIO_TOLERANCE."""
+    """One line when the achieved ratio (or size ratio) misses the requested one by more than RATIO_TOLERANCE."""
+    if result.ratio_requested is None:
+        if abs(result.size_ratio_achieved - result.size_ratio_requested) <= RATIO_TOLERANCE:
+            return None
+        return (f"achieved size ratio {result.size_ratio_achieved:.2%} misses the requested "
+                f"{result.size_ratio_requested:.2%} by more than {RATIO_TOLERANCE:.0%}: ranks are whole numbers "
+                f"and the matrices are small")
     if abs(result.ratio_achieved - result.ratio_requested) <= RATIO_TOLERANCE:
         return None
     allocator = next((r for r in result.recipe if r.kind == "allocator"), None)

@@ -96,7 +96,7 @@ class CompressionResult(BaseModel):
     ranks_allocation: str     # the allocator's name
     preset: str | None = None
     recipe: list[StageRun] = Field(default_factory=list)
-    ratio_requested: float
+    ratio_requested: float | None = None   # None: the budget was in bytes (size_ratio_requested)
     ratio_achieved: float
     ratio_achieved_without_compensation: float
     compensation_params: int = 0
@@ -106,6 +106,11 @@ class CompressionResult(BaseModel):
     model_params_after: int
     model_ratio_achieved: float
     kept_dense: list[str] = Field(default_factory=list)
+    # stored bytes of the targeted Linears: before at 16 bits per weight, after as stored (storage.stored_bytes)
+    size_ratio_requested: float | None = None
+    size_ratio_achieved: float | None = None
+    targeted_bytes_before: int | None = None
+    targeted_bytes_after: int | None = None
     calibration: Calibration
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     modules: dict[str, ModuleSpec]

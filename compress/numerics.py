@@ -156,11 +156,63 @@ def target_weight(weight: torch.Tensor, stats, damp: float = 1e-4) -> torch.Tens
 # both sides. Factorizing saves parameters only when k < m n / (m + n) (the break-even rank); a matrix whose
 # rank would not be below it stays dense, and the others make up for it.
 
+# A byte budget (--size-ratio) prices the same choices in stored bytes instead: float weights as deployed, at 16
+# bits (FLOAT_BYTES; fp32 factors at 32), quantized factors at their element size plus their float32 scales.
+FLOAT_BYTES = 2
+SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class StoragePrice:
+    """Stored bytes of one factor by how it is stored (lowrank.FACTOR_DTYPES), scales included: `element`
+    bytes per weight, plus one float32 scale per row (int8) or per `group` inputs of each row (int4)."""
+    element: float = FLOAT_BYTES
+    scale_per_row: bool = False
+    group: int = 0
+
+    @classmethod
+    def of(cls, factor_dtype: str, group: int) -> "StoragePrice":
+        return {"int8": cls(1.0, scale_per_row=True), "int4": cls(0.5, group=group), "fp32": cls(4.0)}.get(
+            factor_dtype, cls())
+
+    def factor(self, rows: int, cols: int) -> float:
+        scales = rows if self.scale_per_row else (rows * cols / self.group if self.group else 0)
+        return rows * cols * self.element + SCALE_BYTES * scales
+
+
 @dataclass(frozen=True)
 class MatrixShape:
+    """A targeted Linear [out, inp]. `price` set: the budget counts stored bytes (`cost`), the dense matrix at 16
+    bits per weight; None: it counts parameters. `params` always counts parameters."""
     out: int
     inp: int
     bias: bool = False
+    price: StoragePrice | None = None
+
+    def priced(self, price: StoragePrice | None) -> "MatrixShape":
+        return MatrixShape(self.out, self.inp, self.bias, price)
+
+    def cost(self, rank: int | None) -> float:
+        """What the budget counts at `rank` (None = kept dense): parameters, or stored bytes."""
+        if self.price is None:
+            return self.params(rank)
+        if rank is None:
+            return FLOAT_BYTES * self.dense_params
+        return (self.price.factor(rank, self.inp) + self.price.factor(self.out, rank)
+                + (FLOAT_BYTES * self.out if self.bias else 0))
+
+    @property
+    def dense_cost(self) -> float:
+        return self.cost(None)
+
+    @property
+    def rank_cost(self) -> float:
+        """What one more rank costs (parameters: out + inp)."""
+        return self.cost(2) - self.cost(1)
+
+    def path_cost(self, params: int) -> float:
+        """What a float residual path of `params` parameters costs."""
+        return params if self.price is None else FLOAT_BYTES * params
 
     @property
     def dense_params(self) -> int:
@@ -174,10 +226,11 @@ class MatrixShape:
 
     @property
     def break_even(self) -> float:
-        return self.out * self.inp / (self.out + self.inp)
+        """The rank at which the factors cost what the dense matrix does (parameters: m n / (m + n))."""
+        return (self.dense_cost - self.cost(0)) / self.rank_cost
 
     def saves(self, rank: int) -> bool:
-        return rank * (self.out + self.inp) < self.out * self.inp
+        return self.cost(rank) < self.dense_cost
 
 
 def round_rank(k: float, multiple: int) -> int:
@@ -196,6 +249,24 @@ def check_ratio(ratio: float) -> None:
 
 def total_params(shapes: dict[str, MatrixShape], ranks: dict[str, int | None]) -> int:
     return sum(s.params(ranks.get(n)) for n, s in shapes.items())
+
+
+def total_cost(shapes: dict[str, MatrixShape], ranks: dict[str, int | None]) -> float:
+    """What the budget counts (parameters, or stored bytes: MatrixShape.price)."""
+    return sum(s.cost(ranks.get(n)) for n, s in shapes.items())
+
+
+def dense_cost(shapes: dict[str, MatrixShape]) -> float:
+    return sum(s.dense_cost for s in shapes.values())
+
+
+def path_cost(shapes: dict[str, MatrixShape], params: int) -> float:
+    """What residual paths of `params` parameters cost in the budget's unit."""
+    return next(iter(shapes.values())).path_cost(params) if shapes else params
+
+
+def budget_unit(shapes: dict[str, MatrixShape]) -> str:
+    return "bytes" if any(s.price is not None for s in shapes.values()) else "parameters"
 
 
 def matching_names(shapes: dict[str, MatrixShape], patterns) -> frozenset[str]:
@@ -219,8 +290,8 @@ def reserved_ratio(shapes: dict[str, MatrixShape], ratio: float, reserve: int) -
     """The ratio the base factorization must reach so that base + `reserve` extra parameters (an EoRA path)
     still removes `ratio` of the targeted parameters."""
     check_ratio(ratio)
-    dense = sum(s.dense_params for s in shapes.values())
-    eff = 1.0 - ((1.0 - ratio) * dense - reserve) / dense
+    dense = dense_cost(shapes)
+    eff = 1.0 - ((1.0 - ratio) * dense - path_cost(shapes, reserve)) / dense
     if eff >= 1.0:
         raise RankwiseError(f"ratio {ratio} leaves no room for the compensation path ({reserve:,} parameters): "
                             f"lower --eora-rank or --ratio")
@@ -247,14 +318,19 @@ def bisect(fits: Callable[[float], bool], good: float, bad: float, steps: int = 
 def threshold_ranks(shapes: dict[str, MatrixShape], ranks_at: Callable[[float], dict[str, int | None]],
                     ratio: float, good: float, bad: float, what: str) -> tuple[dict[str, int | None], float]:
     """The allocators' one search: ranks_at(t) gives every matrix's rank at a threshold t, monotone in t; find
-    the t nearest `bad` whose ranks keep at most (1 - ratio) of the targeted parameters (bisection from `good`,
+    the t nearest `bad` whose ranks keep at most (1 - ratio) of the targeted parameters, or of their 16-bit
+    bytes when the shapes are priced in bytes (bisection from `good`,
     which must fit), and return those ranks and t. Over budget even at `good`: one line naming `what`."""
     check_ratio(ratio)
-    dense = sum(s.dense_params for s in shapes.values())
+    dense = dense_cost(shapes)
     budget = (1.0 - ratio) * dense
-    t = bisect(lambda x: total_params(shapes, ranks_at(x)) <= budget, good, bad)
+    t = bisect(lambda x: total_cost(shapes, ranks_at(x)) <= budget, good, bad)
     ranks = ranks_at(t)
-    if total_params(shapes, ranks) > budget:
+    if total_cost(shapes, ranks) > budget:
+        kept = total_cost(shapes, ranks) / dense
+        if budget_unit(shapes) == "bytes":
+            raise RankwiseError(f"size ratio {1 - ratio:g} cannot be reached {what}: even the smallest ranks "
+                                f"keep {kept:.1%} of the 16-bit bytes")
         raise RankwiseError(f"ratio {ratio} cannot be reached {what}: even the smallest ranks keep "
-                            f"{total_params(shapes, ranks) / dense:.1%} of the parameters")
+                            f"{kept:.1%} of the parameters")
     return ranks, t

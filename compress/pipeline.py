@@ -28,7 +28,7 @@ from rankwise.compress.lowrank import get_submodule_parent
 from rankwise.compress.metadata import CompressionResult, ModuleSpec
 from rankwise.compress.stages.base import BlockWork, CompressionJob, LinearStatistics, LinearWork
 from rankwise.compress.stages.recipe import Recipe
-from rankwise.compress.storage import check_factor_storage, store_factors
+from rankwise.compress.storage import check_factor_storage, priced_shapes, store_factors, with_bytes
 from rankwise.errors import RankwiseError
 
 __all__ = ["BlockSource", "Progress", "StageTimer", "compress_model", "count_params", "target_shapes"]
@@ -71,13 +71,13 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
         refuse_unstreamable(recipe, cfg)
     check_finite_weights(named_target_linears(model))  # streamed blocks: checked as they are read
     job = CompressionJob(model, calib_ids, cfg, device, torch.device("cpu") if cfg.offload else device,
-                         target_shapes(model), recipe.factorizer, block_source, progress)
+                         priced_shapes(target_shapes(model), cfg), recipe.factorizer, block_source, progress)
     params_before = count_params(model)
     for model_pass in recipe.model_passes:
         with timer.stage(model_pass.name):
             job.passes[model_pass.name] = model_pass.run(job)
     check_factor_storage(job.shapes, None, cfg.factor_dtype, cfg.int4_group)
-    ranks = recipe.allocate(job, cfg.ratio)
+    ranks = recipe.allocate(job, cfg.budget_ratio)
     check_factor_storage(job.shapes, ranks, cfg.factor_dtype, cfg.int4_group)
     modules: dict[str, ModuleSpec] = {}
 
@@ -101,7 +101,8 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     runner.compress(recipe.statistics, recipe.dense_stream, compress_group, correct_block)
     params_after = count_params(model)  # parameters, not stored elements: counted before quantized storage
     modules = store_factors(model, modules, cfg.factor_dtype, cfg.int4_group)
-    return recipe.result(cfg, job.shapes, ranks, modules, params_before, params_after, timer.seconds)
+    result = recipe.result(cfg, job.shapes, ranks, modules, params_before, params_after, timer.seconds)
+    return with_bytes(result, job.shapes, cfg.size_ratio)
 
 
 def compress_linear(recipe: Recipe, timer: StageTimer, step: BlockStep, name: str, work: LinearWork) -> ModuleSpec:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from rankwise.compress.lowrank import LowRankFactors
-from rankwise.compress.metadata import ModuleSpec
-from rankwise.compress.numerics import MatrixShape
+from rankwise.compress.metadata import CompressionResult, ModuleSpec
+from rankwise.compress.numerics import FLOAT_BYTES, MatrixShape, StoragePrice
 from rankwise.errors import RankwiseError
 
 
@@ -42,3 +42,31 @@ def store_factors(model: nn.Module, modules: dict[str, ModuleSpec], factor_dtype
             layer.store_factors(factor_dtype, group_size)
             out[name] = ModuleSpec.of(layer)
     return out
+
+
+def priced_shapes(shapes: dict[str, MatrixShape], cfg) -> dict[str, MatrixShape]:
+    """The targeted shapes as the allocators see them: priced in stored bytes under a byte budget."""
+    price = cfg.storage_price()
+    return shapes if price is None else {n: s.priced(price) for n, s in shapes.items()}
+
+
+def stored_bytes(shapes: dict[str, MatrixShape], modules: dict[str, ModuleSpec]) -> float:
+    """Stored bytes of the targeted Linears: each factorized one at its factors' storage (scales included),
+    the dense ones and every float residual path or bias at 16 bits."""
+    total = 0.0
+    for name, shape in shapes.items():
+        spec = modules.get(name)
+        rank = spec.rank if spec is not None else None
+        price = StoragePrice.of(spec.factor_dtype or "auto", spec.group_size) if spec is not None else None
+        total += shape.priced(price or StoragePrice()).cost(rank)
+        total += FLOAT_BYTES * (spec.lora_params if spec is not None else 0)
+    return total
+
+
+def with_bytes(result: CompressionResult, shapes: dict[str, MatrixShape],
+               size_ratio: float | None) -> CompressionResult:
+    """The result with the targeted Linears' bytes, asked (`size_ratio`) and achieved."""
+    before = sum(FLOAT_BYTES * s.dense_params for s in shapes.values())
+    after = stored_bytes(shapes, result.modules)
+    return result.model_copy(update={"size_ratio_requested": size_ratio, "size_ratio_achieved": after / before,
+                                     "targeted_bytes_before": int(before), "targeted_bytes_after": round(after)})

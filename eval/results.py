@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from rankwise.compress.describe import pipeline_name
+from rankwise.compress.describe import budget_asked, pipeline_name
 from rankwise.compress.outputs import write_text_atomic
 from rankwise.errors import RankwiseError
 from rankwise.eval.records import BaselineRef, Deltas, EvalResult
@@ -112,8 +112,7 @@ def markdown(result: EvalResult) -> str:
     lines = [f"# {result.model}", ""]
     info = result.rankwise
     if info is not None:
-        lines += [f"Rankwise checkpoint: {pipeline_name(info)}; ratio requested {info.ratio_requested:g}, achieved "
-                  f"{info.ratio_achieved:.4f}.", ""]
+        lines += [f"Rankwise checkpoint: {pipeline_name(info)}; {budget_asked(info)}.", ""]
     lines += [f"dtype {result.dtype}, device {result.device} ({result.device_name}), "
               f"wall time {result.wall_seconds} s.", ""]
     if result.baseline is not None:

@@ -115,3 +115,75 @@ def test_int4_group_that_cannot_divide_a_rank_is_refused(cli, tiny_dirs, austen_
     line = one_error_line(res)
     assert "int4 group 16 does not divide the rank" in line and "--rank-multiple" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ranks", ["uniform", "welore", "loss-aware"])
+@pytest.mark.parametrize("factor_dtype", ["int8", "auto"])
+def test_byte_budget_is_met_within_one_point_by_every_allocator(cli, tiny_dirs, austen_file, tmp_path, ranks,
+                                                                factor_dtype):
+    out, js = tmp_path / "out", tmp_path / "run.json"
+    res = cli("model", tiny_dirs["llama"], "-o", out, "--size-ratio", "0.5", "--ranks", ranks, "--factor-dtype",
+              factor_dtype, "--calib", f"text:{austen_file}", "--nsamples", "8", "--seqlen", "32", "--device",
+              "cpu", "--json", js)
+    assert res.exit_code == 0, res.output
+    meta = json.loads(js.read_text())
+    assert meta["size_ratio_requested"] == 0.5 and "ratio_requested" not in meta
+    achieved = meta["size_ratio_achieved"]
+    assert 0.49 <= achieved <= 0.5, achieved
+    assert meta["targeted_bytes_before"] == 2 * meta["targeted_params_before"]
+    assert meta["targeted_bytes_after"] == checkpoint_bytes(out)
+    assert "targeted Linear bytes" in res.output
+    shown = cli("inspect", out)
+    expected = (f"targeted Linears {meta['targeted_bytes_after']:,} bytes of {meta['targeted_bytes_before']:,} at 16 "
+                f"bits per weight (size ratio {achieved:.4f}, asked 0.5)")
+    assert shown.exit_code == 0 and expected in shown.output, shown.output
+
+
+def checkpoint_bytes(ck) -> int:
+    """Bytes of the targeted Linears' tensors in a checkpoint: integer tensors and float32 scales as stored,
+    float weights and biases at 16 bits (the budget's convention, whatever dtype the file has)."""
+    from safetensors import safe_open
+    total = 0
+    with safe_open(ck / "model.safetensors", "pt") as f:
+        for key in (k for k in f.keys() if ".self_attn." in k or ".mlp." in k):
+            t = f.get_tensor(key)
+            total += t.numel() * (t.element_size() if key.endswith("weight_scale") or not t.is_floating_point()
+                                  else 2)
+    return total
+
+
+def test_byte_budget_refusals(cli, tiny_dirs, austen_file, tmp_path):
+    common = ("--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32", "--device", "cpu")
+    impossible = cli("model", tiny_dirs["llama"], "-o", tmp_path / "a", "--size-ratio", "0.01", "--factor-dtype",
+                     "int8", *common)
+    assert "size ratio 0.01 cannot be reached" in one_error_line(impossible)
+    both = cli("model", tiny_dirs["llama"], "-o", tmp_path / "b", "--size-ratio", "0.5", "--ratio", "0.3", *common)
+    neither = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", *common)
+    for res in (both, neither):
+        assert "--ratio" in one_error_line(res) and "--size-ratio" in one_error_line(res)
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_evaluate_compensate_and_export_peft_accept_an_int8_checkpoint(checkpoints, cli, tiny_dirs, austen_file,
+                                                                      tmp_path):
+    ck = checkpoints["int8"]
+    res = cli("evaluate", ck, "--ppl", f"text:{austen_file}", "--seqlen", "64", "--max-windows", "3", "--json",
+              tmp_path / "r.json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    ppl = json.loads((tmp_path / "r.json").read_text())["ppl"][f"text:{austen_file}"]
+    assert 1.0 < ppl["ppl"] < 1000.0
+    comp = tmp_path / "comp"
+    res = cli("compensate", tiny_dirs["llama"], ck, "-o", comp, "--eora-rank", "4", "--calib",
+              f"text:{austen_file}", "--nsamples", "4", "--seqlen", "48", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    modules = json.loads((comp / "config.json").read_text())["rankwise"]["modules"]
+    low_rank = [m for m in modules.values() if m["rank"] is not None]
+    assert low_rank and all(m["factor_dtype"] == "int8" and m["lora_rank"] == 4 for m in low_rank)
+    model = transformers.AutoModelForCausalLM.from_pretrained(comp, trust_remote_code=True).eval()
+    ids = text_ids(64)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    res = cli("export-peft", comp, "-o", tmp_path / "adapter")
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(config["rank_pattern"].values()) == {4}

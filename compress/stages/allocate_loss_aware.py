@@ -25,7 +25,7 @@ def truncation_scores(costs: dict, shapes: dict[str, MatrixShape]) -> dict:
     scores = {}
     for name, c in costs.items():
         c = torch.cummin(c.double().flatten().clamp_min(0), 0).values
-        scores[name] = c / (shapes[name].out + shapes[name].inp)
+        scores[name] = c / shapes[name].rank_cost   # m + n parameters, or the rank's stored bytes
     return scores
 
 

@@ -17,7 +17,8 @@ def uniform_ranks(shapes: dict[str, MatrixShape], ratio: float, multiple: int = 
     def ranks_at(f: float) -> dict[str, int | None]:
         return {n: None if n in keep else capped_rank(s, f * s.break_even, multiple) for n, s in shapes.items()}
     ranks = ranks_at(1.0 - ratio)
-    if all(r is not None for r in ranks.values()) and multiple == 1:
+    exact = all(s.price is None for s in shapes.values())  # in bytes, the scales shift f * break-even's total
+    if all(r is not None for r in ranks.values()) and multiple == 1 and exact:
         return ranks
     # kept params grow with f: the largest f within budget
     return threshold_ranks(shapes, ranks_at, ratio, 0.0, 1.0, f"with rank multiple {multiple}")[0]

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from rankwise.compress.numerics import reserved_ratio, summarize, total_params
+from rankwise.compress.numerics import dense_cost, path_cost, reserved_ratio, summarize, total_cost
 from rankwise.compress.describe import pipeline_label
 from rankwise.compress.lowrank import LoraLinear, LowRankLinear
 from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, StageRun
@@ -124,7 +124,7 @@ class Recipe:
         if work.lora_A is None:
             return new
         if isinstance(new, LowRankLinear):
-            new.add_lora(work.lora_B, work.lora_A)
+            new.add_lora(work.lora_B, work.lora_A, dtype=layer.weight.dtype)  # the model's dtype, not the factors'
             return new
         wrapped = LoraLinear(new, work.lora_A.shape[0])
         with torch.no_grad():
@@ -140,7 +140,7 @@ class Recipe:
         shapes = job.shapes
         if self.allocator.fixed_ranks:
             return self._recorded(self.allocator.allocate(job, ratio), None)
-        budget = (1.0 - ratio) * sum(s.dense_params for s in shapes.values())
+        budget = (1.0 - ratio) * dense_cost(shapes)   # parameters, or bytes (MatrixShape.price)
         asked = self.base_ratio(ratio, shapes)
         ranks = self.allocator.allocate(job, asked)
         for _ in range(4):
@@ -148,7 +148,7 @@ class Recipe:
             again_ratio = self.base_ratio(ratio, shapes, factorized)
             again = self.allocator.allocate(job, again_ratio)
             kept = {n: s for n, s in shapes.items() if again[n] is not None}
-            if again == ranks or total_params(shapes, again) + self.reserve(kept) > budget:
+            if again == ranks or total_cost(shapes, again) + path_cost(shapes, self.reserve(kept)) > budget:
                 break
             ranks, asked = again, again_ratio
         return self._recorded(ranks, asked)
