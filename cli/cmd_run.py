@@ -22,7 +22,7 @@ def plan_table(plan, statuses: dict) -> Table:
                      overflow="fold" if col in ("model", "job folder") else "ellipsis")
     for i, job in enumerate(plan.jobs, 1):
         compress = job.record().compress
-        ratio = f"{job.compress.ratio:g}" if job.compress else "-"
+        ratio = job.compress.budget_label if job.compress else "-"
         t.add_row(str(i), statuses[job.name], job.model, job.method, ratio,
                   *(setting_value(compress, s) for s in settings), job.name)
     return t
@@ -64,7 +64,7 @@ def run_cmd(
     target = ray_target(plan, jobs, ray, ray_address) if todo else None
 
     def on_start(job, n):
-        ratio = f" {job.compress.ratio:g}" if job.compress else ""
+        ratio = f" {job.compress.budget_label}" if job.compress else ""
         console.print(f"[{n}/{len(todo)}] {job.name}: {job.method}{ratio} on {job.model}", highlight=False)
 
     def on_done(job, error, finished):

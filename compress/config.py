@@ -117,6 +117,11 @@ class CompressConfig(BaseModel):
         return self
 
     @property
+    def budget_label(self) -> str:
+        """The budget in a few characters: the ratio, or "size" and the size ratio."""
+        return f"{self.ratio:g}" if self.ratio is not None else f"size {self.size_ratio:g}"
+
+    @property
     def budget_ratio(self) -> float:
         """The fraction of the budget's unit removed: parameters (ratio), or 16-bit bytes (1 - size_ratio)."""
         return self.ratio if self.ratio is not None else 1.0 - self.size_ratio
@@ -191,8 +196,7 @@ class CompressConfig(BaseModel):
         is not the default uniform allocation, as its label in slug form (e.g. loss-aware-ranks, eora-rank-4), the
         Linears the allocator keeps dense and the preset."""
         recipe = Recipe.from_config(self)
-        budget = f"{self.ratio:g}" if self.ratio is not None else f"size-{self.size_ratio:g}"
-        parts = [_slug(recipe.factorizer.label()), budget]
+        parts = [_slug(recipe.factorizer.label()), _slug(self.budget_label)]
         for stage in recipe.stages[1:]:
             label = stage.label()
             if label != "uniform ranks":
