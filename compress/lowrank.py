@@ -51,9 +51,10 @@ INT4_GROUP_DEFAULT = 32
 
 class Int8Linear(nn.Module):
     """y = x (s Q)^T + b: an int8 weight Q [out, in] with one float32 scale per output channel, s = absmax / 127
-    (symmetric, round to nearest). On CPU the product runs in torch's weight-only int8 kernel
-    (aten._weight_int8pack_mm(x [tokens, in], Q, s in x's dtype): Q stays int8 in memory, no float copy);
-    elsewhere Q is dequantized per call."""
+    (symmetric, round to nearest). Q stays int8 in memory; each call dequantizes it for one matmul (the float
+    copy lives for that call only). torch's weight-only int8 kernel (aten._weight_int8pack_mm) is not used: on
+    an AVX2 CPU with torch 2.13 it runs 3-40x slower than dequantize + matmul at 1 to 2048 tokens
+    (bench/int8_matmul.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
                  group_size: int = 0):
@@ -78,14 +79,7 @@ class Int8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight_scale.to(x.dtype)
-        if x.device.type == "cpu" and (x.dtype in (torch.float32, torch.float16)
-                                       or (x.dtype == torch.bfloat16 and self.in_features % 16 == 0)):
-            # torch 2.13's CPU kernel reads bf16 inputs 16 at a time (other widths crash it)
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight,
-                                                   scale).reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype) * scale[:, None])
+        y = F.linear(x, self.dequantized(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
