@@ -14,13 +14,12 @@ template, none otherwise; the default conversations are the package's `configs/c
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
-from rankwise.calib.data import CalibrationSet, calibration_set, resolve_bos, tokenize
+from rankwise.calib.data import CalibrationSet, calibration_set, jsonl_rows, resolve_bos, tokenize
 from rankwise.errors import RankwiseError
 
 DEFAULT_CONVERSATIONS = Path(__file__).resolve().parents[1] / "configs" / "chat" / "austen_chat.jsonl"
@@ -34,20 +33,13 @@ def has_chat_template(tokenizer) -> bool:
 def load_conversations(path: str | Path) -> list[list[dict]]:
     """Every line's `messages` (a list of {role, content}); one line naming the file and line when bad."""
     conversations = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                messages = row.get("messages") if isinstance(row, dict) else None
-                if not isinstance(messages, list) or not messages or not all(
-                        isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-                    raise RankwiseError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., "
-                                        f"\"content\": ...}}, ...]}}")
-                conversations.append(messages)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RankwiseError(f"cannot read conversations file {str(path)!r}: {e}") from None
+    for lineno, row in jsonl_rows(path, "conversations file"):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise RankwiseError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., "
+                                f"\"content\": ...}}, ...]}}")
+        conversations.append(messages)
     if not conversations:
         raise RankwiseError(f"conversations file {str(path)!r} holds no conversation")
     return conversations

@@ -81,6 +81,18 @@ def _load_hub_text(name: str, split: str) -> str:
     return sep.join(ds[field])
 
 
+def jsonl_rows(path: str | Path, what: str):
+    """(line number, parsed row) for every non-empty line of a JSONL file; a file that cannot be read or parsed
+    is one line naming it (`what`: "jsonl file", "conversations file")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield lineno, json.loads(line)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RankwiseError(f"cannot read {what} {str(path)!r}: {e}") from None
+
+
 def load_text(source: str, split: str = "train") -> str:
     """The whole text of a source's split (`train` for calibration, `test` for evaluation)."""
     validate_source(source)
@@ -95,20 +107,13 @@ def load_text(source: str, split: str = "train") -> str:
     else:
         path, field = _split_jsonl(source)
         docs = []
-        try:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise RankwiseError(f"{path}:{lineno}: a jsonl row must be a JSON object with the field "
-                                            f"{field!r}, got {json.dumps(row)[:40]}")
-                    if field not in row:
-                        raise RankwiseError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)})")
-                    docs.append(str(row[field]))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RankwiseError(f"cannot read jsonl file {path!r}: {e}") from None
+        for lineno, row in jsonl_rows(path, "jsonl file"):
+            if not isinstance(row, dict):
+                raise RankwiseError(f"{path}:{lineno}: a jsonl row must be a JSON object with the field "
+                                    f"{field!r}, got {json.dumps(row)[:40]}")
+            if field not in row:
+                raise RankwiseError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)})")
+            docs.append(str(row[field]))
         text = "\n\n".join(docs)
     if not text.strip():
         raise RankwiseError(f"text source {source!r} is empty")
