@@ -37,6 +37,11 @@ class RecipeEntry(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+# What each budget's fraction measures, for the one-line refusal of a value outside (0, 1).
+BUDGET_MEANINGS = {"ratio": "fraction of targeted parameters removed",
+                   "size_ratio": "stored bytes kept, against 16 bits per weight"}
+
+
 class CompressConfig(BaseModel):
     """One job's settings. The stages are the `recipe` (a list of {stage, options}); without one, it is
     expanded from the shorthand options (method, ranks, refit, compensate, refine and their settings)."""
@@ -96,18 +101,12 @@ class CompressConfig(BaseModel):
             return {**PRESETS[data["preset"]], **data}
         return data
 
-    @field_validator("ratio")
+    @field_validator("ratio", "size_ratio")
     @classmethod
-    def _ratio(cls, v: float | None) -> float | None:
+    def _budget_fraction(cls, v: float | None, info) -> float | None:
         if v is not None and not 0.0 < v < 1.0:
-            raise ValueError(f"ratio must be in (0, 1) (fraction of targeted parameters removed), got {v}")
-        return v
-
-    @field_validator("size_ratio")
-    @classmethod
-    def _size_ratio(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v < 1.0:
-            raise ValueError(f"size ratio must be in (0, 1) (stored bytes kept, against 16 bits per weight), got {v}")
+            meaning = BUDGET_MEANINGS[info.field_name]
+            raise ValueError(f"{info.field_name.replace('_', ' ')} must be in (0, 1) ({meaning}), got {v}")
         return v
 
     @model_validator(mode="after")
