@@ -342,7 +342,10 @@ def _swap(new: Path, out: Path) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a temporary sibling, sync it, then rename it over `path`: readers never see a half-written file,
     and a crash right after never leaves an empty one."""
-    path = Path(path)
+    write_texts_atomic({Path(path): text})
+
+
+def _write_temporary(path: Path, text: str) -> Path:
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent)
     try:
@@ -351,9 +354,25 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         _raise_if_storage_failed(e, path, "the file")
         raise
-    _fsync(path.parent)
+    return Path(tmp)
+
+
+def write_texts_atomic(texts: dict[Path, str]) -> None:
+    """Files that belong together (a JSON and its Markdown): every one written under a temporary name and
+    synced before any is renamed into place, so a full disk leaves none of them new rather than one without
+    the other."""
+    written: dict[Path, Path] = {}
+    try:
+        for path, text in texts.items():
+            written[Path(path)] = _write_temporary(Path(path), text)
+    except BaseException:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in written.items():
+        os.replace(tmp, path)
+        _fsync(path.parent)

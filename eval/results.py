@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from rankwise.compress.describe import budget_asked, pipeline_name
-from rankwise.compress.outputs import write_text_atomic
+from rankwise.compress.outputs import write_text_atomic, write_texts_atomic
 from rankwise.errors import RankwiseError
 from rankwise.eval.records import BaselineRef, Deltas, EvalResult
 
@@ -132,12 +132,11 @@ def _results_json(result: EvalResult) -> str:
 
 
 def write_results(result: EvalResult, json_path: str | Path) -> tuple[Path, Path]:
-    """JSON at `json_path` and Markdown beside it (same name, .md), each written atomically."""
+    """JSON at `json_path` and Markdown beside it (same name, .md), written together atomically."""
     json_path = Path(json_path)
     md_path = json_path.with_suffix(".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json_path, _results_json(result))
-    write_text_atomic(md_path, markdown(result))
+    write_texts_atomic({json_path: _results_json(result), md_path: markdown(result)})
     return json_path, md_path
 
 

@@ -189,3 +189,31 @@ def test_run_refuses_to_replace_user_files_in_its_output_dir(tmp_path, tiny_dirs
         refused(cli("run", run), name)
         assert (out / name).read_text() == "user data"
         (out / name).unlink()
+
+
+FILE_SIZE_LIMITED_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from rankwise.compress.outputs import write_texts_atomic
+from rankwise.errors import RankwiseError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit, write() fails with EFBIG instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+folder = Path(sys.argv[1])
+try:
+    write_texts_atomic({folder / "r.json": "{}", folder / "r.md": "x" * 10000})
+except RankwiseError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+def test_a_json_and_its_markdown_are_written_together_or_not_at_all(tmp_path):
+    """The storage refuses the second file (a file size limit stands in for a full disk): the first is not
+    published alone, an existing pair stays as it was, and no temporary is left."""
+    (tmp_path / "r.json").write_text("old json")
+    (tmp_path / "r.md").write_text("old md")
+    res = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED_WRITE, str(tmp_path)], capture_output=True,
+                         text=True)
+    assert res.returncode == 2, res.stderr
+    assert "File too large" in res.stdout and "r.md" in res.stdout
+    assert snapshot(tmp_path) == {"r.json": b"old json", "r.md": b"old md"}
