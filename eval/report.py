@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import matplotlib
 
@@ -28,10 +28,12 @@ from rankwise.eval.sweep.records import (JobError, JobRecord, JobResult, read_jo
                                          read_job_record, read_job_result, read_plan)
 
 FIXED_COLUMNS = ["job", "status", "model", "method", "ratio_asked", "ratio_achieved", "model_ratio_achieved"]
+# shown when a job has a byte budget (--size-ratio) or stores its factors in another dtype (--factor-dtype)
+BYTES_COLUMNS = ["size_ratio_asked", "size_ratio_achieved"]
 TAIL_COLUMNS = ["compress_s", "eval_s", "wall_s", "host_peak_gib", "gpu_peak_gib", "error"]
 # Compression settings that are not a column of their own: named by the fixed columns, or not changing a
 # checkpoint (where it runs).
-NOT_SETTINGS = {"model", "method", "ratio", "device", "offload", "stream_weights", "trust_remote_code"}
+NOT_SETTINGS = {"model", "method", "ratio", "size_ratio", "device", "offload", "stream_weights", "trust_remote_code"}
 # The usual forward order of a decoder block's Linears: the heatmap's columns, whatever order a checkpoint lists
 MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "o_proj", "out_proj", "dense",
                 "gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "down_proj", "fc2", "c_proj"]
@@ -47,9 +49,11 @@ class ReportRow:
     status: str  # done, failed or pending
     model: str
     method: str
-    ratio_asked: float
+    ratio_asked: Optional[float]  # None: the budget was in bytes (size_ratio_asked)
     ratio_achieved: Cell = ""
     model_ratio_achieved: Cell = ""
+    size_ratio_asked: Optional[float] = None
+    size_ratio_achieved: Cell = ""  # stored bytes of the targeted Linears / the same at 16 bits per weight
     settings: Optional[dict[str, Any]] = None  # the compression settings (None: dense, or not known)
     values: dict[str, Optional[float]] = field(default_factory=dict)
     compress_s: Cell = ""
@@ -66,7 +70,7 @@ class ReportRow:
         return self.method == DENSE
 
     def cell(self, column: str) -> Cell:
-        if column in FIXED_COLUMNS or column in TAIL_COLUMNS:
+        if column in FIXED_COLUMNS or column in BYTES_COLUMNS or column in TAIL_COLUMNS:
             return getattr(self, column)
         if column in self.values:
             return self.values[column]
@@ -127,8 +131,9 @@ def _row(config: JobRecord | None, name: str, result: JobResult | None, error: J
     row = ReportRow(job=name, status="done" if result else "failed" if error else "pending",
                     model=config.model if config else "",
                     method=settings["method"] if settings else DENSE if config else "",
-                    ratio_asked=settings["ratio"] if settings else 0.0, ratio_achieved=unknown,
-                    model_ratio_achieved=unknown, settings=settings, error=error.error if error else "")
+                    ratio_asked=settings.get("ratio") if settings else 0.0, ratio_achieved=unknown,
+                    model_ratio_achieved=unknown, size_ratio_asked=settings.get("size_ratio") if settings else None,
+                    settings=settings, error=error.error if error else "")
     if result is None:
         return row
     ev = result.eval
@@ -143,6 +148,7 @@ def _row(config: JobRecord | None, name: str, result: JobResult | None, error: J
     meta = result.compress
     if meta is not None:
         row.ratio_achieved, row.model_ratio_achieved = meta.ratio_achieved, meta.model_ratio_achieved
+        row.size_ratio_achieved = meta.size_ratio_achieved if meta.size_ratio_achieved is not None else ""
         row.compress_s = meta.wall_seconds if meta.wall_seconds is not None else ""
         row.modules, row.kept_dense = meta.modules, meta.kept_dense
         peak = peak.max(_checkpoint_peak(meta))
@@ -183,7 +189,13 @@ def _columns(rows: list[ReportRow]) -> list[str]:
             if k not in ppl and k not in tasks:
                 (ppl if k.startswith("ppl ") else tasks).append(k)
     tail = [c for c in TAIL_COLUMNS if c == "error" or any(r.cell(c) not in ("", None) for r in rows)]
-    return FIXED_COLUMNS + settings + sorted(ppl) + _task_order(tasks) + tail
+    return FIXED_COLUMNS + (BYTES_COLUMNS if _in_bytes(rows) else []) + settings + sorted(ppl) + _task_order(tasks) + tail
+
+
+def _in_bytes(rows: list[ReportRow]) -> bool:
+    """Whether a job was budgeted in bytes or stores its factors in a dtype of its own."""
+    return any(r.size_ratio_asked is not None or (r.settings or {}).get("factor_dtype", "auto") != "auto"
+               for r in rows)
 
 
 def _task_order(columns: list[str]) -> list[str]:
@@ -207,7 +219,8 @@ def _short(column: str) -> str:
 
 def _sort_key(r: ReportRow):
     settings = tuple(sorted((k, setting_value(r.settings, k)) for k in (r.settings or {}) if k not in NOT_SETTINGS))
-    return (r.model, not r.dense, r.method, settings, r.ratio_asked)
+    return (r.model, not r.dense, r.method, settings, r.ratio_asked is None, r.ratio_asked or 0.0,
+            r.size_ratio_asked or 0.0)
 
 
 def write_csv(rows: list[ReportRow], path: Path, columns: list[str]) -> None:
@@ -224,6 +237,8 @@ def write_markdown(report: Report, path: Path, columns: list[str]) -> None:
     lines = [f"# Results ({report.count('done')} done, {report.count('failed')} failed, {report.count('pending')} "
              "pending)", "",
              "ratio = fraction of the targeted Linear parameters removed (model_ratio: of all parameters); "
+             + ("size_ratio = stored bytes of the targeted Linears / the same Linears at 16 bits per weight; "
+                if _in_bytes(rows) else "") +
              "ppl = token perplexity; `x dense` = ppl / the dense model's; Δ = value - the dense model's; "
              "time in seconds; peak memory in GiB.", "",
              "| " + " | ".join(_short(c) for c in shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
@@ -253,36 +268,69 @@ def _readable_y(ax, values: list[float]) -> None:
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
 
 
+@dataclass(frozen=True)
+class PlotAxis:
+    """What a perplexity plot puts on x: each compressed job's budget (None: not on this plot) and the dense
+    job's place."""
+    label: str
+    dense_at: float
+    of: Callable[[ReportRow], Optional[float]]
+    ticks_at_points: bool  # a tick at every value (asked budgets) or the plotting library's (achieved bytes)
+
+
+RATIO_AXIS = PlotAxis("compression ratio (fraction of targeted parameters removed)", 0.0,
+                      lambda r: r.ratio_asked, True)
+BYTES_AXIS = PlotAxis("stored bytes of the targeted Linears / the same at 16 bits per weight", 1.0,
+                      lambda r: r.size_ratio_achieved if isinstance(r.size_ratio_achieved, float) else None, False)
+
+
 def plot_ppl_vs_ratio(rows: list[ReportRow], path: Path) -> bool:
-    """One panel per perplexity suite; a line per model, method and setting that differs; dense at ratio 0."""
+    """Perplexity against the parameter ratio asked (jobs with a byte budget are on the bytes plot)."""
+    return plot_ppl(rows, path, RATIO_AXIS)
+
+
+def plot_ppl_vs_bytes(rows: list[ReportRow], path: Path) -> bool:
+    """Perplexity against the stored bytes achieved, for runs that budget or store in bytes."""
+    return _in_bytes(rows) and plot_ppl(rows, path, BYTES_AXIS)
+
+
+def _points(done: list[ReportRow], suite: str, axis: PlotAxis, settings: list[str], multi_model: bool) -> dict:
+    groups: dict[str, list] = {}
+    for r in done:
+        value, x = r.values.get(suite), axis.dense_at if r.dense else axis.of(r)
+        if value is not None and math.isfinite(value) and x is not None:
+            groups.setdefault(line_label(r, settings, multi_model) if not r.dense else
+                              "dense" + (f" ({Path(r.model).name})" if multi_model else ""),
+                              []).append((float(x), value))
+    return groups
+
+
+def plot_ppl(rows: list[ReportRow], path: Path, axis: PlotAxis) -> bool:
+    """One panel per perplexity suite; a line per model, method and setting that differs; dense as a dashed
+    line and a star at axis.dense_at."""
     done = [r for r in rows if r.status == "done"]
     suites = sorted({k for r in done for k in r.values if k.startswith("ppl ") and not k.endswith(" x dense")})
-    if not suites:
+    if not suites or not any(not r.dense and axis.of(r) is not None for r in done):
         return False
     settings = varying_settings([r.settings for r in done])
     fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.5), squeeze=False)
     multi_model = len({r.model for r in done}) > 1
     for ax, suite in zip(axes[0], suites):
-        groups: dict[str, list] = {}
-        for r in done:
-            value = r.values.get(suite)
-            if value is not None and math.isfinite(value):
-                groups.setdefault(line_label(r, settings, multi_model) if not r.dense else
-                                  "dense" + (f" ({Path(r.model).name})" if multi_model else ""),
-                                  []).append((float(r.ratio_asked), value))
+        groups = _points(done, suite, axis, settings, multi_model)
         for label, pts in sorted(groups.items()):
             pts.sort()
             if label.startswith("dense"):
                 ax.axhline(pts[0][1], ls="--", color="gray", lw=1)
-                ax.plot([0], [pts[0][1]], "k*", label=label)
+                ax.plot([axis.dense_at], [pts[0][1]], "k*", label=label)
             else:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         values = [p[1] for pts in groups.values() for p in pts]
         if values:
             _readable_y(ax, values)
-        ax.set_xticks(sorted({p[0] for pts in groups.values() for p in pts}))
+        if axis.ticks_at_points:
+            ax.set_xticks(sorted({p[0] for pts in groups.values() for p in pts}))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("compression ratio (fraction of targeted parameters removed)")
+        ax.set_xlabel(axis.label)
         ax.set_ylabel("perplexity")
         ax.set_title(_short(suite))
         ax.grid(True, alpha=0.3)
@@ -317,7 +365,8 @@ def rank_grid(modules: dict[str, ModuleSpec], kept_dense: list[str] = ()) -> tup
 
 def plot_rank_heatmap(row: ReportRow, path: Path) -> bool:
     kept = " (hatched: kept dense)" if row.kept_dense else ""
-    title = f"{row.method} ratio {row.ratio_asked:g}{kept}\n{row.job}"
+    budget = f"ratio {row.ratio_asked:g}" if row.ratio_asked is not None else f"size {row.size_ratio_asked:g}"
+    title = f"{row.method} {budget}{kept}\n{row.job}"
     return plot_module_ranks(row.modules, title, path, row.kept_dense)
 
 
@@ -369,8 +418,10 @@ def write_report(run_dir: str | Path) -> Report:
     plots.mkdir(exist_ok=True)
     for stale in plots.glob("ranks_*.png"):  # heatmaps of jobs no longer in the plan
         stale.unlink()
-    if plot_ppl_vs_ratio(rows, plots / "ppl_vs_ratio.png"):
-        report.files.append(plots / "ppl_vs_ratio.png")
+    for name, plot in (("ppl_vs_ratio.png", plot_ppl_vs_ratio), ("ppl_vs_bytes.png", plot_ppl_vs_bytes)):
+        (plots / name).unlink(missing_ok=True)  # a plot this run file no longer has
+        if plot(rows, plots / name):
+            report.files.append(plots / name)
     for r in rows:
         if r.status == "done" and r.modules and plot_rank_heatmap(r, plots / f"ranks_{r.job}.png"):
             report.files.append(plots / f"ranks_{r.job}.png")

@@ -226,7 +226,8 @@ def test_parallel_without_ray_says_what_to_install(cli, tiny_dirs, austen_file, 
     assert not (tmp_path / "out").exists()
 
 
-def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: float, modules=None, kept=()):
+def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: float, modules=None, kept=(),
+              size_achieved: float | None = None):
     """A finished job's folder as a sweep writes it, with chosen numbers."""
     from rankwise.compress.metadata import CompressionResult
     from rankwise.compress.peak_memory import PeakMemory
@@ -238,7 +239,8 @@ def _fake_job(run_dir: Path, name: str, compress: dict | None, ppl: float, acc: 
     if compress:
         meta = CompressionResult(
             method="svd", ranks_allocation="uniform", ratio_requested=compress["ratio"],
-            ratio_achieved=compress["ratio"], ratio_achieved_without_compensation=compress["ratio"],
+            ratio_achieved=compress["ratio"] or 0.5, ratio_achieved_without_compensation=compress["ratio"] or 0.5,
+            size_ratio_requested=compress.get("size_ratio"), size_ratio_achieved=size_achieved,
             targeted_params_before=100, targeted_params_after=60, model_params_before=200, model_params_after=160,
             model_ratio_achieved=0.2, kept_dense=list(kept), calibration={"source": "s", "nsamples": 1, "seqlen": 2},
             modules=modules or {})
@@ -270,8 +272,29 @@ def test_report_columns_against_dense_and_heatmap_order(tmp_path):
     assert float(rows["svd"]["Δ piqa acc"]) == pytest.approx(-0.10)
     assert float(rows["svd"]["piqa acc stderr"]) == pytest.approx(0.01)
     header = next(csv.reader(open(tmp_path / "results.csv")))
-    assert not [c for c in header if "requests" in c or "samples" in c or "gpu" in c]  # no noise columns
+    assert not [c for c in header if "requests" in c or "samples" in c or "gpu" in c or "size" in c]  # no noise
+    assert not (tmp_path / "plots" / "ppl_vs_bytes.png").exists()
     layers, kinds, ranks, _ = rank_grid(modules, ["model.layers.0.self_attn.k_proj"])
     assert layers == [0, 1] and kinds == ["q_proj", "k_proj", "v_proj", "down_proj"]
     assert ranks[0][1] != ranks[0][1] and ranks[1][1] != ranks[1][1]  # kept dense / absent: NaN, no rank
     assert (tmp_path / "plots" / "ranks_svd.png").stat().st_size > 0
+
+
+def test_report_of_byte_budgets(tmp_path):
+    """A job budgeted in bytes (--size-ratio) has no parameter ratio asked: the table gives the byte fractions
+    asked and achieved, the ratio plot leaves it out and a bytes plot shows every job at the bytes it stores."""
+    from rankwise.eval.report import write_report
+    _fake_job(tmp_path, "dense", None, 20.0, 0.70)
+    _fake_job(tmp_path, "params", {"method": "svd", "ratio": 0.4, "factor_dtype": "auto"}, 30.0, 0.6,
+              size_achieved=0.6)
+    _fake_job(tmp_path, "bytes", {"method": "svd", "ratio": None, "size_ratio": 0.3, "factor_dtype": "int8"},
+              25.0, 0.6, size_achieved=0.2971)
+    report = write_report(tmp_path)
+    rows = {row["job"]: row for row in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert [r.job for r in report.rows] == ["dense", "params", "bytes"]
+    assert rows["bytes"]["ratio_asked"] == "" and float(rows["bytes"]["size_ratio_asked"]) == 0.3
+    assert float(rows["bytes"]["size_ratio_achieved"]) == pytest.approx(0.2971)
+    assert rows["params"]["size_ratio_asked"] == "" and float(rows["params"]["size_ratio_achieved"]) == 0.6
+    assert rows["bytes"]["factor_dtype"] == "int8"
+    assert {f.name for f in report.files} >= {"ppl_vs_ratio.png", "ppl_vs_bytes.png"}
+    assert "size_ratio = stored bytes" in (tmp_path / "results.md").read_text()
