@@ -5,13 +5,17 @@ windows, float32 compute). Bytes are those of the decoder Linears Rankwise facto
 (compress/arch.named_target_linears), as a fraction of the same Linears at 16 bits per weight:
 
 - dense: the weights rounded to bf16 (fraction 1.0);
-- hqq: the dense model quantized weight-only by HQQ (int8, int4, 3-bit; groups of `--group-size` inputs,
-  bf16 scales and zeros), evaluated with the dequantized weights the quantized layer computes with; bytes =
+- hqq: the dense model quantized weight-only by HQQ (`--hqq BITS:GROUP,...`: int8, int4 and 3-bit in groups of
+  64 inputs, and 3-bit in groups of 128, which lands below 22% of the 16-bit bytes; bf16 scales and zeros), evaluated with the dequantized weights the quantized layer computes with; bytes =
   the packed weights plus the scales and zeros as HQQ stores them;
 - hqq int4 + eora: `compress compensate` of the int4 model (written as a plain model) at each
   `--eora-ranks` rank, calibrated on wiki_calib.txt (seed 0); bytes = int4 + the paths at 16 bits;
 - rankwise: each `--checkpoints` folder, bytes from its own record; one with float factors also with its
   factors re-stored as int8 (storage.store_factors: what `--factor-dtype int8` writes at the same ratio).
+
+`--no-hqq` leaves out the HQQ and EoRA points and `--include F.json` adds the points of an earlier run (same
+model, evaluation text and windows, checked by the dense perplexity), so checkpoints can be measured as they
+are made.
 
 Every float weight priced at 16 bits is rounded to bf16 before evaluation. Needs the `bench` extra (hqq).
 
@@ -45,7 +49,7 @@ from rankwise.compress.storage import stored_bytes, store_factors
 from rankwise.eval.ppl import perplexity
 
 ASSETS = Path(os.environ.get("RANKWISE_ASSETS", Path.home() / ".cache" / "rankwise-assets"))
-HQQ_BITS = {"int8": 8, "int4": 4, "3-bit": 3}
+BITS_NAME = {8: "int8", 4: "int4", 3: "3-bit"}
 FLOAT_FACTORS = (None, "auto", "bf16", "fp16", "fp32")
 LINES_AT = (0.22, 0.30)  # byte fractions marked on the plot
 
@@ -177,29 +181,47 @@ class Frontier:
 
     def run(self, work: Path) -> list[Point]:
         self.measure("dense", "bf16", self.dense, self.dense_bytes)
+        self.points += included_points(self.args.include, self.points[0])
+        if self.args.no_hqq:
+            return self.measure_checkpoints()
         int4_bytes = self.hqq_points(work / "hqq-int4")
         for rank in self.args.eora_ranks:
             out = work / f"hqq-int4-eora{rank}"
             compensate(self.args.model, work / "hqq-int4", out, rank, self.args)
             self.measure("hqq int4 + eora", f"rank {rank}", load_model(str(out), "fp32", "cpu")[0],
                          int4_bytes + path_bytes(read_result(out)))
+        return self.measure_checkpoints()
+
+    def measure_checkpoints(self) -> list[Point]:
         for folder, result in self.checkpoints.items():
             for family, point, model, stored in checkpoint_variants(folder, result, self.shapes):
                 self.measure(family, point, model, stored)
         return self.points
 
     def hqq_points(self, int4_dir: Path) -> int:
-        """HQQ int8, int4 and 3-bit; the int4 model is written to `int4_dir` as a plain model (for EoRA).
+        """The `--hqq` points; the first int4 model is written to `int4_dir` as a plain model (for EoRA).
         Returns its stored bytes."""
         int4_bytes = 0
-        for name, nbits in HQQ_BITS.items():
-            model, stored = hqq_quantized(self.dense, nbits, self.args.group_size)
-            self.measure("hqq", f"{name}, group {self.args.group_size}", model, stored)
-            if nbits == 4:
+        for nbits, group in self.args.hqq:
+            model, stored = hqq_quantized(self.dense, nbits, group)
+            self.measure("hqq", f"{BITS_NAME[nbits]}, group {group}", model, stored)
+            if nbits == 4 and not int4_bytes:
                 model.save_pretrained(int4_dir)
                 self.tokenizer.save_pretrained(int4_dir)
                 int4_bytes = stored
         return int4_bytes
+
+
+def included_points(files: list[Path], dense: Point) -> list[Point]:
+    """The points of earlier runs (their --json) but their dense one, which must match this run's."""
+    out = []
+    for f in files:
+        points = [Point(**p) for p in json.loads(f.read_text())["points"]]
+        if abs(points[0].ppl - dense.ppl) > 1e-6 * dense.ppl:
+            raise SystemExit(f"{f}: its dense perplexity {points[0].ppl} is not this run's {dense.ppl} (another "
+                             "model, text or number of windows)")
+        out += points[1:]
+    return out
 
 
 def table(points: list[Point]) -> str:
@@ -240,7 +262,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--eval", default=f"text:{ASSETS / 'text' / 'wiki_eval.txt'}")
     ap.add_argument("--checkpoints", default="", help="comma-separated Rankwise checkpoint folders")
     ap.add_argument("--eora-ranks", default="16,64")
-    ap.add_argument("--group-size", type=int, default=64, help="HQQ's group of inputs")
+    ap.add_argument("--hqq", default="8:64,4:64,3:64,3:128", help="HQQ points, BITS:GROUP (inputs per group)")
+    ap.add_argument("--no-hqq", action="store_true", help="dense and --checkpoints only (no HQQ, no EoRA)")
+    ap.add_argument("--include", type=Path, action="append", default=[], help="a --json of an earlier run")
     ap.add_argument("--nsamples", type=int, default=32, help="EoRA calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="EoRA calibration window length")
     ap.add_argument("--windows", type=int, default=64, help="512-token evaluation windows")
@@ -251,6 +275,7 @@ def parse_args(argv: list[str] | None):
     args = ap.parse_args(argv)
     args.checkpoints = [c for c in args.checkpoints.split(",") if c]
     args.eora_ranks = [int(r) for r in args.eora_ranks.split(",") if r]
+    args.hqq = [tuple(int(v) for v in spec.split(":")) for spec in args.hqq.split(",") if spec]
     return args
 
 

@@ -39,8 +39,8 @@ def measured(tmp_path_factory, austen_file):
                                    "--device", "cpu"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     argv = ["--model", str(root / "dense"), "--calib", f"text:{austen_file}", "--eval", f"text:{austen_file}",
-            "--checkpoints", str(root / "ck"), "--eora-ranks", str(EORA_RANK), "--nsamples", "4", "--seqlen", "32",
-            "--windows", "2", "--json", str(root / "f.json"), "--plot", str(root / "f.png")]
+            "--checkpoints", str(root / "ck"), "--hqq", "8:64,4:64,3:64", "--eora-ranks", str(EORA_RANK),
+            "--nsamples", "4", "--seqlen", "32", "--windows", "2", "--json", str(root / "f.json"), "--plot", str(root / "f.png")]
     points = frontier.main(argv)
     shapes = frontier.target_shapes(model)
     return {(p.family, p.point.split(",")[0]): p for p in points}, shapes, root
@@ -81,3 +81,13 @@ def test_json_and_plot_are_written(measured):
     written = json.loads((root / "f.json").read_text())
     assert [(p["family"], p["ppl"]) for p in written["points"]] == [(p.family, p.ppl) for p in points.values()]
     assert (root / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_earlier_run_is_included_and_a_foreign_one_refused(measured, austen_file):
+    points, _, root = measured
+    argv = ["--model", str(root / "dense"), "--eval", f"text:{austen_file}", "--no-hqq", "--windows", "2",
+            "--include", str(root / "f.json")]
+    again = frontier.main(argv)
+    assert [(p.family, p.point, p.ppl) for p in again] == [(p.family, p.point, p.ppl) for p in points.values()]
+    with pytest.raises(SystemExit, match="dense perplexity"):
+        frontier.main([*argv[:-3], "1", "--include", str(root / "f.json")])  # one window: another dense figure
