@@ -32,7 +32,10 @@ def compensate_cmd(
     with Bars(quiet) as bars:
         meta = run_compensate(original, compressed, output, eora_rank, calib, nsamples, seqlen, seed, batch_size,
                               device, overwrite, bars)
+    share = meta.compensation_params / meta.targeted_params_before
+    removed = (f"; ratio {meta.ratio_achieved_without_compensation:.2%} -> {meta.ratio_achieved:.2%}"
+               if meta.ratio_achieved_without_compensation > 0 else "")  # a pruned or quantized model removed none
     out_console.print(f"compensated {sum(1 for m in meta.modules.values() if m.lora_rank)} Linears "
-                      f"(rank {eora_rank}, +{meta.compensation_params:,} parameters); ratio "
-                      f"{meta.ratio_achieved_without_compensation:.2%} -> {meta.ratio_achieved:.2%}")
+                      f"(rank {eora_rank}, +{meta.compensation_params:,} parameters, {share:.2%} of the targeted)"
+                      f"{removed}")
     out_console.print(f"wrote {output}")

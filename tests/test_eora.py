@@ -96,6 +96,7 @@ def test_compensate_command_on_a_pruned_model(tmp_path, tiny_dirs, austen_file, 
     r = cli("compensate", orig_dir, tmp_path / "pruned", "-o", tmp_path / "comp", "--eora-rank", 4,
             "--calib", f"text:{austen_file}", "--nsamples", 4, "--seqlen", 48, "--device", "cpu")
     assert r.exit_code == 0, r.output
+    assert "% of the targeted)" in r.output and "ratio" not in r.output  # a pruned model removed no parameter
     comp = load_rankwise_model(str(tmp_path / "comp"))
     layers = [m for m in comp.modules() if isinstance(m, LoraLinear)]
     assert len(layers) == len(named_target_linears(pruned)) and all(m.lora_rank == 4 for m in layers)
