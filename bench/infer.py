@@ -3,25 +3,38 @@
     python bench/infer.py --shape 7b --ratio 0.4 --device cuda --dtype bf16          # target: decode >= 1.2x
     python bench/infer.py --shape 7b --layers 4 --ratio 0.4 --device cuda --compile compile   # CUDA graphs
     python bench/infer.py --model /path/to/smollm2-135m --ratio 0.4 --threads 2
-    python bench/infer.py --model /path/to/dense --checkpoint /path/to/compressed --json
+    python bench/infer.py --model /path/to/dense --checkpoint /path/to/compressed --memory --json
+    python bench/infer.py --shape 1b --ratio 0.4 --factor-dtype int8 --threads 2 --memory
 
 The compressed model is either a Rankwise checkpoint (--checkpoint) or made here from the dense one with the
 block-sequential pipeline (--method, --ratio, --rank-multiple; random or real calibration tokens: for speed
-only the ranks matter, not the quality).
+only the ranks matter, not the quality; --factor-dtype stores its factors as a checkpoint would, e.g. int8).
 prefill: one forward of batch x prompt_len tokens (logits of the last position only, as a server would).
 decode: greedy steps of batch x 1 token with the KV cache, after a prefill that is not timed.
 --compile: none (eager, dynamic cache), static (eager, static cache) or compile (static cache and
 torch.compile mode reduce-overhead: CUDA graphs on GPU, inductor C++ kernels on CPU); both models run the same.
 Each figure is the median of --reps timed runs, alternating dense and compressed, after one warm-up run (two
 with compile; their wall time, mostly compilation, is reported as compile_s).
+--memory: resident memory of each model, measured in a fresh process per model (so that neither the other
+model nor the timing runs above count): that process builds only its model (dense: loads it; compressed:
+loads --checkpoint, or makes it here from the dense one, whose freed pages are handed back to the system
+with malloc_trim), then reports its resident set (VmRSS) after loading, its peak while loading, and its peak
+while running one prefill and decode at the largest batch (the high-water mark reset in between); on a CUDA
+device also the GPU memory torch allocated. Each figure includes the interpreter and torch.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,8 +44,9 @@ from _shapes import (  # noqa: I001
 from rankwise.errors import RankwiseError, first_line
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.loading import DTYPE_NAMES, load_model, resolve_device
-from rankwise.compress.lowrank import LowRankLinear
+from rankwise.compress.lowrank import FACTOR_DTYPES, INT4_GROUP_DEFAULT, LowRankLinear
 from rankwise.compress.metadata import read_result
+from rankwise.compress.peak_memory import peak_memory, reset_peak_memory
 from rankwise.compress.pipeline import compress_model
 
 COMPILE_MODES = ("none", "static", "compile")
@@ -45,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--rank-multiple", type=int, default=1)
+    p.add_argument("--factor-dtype", default="auto", choices=FACTOR_DTYPES,
+                   help="how the factors of the model made here are stored (a --checkpoint keeps its own)")
+    p.add_argument("--int4-group", type=int, default=INT4_GROUP_DEFAULT)
     p.add_argument("--keep-dense", default="", help="comma-separated Linear names/suffixes left dense")
     p.add_argument("--layer-table", action="store_true",
                    help="also time every distinct (shape, rank) alone: dense vs factorized")
@@ -62,8 +79,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", action="store_true",
+                   help="also measure each model's resident memory, each in a fresh process")
     p.add_argument("--json", action="store_true", help="print JSON only")
-    return p.parse_args(argv)
+    p.add_argument("--memory-of", choices=["dense", "compressed"], help=argparse.SUPPRESS)  # internal
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.checkpoint and (args.factor_dtype != "auto"):
+        raise RankwiseError("--factor-dtype applies to a model compressed here: a --checkpoint keeps the factor "
+                            "storage it was written with")
+    return args
 
 
 def _dtype(args, device: torch.device) -> torch.dtype:
@@ -253,38 +278,106 @@ def _batches(args) -> list[int]:
     return [int(b) for b in args.batch_sizes.split(",") if b.strip()]
 
 
-def build_models(args, device):
-    """(dense, compressed, compression meta); the compressed one comes from --checkpoint or is made here."""
+def build_dense(args, device):
+    """(dense model on CPU, tokenizer or None) in the benchmark's dtype."""
     dtype = _dtype(args, device)
-    tokenizer = None
     if args.shape:
-        dense, _ = random_model(args.shape, args.layers, dtype, args.seed)
-    else:
-        if args.layers:
-            raise RankwiseError("--layers applies to --shape models only")
-        dense, tokenizer = load_real_model(args.model, args.dtype, args.device)  # auto: fp32 on CPU
+        return random_model(args.shape, args.layers, dtype, args.seed)[0], None
+    if args.layers:
+        raise RankwiseError("--layers applies to --shape models only")
+    return load_real_model(args.model, args.dtype, args.device)  # auto: fp32 on CPU
+
+
+def build_compressed(args, device, dense=None, tokenizer=None):
+    """(compressed model, compression meta): --checkpoint loaded, else `dense` compressed in place."""
     if args.checkpoint:
         compressed, _, _ = load_model(args.checkpoint, args.dtype, args.device, place_on_device=False)
-        meta = read_result(args.checkpoint)
-    else:
-        compressed = copy.deepcopy(dense)
-        vocab = dense.get_input_embeddings().weight.shape[0]
-        calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
-        cfg = CompressConfig(model=args.model or f"shape:{args.shape}", method=args.method, ratio=args.ratio,
-                             calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                             rank_multiple=args.rank_multiple, device=args.device,
-                             keep_dense=[n.strip() for n in args.keep_dense.split(",") if n.strip()])
-        meta = compress_model(compressed, calib, cfg)
-    dtype = next(dense.parameters()).dtype  # compare like with like
+        return compressed, read_result(args.checkpoint)
+    vocab = dense.get_input_embeddings().weight.shape[0]
+    calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
+    cfg = CompressConfig(model=args.model or f"shape:{args.shape}", method=args.method, ratio=args.ratio,
+                         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                         rank_multiple=args.rank_multiple, device=args.device, factor_dtype=args.factor_dtype,
+                         int4_group=args.int4_group,
+                         keep_dense=[n.strip() for n in args.keep_dense.split(",") if n.strip()])
+    return dense, compress_model(dense, calib, cfg)
+
+
+def build_models(args, device):
+    """(dense, compressed, compression meta); the compressed one comes from --checkpoint or is made here."""
+    dense, tokenizer = build_dense(args, device)
+    compressed, meta = build_compressed(args, device, None if args.checkpoint else copy.deepcopy(dense), tokenizer)
+    dtype = next(dense.parameters()).dtype  # compare like with like (integer factors keep their dtype)
     return dense.to(device).eval(), compressed.to(device, dtype).eval(), meta
+
+
+def _resident_mib() -> float | None:
+    """This process's resident set (VmRSS), MiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc), so that the resident set counts live memory only."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@torch.no_grad()
+def memory_of(which: str, args, device) -> dict:
+    """Resident memory of one model in this (fresh) process: after loading, peak while loading, peak while
+    running one prefill and decode at the largest batch; MiB (GPU: what torch allocated)."""
+    reset_peak_memory(device)
+    dense, tokenizer = build_dense(args, device) if which == "dense" or not args.checkpoint else (None, None)
+    model = dense if which == "dense" else build_compressed(args, device, dense, tokenizer)[0]
+    del dense
+    dtype = _dtype(args, device)
+    model = model.to(device, dtype).eval()
+    _trim_heap()
+    load_peak = peak_memory(device)
+    out = {"rss_after_load_mib": _resident_mib(), "load_peak_mib": load_peak.host_gib * 1024,
+           "gpu_after_load_mib": torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    reset_peak_memory(device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = random_ids(vocab, max(_batches(args)), args.prompt_len, args.seed + 1).to(device)
+    Caller(model, ids, args.new_tokens, args.compile).generate()
+    run_peak = peak_memory(device)
+    out.update(run_peak_mib=run_peak.host_gib * 1024,
+               gpu_run_peak_mib=run_peak.gpu_gib * 1024 if run_peak.gpu_gib is not None else None)
+    return out
+
+
+def measure_memory(argv: list[str]) -> dict:
+    """{dense, compressed: memory_of(...)}, each from its own fresh process running this script."""
+    out = {}
+    for which in ("dense", "compressed"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "memory.json"
+            res = subprocess.run([sys.executable, __file__, *argv, "--memory-of", which, "--out", str(path)],
+                                 capture_output=True, text=True)
+            if res.returncode != 0 or not path.is_file():
+                last = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+                raise RankwiseError(f"--memory: the {which} model's process failed: {first_line(last, 300)}")
+            out[which] = json.loads(path.read_text())
+    return out
 
 
 def main(argv=None, compiler=compile_forward) -> dict:
     """Runs the benchmark; `compiler(model)` makes the compiled forward of --compile compile."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.memory_of:
+        Path(args.out).write_text(json.dumps(memory_of(args.memory_of, args, device)))
+        return {}
     dense, compressed, meta = build_models(args, device)
     vocab = dense.get_input_embeddings().weight.shape[0]
     factorized = sum(isinstance(m, LowRankLinear) for m in compressed.modules())
@@ -300,7 +393,9 @@ def main(argv=None, compiler=compile_forward) -> dict:
                      "dense_compile_s": d["compile_s"], "compressed_compile_s": c["compile_s"]})
     result = {"settings": {"model": args.model or f"shape:{args.shape}" + (f" ({args.layers} layers)"
                                                                              if args.layers else ""),
-                           "compressed": args.checkpoint or f"{args.method} ratio {args.ratio} (made here)",
+                           "compressed": args.checkpoint or (f"{args.method} ratio {args.ratio}"
+                                                             + ("" if args.factor_dtype == "auto" else
+                                                                f", {args.factor_dtype} factors") + " (made here)"),
                            "device": str(device),
                            "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
@@ -309,7 +404,9 @@ def main(argv=None, compiler=compile_forward) -> dict:
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
               "params": {"dense": sum(p.numel() for p in dense.parameters()),
                          "compressed": sum(p.numel() for p in compressed.parameters()),
-                         "factorized_layers": factorized, "kept_dense": len(meta.kept_dense) if meta else 0},
+                         "factorized_layers": factorized, "kept_dense": len(meta.kept_dense) if meta else 0,
+                         "factor_dtypes": sorted({m.factor_dtype or "auto" for m in compressed.modules()
+                                                  if isinstance(m, LowRankLinear)})},
               "rows": rows,
               # compile: 2 per model and batch (prefill and decode shapes), all in the warm-up runs
               "graphs_compiled": sum(r[m]["graphs_compiled"] for r in results.values() for m in models),
@@ -318,6 +415,9 @@ def main(argv=None, compiler=compile_forward) -> dict:
         result["layers"] = layer_table(compressed, args, device)
         result["slower_factorized_at_batch1"] = sorted(
             {n for r in result["layers"] if r[f"b{_batches(args)[0]}_speedup"] < 1 for n in r["layers"]})
+    if args.memory:
+        del dense, compressed, models
+        result["memory"] = measure_memory([a for a in argv if a != "--memory"])
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -345,6 +445,8 @@ def print_table(result: dict) -> None:
     if s["compile"] == "compile":
         console.print("compile s (warm-up runs) dense / compressed: " + ", ".join(
             f"batch {r['batch']} {r['dense_compile_s']:.1f} / {r['compressed_compile_s']:.1f}" for r in result["rows"]))
+    if "memory" in result:
+        console.print(memory_table(result["memory"]))
     if result["graphs_compiled_while_timing"]:
         console.print(f"[red]warning: {result['graphs_compiled_while_timing']} graphs compiled inside timed runs "
                       "(recompiles): the compile figures include compilation[/red]")
@@ -361,6 +463,21 @@ def print_table(result: dict) -> None:
     console.print(lt)
     console.print(f"slower factorized at batch {result['rows'][0]['batch']}: "
                   f"{', '.join(result['slower_factorized_at_batch1']) or 'none'}")
+
+
+def memory_table(memory: dict):
+    from rich.table import Table
+    table = Table(title="resident memory, MiB (each model alone in a fresh process; interpreter and torch "
+                        "included)")
+    columns = {"rss_after_load_mib": "after loading", "load_peak_mib": "peak loading",
+               "run_peak_mib": "peak running", "gpu_after_load_mib": "GPU after loading",
+               "gpu_run_peak_mib": "GPU peak running"}
+    shown = [k for k in columns if memory["dense"].get(k) is not None]
+    for col in ["model"] + [columns[k] for k in shown]:
+        table.add_column(col, justify="right")
+    for name, row in memory.items():
+        table.add_row(name, *[f"{row[k]:.0f}" for k in shown])
+    return table
 
 
 if __name__ == "__main__":

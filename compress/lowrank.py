@@ -49,7 +49,31 @@ FLOAT_FACTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": to
 INT4_GROUP_DEFAULT = 32
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight is stored quantized (integer `weight`, float32 `weight_scale`, optional float
+    `bias`); subclasses say how it is rounded and dequantized."""
+
+    @torch.no_grad()
+    def load_weights(self, weights) -> set[str]:
+        """Load (name, tensor) pairs the way vLLM's weight loader hands them to a module that has this method.
+        vLLM has already put every parameter on its device in the model's dtype, integer ones too: integer
+        tensors are loaded in their stored dtype (an int8 weight stays int8), floating ones in the parameter's,
+        as from_pretrained(dtype=...) casts them. The names loaded."""
+        loaded = set()
+        for name, tensor in weights:
+            param = getattr(self, name)
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(f"{name}: expected shape {list(param.shape)}, got {list(tensor.shape)}")
+            if tensor.is_floating_point():
+                param.data.copy_(tensor)
+            else:
+                stored = torch.empty(tensor.shape, dtype=tensor.dtype, device=param.device).copy_(tensor)
+                setattr(self, name, nn.Parameter(stored, requires_grad=False))
+            loaded.add(name)
+        return loaded
+
+
+class Int8Linear(QuantizedLinear):
     """y = x (s Q)^T + b: an int8 weight Q [out, in] with one float32 scale per output channel, s = absmax / 127
     (symmetric, round to nearest). Q stays int8 in memory; each call dequantizes it for one matmul (the float
     copy lives for that call only). torch's weight-only int8 kernel (aten._weight_int8pack_mm) is not used: on
@@ -86,7 +110,7 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8, bias={self.bias is not None}"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """y = x (s Q)^T + b: int4 values Q in [-8, 7] [out, in], two per byte (uint8 [out, in / 2], the even input
     in the low nibble), one float32 scale per group of `group_size` inputs of each output, s = absmax / 7
     (symmetric, group-wise). Dequantized to x's dtype per call."""
@@ -140,7 +164,7 @@ def factor_linear(in_features: int, out_features: int, bias: bool, storage: str 
 
 def factor_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a factor computes with (dequantized when stored quantized)."""
-    return layer.dequantized() if isinstance(layer, tuple(QUANTIZED_LINEARS.values())) else layer.weight
+    return layer.dequantized() if isinstance(layer, QuantizedLinear) else layer.weight
 
 
 class LowRankFactors(nn.Module):

@@ -206,6 +206,28 @@ def test_infer_compile_failure_is_one_error():
                     "--compile", "compile", "--json"], compiler=broken)
 
 
+def test_infer_int8_factors_and_memory_of_each_model_in_its_own_process(capsys):
+    """--factor-dtype int8 stores the factors of the model made here in int8; --memory measures the dense and
+    the compressed model each in a fresh process: a high-water mark is never below the resident set it was
+    reset at."""
+    out = _run_json(infer, ["--shape", "tiny", "--layers", "1", "--batch-sizes", "1,2", "--prompt-len", "4",
+                            "--new-tokens", "2", "--reps", "1", "--nsamples", "2", "--seqlen", "8", "--device", "cpu",
+                            "--factor-dtype", "int8", "--memory"], capsys)
+    assert out["params"]["factor_dtypes"] == ["int8"] and out["params"]["factorized_layers"] == 7
+    assert "int8 factors" in out["settings"]["compressed"]
+    assert set(out["memory"]) == {"dense", "compressed"}
+    for row in out["memory"].values():
+        assert row["rss_after_load_mib"] > 50  # the interpreter and torch at least
+        assert row["load_peak_mib"] >= row["rss_after_load_mib"]
+        assert row["run_peak_mib"] >= 0.95 * row["rss_after_load_mib"]
+        assert row["gpu_after_load_mib"] is None
+
+
+def test_infer_refuses_factor_dtype_with_a_checkpoint():
+    with pytest.raises(RankwiseError, match="--factor-dtype applies to a model compressed here"):
+        infer.main(["--shape", "tiny", "--checkpoint", "/nonexistent", "--factor-dtype", "int8"])
+
+
 def _one_step_slack(shapes: dict[str, MatrixShape], ranks: dict, multiple: int) -> float:
     """Ratio a bump of every factorized matrix by one rank step would cost (the allocator's tolerance)."""
     dense = sum(s.dense_params for s in shapes.values())

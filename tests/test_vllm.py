@@ -1,13 +1,15 @@
 """A Rankwise checkpoint served offline by vLLM's Transformers backend gives transformers' greedy tokens.
 
 vLLM builds the checkpoint's `RankwiseModel` from its config (auto_map, trust_remote_code), swaps the low-rank
-layers' Linears for its own and loads the factors by name. The serving test runs where vLLM is importable
+layers' Linears for its own and loads the factors by name; factors stored in int8 or int4 are no Linears: vLLM
+keeps Rankwise's layers for them, which load their integer tensors in the stored dtype. The serving test runs where vLLM is importable
 (`pip install 'rankwise[serve]'`, or `vllm` on a GPU machine) and is skipped elsewhere: vLLM is too large for
 the default install. One vLLM start takes about a minute on a CPU. What vLLM relies on, the model classes
 building the low-rank structure from the config alone, is tested everywhere.
 """
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -22,12 +24,20 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 NEW_TOKENS = 8
 
-# vLLM starts worker processes that import the script: without the guard each would start vLLM again.
+# vLLM starts worker processes that import the script: without the guard each would start vLLM again. The
+# dtypes of the served factors come from the worker through LLM.apply_model, which pickles a function by
+# reference: it lives in a module beside the script.
+PROBE = '''
+def factor_dtypes(model):
+    return {name: str(p.dtype).removeprefix("torch.") for name, p in model.named_parameters()
+            if name.endswith((".A.weight", ".B.weight"))}
+'''
 SERVE = '''
 import json
 import sys
 
 if __name__ == "__main__":
+    from probe import factor_dtypes
     from vllm import LLM, SamplingParams
     # gpu_memory_utilization: on a CPU, the share of host memory reserved for the KV cache
     llm = LLM(model=sys.argv[1], model_impl="transformers", trust_remote_code=True, dtype="float32",
@@ -37,26 +47,33 @@ if __name__ == "__main__":
                            SamplingParams(max_tokens=int(sys.argv[3]), temperature=0, ignore_eos=True),
                            use_tqdm=False)
     print("TOKENS " + json.dumps([list(out.outputs[0].token_ids) for out in outputs]))
+    print("DTYPES " + json.dumps(llm.apply_model(factor_dtypes)[0]))
 '''
+# How each factor dtype is held in memory, in transformers and in vLLM alike (the model is float32).
+HELD_AS = {"auto": "float32", "int8": "int8", "int4": "uint8"}
 
 
 @pytest.fixture(scope="module")
 def models(austen_file, tmp_path_factory):
     """A tiny Llama whose head size (64) vLLM's CPU attention supports, with its own output head (tied to the
     embeddings, a random model only repeats its last token), and its EoRA-compensated compression (every
-    low-rank layer carries the A, B and lora pairs vLLM must load)."""
+    low-rank layer carries the A, B and lora pairs vLLM must load), also with its factors stored in int8 and in
+    int4 (ranks a multiple of the int4 group)."""
     from typer.testing import CliRunner
 
     from rankwise.cli.main import app
     root = tmp_path_factory.mktemp("vllm")
     dense = save_tiny(root / "dense", "llama", hidden_size=128, intermediate_size=256, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=64, tie_word_embeddings=False)
-    ck = root / "ck"
-    res = CliRunner().invoke(app, ["model", str(dense), "-o", str(ck), "--ratio", "0.3", "--compensate", "eora",
-                                   "--eora-rank", "4", "--calib", f"text:{austen_file}", "--nsamples", "4",
-                                   "--seqlen", "32", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    return dense, ck
+    checkpoints = {}
+    for factor_dtype, extra in (("auto", []), ("int8", []), ("int4", ["--int4-group", "16", "--rank-multiple", "16"])):
+        checkpoints[factor_dtype] = root / f"ck-{factor_dtype}"
+        res = CliRunner().invoke(app, ["model", str(dense), "-o", str(checkpoints[factor_dtype]), "--ratio", "0.3",
+                                       "--compensate", "eora", "--eora-rank", "4", "--calib", f"text:{austen_file}",
+                                       "--nsamples", "4", "--seqlen", "32", "--device", "cpu",
+                                       "--factor-dtype", factor_dtype, *extra])
+        assert res.exit_code == 0, res.output
+    return dense, checkpoints
 
 
 def prompts() -> list[list[int]]:
@@ -78,7 +95,7 @@ def transformers_greedy(path, trust_remote_code: bool) -> list[list[int]]:
 def test_auto_model_classes_build_the_low_rank_structure_from_the_config(models):
     """On meta, as vLLM builds it: every factorized Linear is a low-rank layer of the stored ranks; the base
     model's are no nn.Linear (vLLM would replace them by dense ones), the causal LM's are (PEFT targets them)."""
-    _, ck = models
+    ck = models[1]["auto"]
     config = transformers.AutoConfig.from_pretrained(ck)
     modules = config.rankwise["modules"]
     with torch.device("meta"):
@@ -94,8 +111,9 @@ def test_auto_model_classes_build_the_low_rank_structure_from_the_config(models)
             assert tuple(layer.lora_A.weight.shape) == (spec["lora_rank"], spec["in"])
 
 
-def test_auto_model_from_pretrained_gives_the_causal_lm_hidden_states(models):
-    _, ck = models
+@pytest.mark.parametrize("factor_dtype", ["auto", "int8"])
+def test_auto_model_from_pretrained_gives_the_causal_lm_hidden_states(models, factor_dtype):
+    ck = models[1][factor_dtype]
     ids = torch.tensor([prompts()[1]])
     base = transformers.AutoModel.from_pretrained(ck, trust_remote_code=True)
     causal = transformers.AutoModelForCausalLM.from_pretrained(ck, trust_remote_code=True)
@@ -104,15 +122,43 @@ def test_auto_model_from_pretrained_gives_the_causal_lm_hidden_states(models):
                                    rtol=0, atol=0)
 
 
+def test_a_quantized_factor_loaded_as_vllm_loads_it_keeps_its_stored_dtype(models):
+    """vLLM materialises every parameter it does not replace in the model's dtype, integer ones too, then hands
+    a module that has load_weights its tensors: the int8 factors come back int8 and compute as stored."""
+    from safetensors.torch import load_file
+    ck = models[1]["int8"]
+    config = transformers.AutoConfig.from_pretrained(ck)
+    name = next(iter(config.rankwise["modules"]))
+    stored = {k.removeprefix(f"{name}.A."): v for k, v in load_file(ck / "model.safetensors").items()
+              if k.startswith(f"{name}.A.")}
+    with torch.device("meta"):
+        base = transformers.AutoModel.from_config(config, trust_remote_code=True)
+    factor = base.get_submodule(name.removeprefix("model.")).A
+    for key, param in list(factor.named_parameters()):
+        setattr(factor, key, torch.nn.Parameter(torch.zeros(param.shape)))  # float32 on the CPU, as vLLM does
+    assert factor.load_weights(iter(stored.items())) == {"weight", "weight_scale"}
+    assert factor.weight.dtype == torch.int8 and torch.equal(factor.weight, stored["weight"])
+    x = torch.randn(3, factor.in_features)
+    torch.testing.assert_close(factor(x), x @ (stored["weight"].float() * stored["weight_scale"][:, None]).T)
+
+
 @needs_vllm
-def test_vllm_serves_the_greedy_tokens_of_transformers(models, tmp_path):
-    dense, ck = models
+@pytest.mark.parametrize("factor_dtype", ["auto", "int8", "int4"])
+def test_vllm_serves_the_greedy_tokens_of_transformers(models, factor_dtype, tmp_path):
+    """The same greedy tokens, with the factors held in vLLM as the checkpoint stores them (int8 as int8)."""
+    dense, checkpoints = models
+    ck = checkpoints[factor_dtype]
     expected = transformers_greedy(ck, trust_remote_code=True)
     assert expected != transformers_greedy(dense, trust_remote_code=False)  # the compressed model's own tokens
+    (tmp_path / "probe.py").write_text(PROBE)
     script = tmp_path / "serve.py"
     script.write_text(SERVE)
     res = subprocess.run([sys.executable, str(script), str(ck), json.dumps(prompts()), str(NEW_TOKENS)],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})  # apply_model's pickle
     assert res.returncode == 0, res.stderr[-4000:]
-    served = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("TOKENS "))[7:])
-    assert served == expected
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.startswith(("TOKENS ", "DTYPES ")))
+    assert json.loads(lines["TOKENS"]) == expected
+    modules = transformers.AutoConfig.from_pretrained(ck).rankwise["modules"]
+    assert json.loads(lines["DTYPES"]) == {f"{name}.{factor}.weight": HELD_AS[factor_dtype]
+                                           for name in modules for factor in "AB"}
