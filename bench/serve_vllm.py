@@ -169,7 +169,8 @@ def measure_one(path: str, args) -> dict:
         batch = random_prompts(vocab, b, args.prompt_len, args.seed + b)
         first = _median(lambda: _timed(llm, batch, 1), args.reps)
         full = _median(lambda: _timed(llm, batch, args.new_tokens), args.reps)
-        row["decode_tok_s"][str(b)] = b * (args.new_tokens - 1) / max(full - first, 1e-9)
+        # None: the decode steps took no measurable time beyond the noise of the one-token run
+        row["decode_tok_s"][str(b)] = b * (args.new_tokens - 1) / (full - first) if full > first else None
     if args.check_tokens:
         ids = check_prompts(path, vocab, args.seed)
         outs = llm.generate([{"prompt_token_ids": p} for p in ids],
@@ -189,10 +190,16 @@ def run_isolated(path: str, argv: list[str], args) -> dict:
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{args.threads - 1}"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        res = subprocess.run([sys.executable, __file__, *argv, "--one", path, "--out", str(out)], env=env)
+        # vLLM's log goes to stderr: stdout is the table alone
+        res = subprocess.run([sys.executable, __file__, *argv, "--one", path, "--out", str(out)], env=env,
+                             stdout=sys.stderr)
         if res.returncode != 0 or not out.is_file():
             return {"model": path, "factors": factor_label(model_config(path)), "error": f"exit {res.returncode}"}
         return json.loads(out.read_text())
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -206,7 +213,7 @@ def markdown(rows: list[dict], args) -> str:
                                                                            + [""] * (len(head) - 3)) + " |")
             continue
         cells = [Path(r["model"]).name, r["factors"], f"{r['load_s']:.1f}", f"{r['memory']['pss_mib']:.0f}",
-                 f"{r['prefill_tok_s']:.1f}"] + [f"{r['decode_tok_s'][str(b)]:.1f}" for b in batches]
+                 f"{r['prefill_tok_s']:.1f}"] + [_figure(r["decode_tok_s"][str(b)]) for b in batches]
         if args.check_tokens:
             cells.append(f"{r['tokens_identical']}/{r['tokens_prompts']} prompts")
         lines.append("| " + " | ".join(cells) + " |")

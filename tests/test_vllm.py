@@ -2,9 +2,9 @@
 
 vLLM builds the checkpoint's `RankwiseModel` from its config (auto_map, trust_remote_code), swaps the low-rank
 layers' Linears for its own and loads the factors by name; factors stored in int8 or int4 are no Linears: vLLM
-keeps Rankwise's layers for them, which load their integer tensors in the stored dtype. The serving test runs where vLLM is importable
-(`pip install 'rankwise[serve]'`, or `vllm` on a GPU machine) and is skipped elsewhere: vLLM is too large for
-the default install. One vLLM start takes about a minute on a CPU. What vLLM relies on, the model classes
+keeps Rankwise's layers for them, which load their integer tensors in the stored dtype. The serving tests run
+where vLLM is importable (`pip install 'rankwise[serve]'`, or `vllm` on a GPU machine) and are skipped
+elsewhere: vLLM is too large for the default install. One vLLM start takes about a minute on a CPU. What vLLM relies on, the model classes
 building the low-rank structure from the config alone, is tested everywhere.
 """
 import importlib.util
@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,26 @@ def test_vllm_serves_the_greedy_tokens_of_transformers(models, factor_dtype, tmp
     modules = transformers.AutoConfig.from_pretrained(ck).rankwise["modules"]
     assert json.loads(lines["DTYPES"]) == {f"{name}.{factor}.weight": HELD_AS[factor_dtype]
                                            for name in modules for factor in "AB"}
+
+
+@needs_vllm
+def test_serve_bench_measures_each_model_in_its_own_process(models, tmp_path):
+    """bench/serve_vllm.py: one row per model, each from its own vLLM processes, every figure measured, the
+    table alone on stdout."""
+    dense, checkpoints = models
+    out = tmp_path / "serve.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve_vllm.py"
+    res = subprocess.run([sys.executable, str(bench), str(dense), str(checkpoints["int8"]), "--prompt-len", "8",
+                          "--prompts", "2", "--batch-sizes", "1,2", "--new-tokens", "16", "--reps", "1",
+                          "--kv-cache-gib", "0.25", "--check-tokens", "4", "--json", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.splitlines()[0].startswith("| model | factors | load s | memory MiB |")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["factors"] for r in rows] == ["dense", "int8"]
+    for r in rows:
+        assert r["tokens_identical"] == r["tokens_prompts"] == 4
+        assert r["load_s"] > 0 and r["prefill_tok_s"] > 0
+        assert set(r["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in r["decode_tok_s"].values())
+        assert r["memory"]["processes"] >= 3  # the calling process, vLLM's engine core and its worker
+        assert r["memory"]["pss_mib"] > r["memory"]["largest_rss_mib"] / 3
