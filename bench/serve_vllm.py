@@ -80,13 +80,14 @@ def model_config(path: str) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
 
-def factor_label(config: dict) -> str:
-    """dense, or how a checkpoint's factors are stored (the model's dtype unless its modules say otherwise)."""
+def factor_label(config: dict, dtype: str) -> str:
+    """dense, or how a checkpoint's factors are stored (`dtype`, the serving one, unless its modules say
+    otherwise)."""
     modules = (config.get("rankwise") or {}).get("modules")
     if not modules:
         return "dense"
-    stored = sorted({m.get("factor_dtype") or "model dtype" for m in modules.values() if m.get("rank") is not None})
-    return ", ".join(stored) or "model dtype"
+    stored = sorted({m.get("factor_dtype") or dtype for m in modules.values() if m.get("rank") is not None})
+    return ", ".join(stored) or dtype
 
 
 def random_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
@@ -159,7 +160,7 @@ def measure_one(path: str, args) -> dict:
               enable_prefix_caching=False, seed=args.seed,
               # on a CPU, gpu_memory_utilization is a share of host memory; the KV cache is set explicitly
               gpu_memory_utilization=0.15, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30))
-    row = {"model": path, "factors": factor_label(config), "load_s": time.perf_counter() - start,
+    row = {"model": path, "factors": factor_label(config, args.dtype), "load_s": time.perf_counter() - start,
            "memory": tree_memory_mib()}
     prompts = random_prompts(vocab, args.prompts, args.prompt_len, args.seed)
     _timed(llm, prompts[:2], 2)  # warm-up
@@ -194,7 +195,8 @@ def run_isolated(path: str, argv: list[str], args) -> dict:
         res = subprocess.run([sys.executable, __file__, *argv, "--one", path, "--out", str(out)], env=env,
                              stdout=sys.stderr)
         if res.returncode != 0 or not out.is_file():
-            return {"model": path, "factors": factor_label(model_config(path)), "error": f"exit {res.returncode}"}
+            return {"model": path, "factors": factor_label(model_config(path), args.dtype),
+                    "error": f"exit {res.returncode}"}
         return json.loads(out.read_text())
 
 
