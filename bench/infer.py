@@ -8,7 +8,8 @@
 
 The compressed model is either a Rankwise checkpoint (--checkpoint) or made here from the dense one with the
 block-sequential pipeline (--method, --ratio, --rank-multiple; random or real calibration tokens: for speed
-only the ranks matter, not the quality; --factor-dtype stores its factors as a checkpoint would, e.g. int8).
+only the ranks matter, not the quality; --factor-dtype stores its factors as a checkpoint would, e.g. int8,
+and re-stores a checkpoint's float factors in memory as `compress model --factor-dtype` writes them).
 prefill: one forward of batch x prompt_len tokens (logits of the last position only, as a server would).
 decode: greedy steps of batch x 1 token with the KV cache, after a prefill that is not timed.
 --compile: none (eager, dynamic cache), static (eager, static cache) or compile (static cache and
@@ -48,6 +49,7 @@ from rankwise.compress.lowrank import FACTOR_DTYPES, INT4_GROUP_DEFAULT, LowRank
 from rankwise.compress.metadata import read_result
 from rankwise.compress.peak_memory import peak_memory, reset_peak_memory
 from rankwise.compress.pipeline import compress_model
+from rankwise.compress.storage import check_factor_storage, store_factors
 
 COMPILE_MODES = ("none", "static", "compile")
 
@@ -60,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--rank-multiple", type=int, default=1)
     p.add_argument("--factor-dtype", default="auto", choices=FACTOR_DTYPES,
-                   help="how the factors of the model made here are stored (a --checkpoint keeps its own)")
+                   help="how the factors of the model made here are stored (a --checkpoint's float factors: "
+                        "re-stored so in memory)")
     p.add_argument("--int4-group", type=int, default=INT4_GROUP_DEFAULT)
     p.add_argument("--keep-dense", default="", help="comma-separated Linear names/suffixes left dense")
     p.add_argument("--layer-table", action="store_true",
@@ -85,9 +88,6 @@ def parse_args(argv=None):
     p.add_argument("--memory-of", choices=["dense", "compressed"], help=argparse.SUPPRESS)  # internal
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.checkpoint and (args.factor_dtype != "auto"):
-        raise RankwiseError("--factor-dtype applies to a model compressed here: a --checkpoint keeps the factor "
-                            "storage it was written with")
     return args
 
 
@@ -292,7 +292,8 @@ def build_compressed(args, device, dense=None, tokenizer=None):
     """(compressed model, compression meta): --checkpoint loaded, else `dense` compressed in place."""
     if args.checkpoint:
         compressed, _, _ = load_model(args.checkpoint, args.dtype, args.device, place_on_device=False)
-        return compressed, read_result(args.checkpoint)
+        meta = read_result(args.checkpoint)
+        return compressed, meta if args.factor_dtype == "auto" else restored(compressed, meta, args)
     vocab = dense.get_input_embeddings().weight.shape[0]
     calib = calibration_ids(tokenizer, vocab, args.calib, args.nsamples, args.seqlen, args.seed)
     cfg = CompressConfig(model=args.model or f"shape:{args.shape}", method=args.method, ratio=args.ratio,
@@ -301,6 +302,17 @@ def build_compressed(args, device, dense=None, tokenizer=None):
                          int4_group=args.int4_group,
                          keep_dense=[n.strip() for n in args.keep_dense.split(",") if n.strip()])
     return dense, compress_model(dense, calib, cfg)
+
+
+def restored(model, meta, args):
+    """A checkpoint's float factors stored as --factor-dtype, in memory: what `compress model --factor-dtype`
+    writes at the same ratio (storage is applied after every stage). Its record, with the new modules."""
+    if any(m.factor_dtype not in (None, "auto", "bf16", "fp16", "fp32") for m in meta.modules.values()):
+        raise RankwiseError(f"--factor-dtype {args.factor_dtype}: {args.checkpoint} already stores quantized "
+                            f"factors; only float factors are re-stored")
+    check_factor_storage({}, {n: m.rank for n, m in meta.modules.items()}, args.factor_dtype, args.int4_group)
+    return meta.model_copy(update={"modules": store_factors(model, meta.modules, args.factor_dtype,
+                                                            args.int4_group)})
 
 
 def build_models(args, device):
@@ -368,6 +380,13 @@ def measure_memory(argv: list[str]) -> dict:
     return out
 
 
+def compressed_label(args) -> str:
+    factors = "" if args.factor_dtype == "auto" else f", {args.factor_dtype} factors"
+    if args.checkpoint:
+        return args.checkpoint + (f" (factors re-stored{factors})" if factors else "")
+    return f"{args.method} ratio {args.ratio}{factors} (made here)"
+
+
 def main(argv=None, compiler=compile_forward) -> dict:
     """Runs the benchmark; `compiler(model)` makes the compiled forward of --compile compile."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -393,9 +412,7 @@ def main(argv=None, compiler=compile_forward) -> dict:
                      "dense_compile_s": d["compile_s"], "compressed_compile_s": c["compile_s"]})
     result = {"settings": {"model": args.model or f"shape:{args.shape}" + (f" ({args.layers} layers)"
                                                                              if args.layers else ""),
-                           "compressed": args.checkpoint or (f"{args.method} ratio {args.ratio}"
-                                                             + ("" if args.factor_dtype == "auto" else
-                                                                f", {args.factor_dtype} factors") + " (made here)"),
+                           "compressed": compressed_label(args),
                            "device": str(device),
                            "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
                            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,

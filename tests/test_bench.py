@@ -223,9 +223,23 @@ def test_infer_int8_factors_and_memory_of_each_model_in_its_own_process(capsys):
         assert row["gpu_after_load_mib"] is None
 
 
-def test_infer_refuses_factor_dtype_with_a_checkpoint():
-    with pytest.raises(RankwiseError, match="--factor-dtype applies to a model compressed here"):
-        infer.main(["--shape", "tiny", "--checkpoint", "/nonexistent", "--factor-dtype", "int8"])
+def test_infer_restores_a_checkpoints_float_factors_and_refuses_quantized_ones(tmp_path, tiny_dirs, austen_file,
+                                                                                 capsys):
+    from typer.testing import CliRunner
+
+    from rankwise.cli.main import app
+    for name, dtype in (("float", "auto"), ("int8", "int8")):
+        res = CliRunner().invoke(app, ["model", str(tiny_dirs["llama"]), "-o", str(tmp_path / name), "--ratio", "0.3",
+                                       "--calib", f"text:{austen_file}", "--nsamples", "2", "--seqlen", "16",
+                                       "--device", "cpu", "--factor-dtype", dtype])
+        assert res.exit_code == 0, res.output
+    argv = ["--model", str(tiny_dirs["llama"]), "--batch-sizes", "1", "--prompt-len", "4", "--new-tokens", "2",
+            "--reps", "1", "--device", "cpu", "--factor-dtype", "int8", "--checkpoint"]
+    out = _run_json(infer, [*argv, str(tmp_path / "float")], capsys)
+    assert out["params"]["factor_dtypes"] == ["int8"] and out["params"]["factorized_layers"] == 14
+    assert out["settings"]["compressed"].endswith("(factors re-stored, int8 factors)")
+    with pytest.raises(RankwiseError, match="already stores quantized factors"):
+        infer.main([*argv, str(tmp_path / "int8")])
 
 
 def _one_step_slack(shapes: dict[str, MatrixShape], ranks: dict, multiple: int) -> float:
