@@ -2,7 +2,7 @@
 import sys
 
 from rankwise.cli import (  # noqa: F401  (each module registers its command on the app)
-    cmd_compensate, cmd_evaluate, cmd_export, cmd_inspect, cmd_model, cmd_report, cmd_run)
+    cmd_compensate, cmd_evaluate, cmd_export, cmd_inspect, cmd_model, cmd_report, cmd_run, cmd_store)
 from rankwise.cli.common import app
 
 

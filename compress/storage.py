@@ -70,3 +70,15 @@ def with_bytes(result: CompressionResult, shapes: dict[str, MatrixShape],
     after = stored_bytes(shapes, result.modules)
     return result.model_copy(update={"size_ratio_requested": size_ratio, "size_ratio_achieved": after / before,
                                      "targeted_bytes_before": int(before), "targeted_bytes_after": round(after)})
+
+
+def restored_result(result: CompressionResult, modules: dict[str, ModuleSpec]) -> CompressionResult:
+    """The record of a checkpoint whose factors were stored anew (`compress store-factors`): its module specs
+    and the targeted Linears' bytes achieved (only the factorized layers' storage changed)."""
+    if result.targeted_bytes_before is None or result.targeted_bytes_after is None:
+        raise RankwiseError("the checkpoint records no stored bytes (written before factor storage existed): "
+                            "compress the model again with --factor-dtype")
+    shapes = {name: MatrixShape(m.out_features, m.in_features, m.bias) for name, m in result.modules.items()}
+    after = result.targeted_bytes_after - stored_bytes(shapes, result.modules) + stored_bytes(shapes, modules)
+    return result.model_copy(update={"modules": modules, "targeted_bytes_after": round(after),
+                                     "size_ratio_achieved": after / result.targeted_bytes_before})

@@ -187,3 +187,33 @@ def test_evaluate_compensate_and_export_peft_accept_an_int8_checkpoint(checkpoin
     assert res.exit_code == 0, res.output
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert set(config["rank_pattern"].values()) == {4}
+
+
+def test_store_factors_writes_what_compress_model_writes_with_that_factor_dtype(checkpoints, cli, tmp_path):
+    """A float checkpoint's factors stored as int8 afterwards: the same tensors and the same byte accounting as
+    the checkpoint compressed with --factor-dtype int8 at the same ratio; the input is left as it was."""
+    from safetensors.torch import load_file
+    source = sorted(p.stat().st_mtime_ns for p in checkpoints["auto"].iterdir())
+    res = cli("store-factors", checkpoints["auto"], "-o", tmp_path / "int8", "--factor-dtype", "int8")
+    assert res.exit_code == 0, res.output
+    assert "factors stored as int8" in res.output
+    mine, theirs = (load_file(ck / "model.safetensors") for ck in (tmp_path / "int8", checkpoints["int8"]))
+    assert mine.keys() == theirs.keys()
+    for key in theirs:
+        assert mine[key].dtype == theirs[key].dtype and torch.equal(mine[key], theirs[key]), key
+    record, expected = (json.loads((ck / "config.json").read_text())["rankwise"]
+                        for ck in (tmp_path / "int8", checkpoints["int8"]))
+    for key in ("modules", "targeted_bytes_before", "targeted_bytes_after"):
+        assert record[key] == expected[key], key
+    assert record["size_ratio_achieved"] == pytest.approx(expected["size_ratio_achieved"], rel=1e-9)
+    assert sorted(p.stat().st_mtime_ns for p in checkpoints["auto"].iterdir()) == source
+
+
+def test_store_factors_refusals(checkpoints, cli, tmp_path):
+    cases = [(checkpoints["int8"], ["--factor-dtype", "int4"], "stores its factors as int8"),
+             (checkpoints["auto"], ["--factor-dtype", "int3"], "--factor-dtype 'int3'"),
+             (checkpoints["auto"], ["--factor-dtype", "int4", "--int4-group", "6"], "int4 group 6 does not divide")]
+    for source, options, needle in cases:
+        res = cli("store-factors", source, "-o", tmp_path / "out", *options)
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "out").exists()
