@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> list[Point]:
     print()
     print(table(points))
     if args.json:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings = {k: [str(p) for p in v] if k == "include" else str(v) if isinstance(v, Path) else v
+                    for k, v in vars(args).items()}
         args.json.write_text(json.dumps({"settings": settings, "threads": torch.get_num_threads(),
                                          "points": [asdict(p) for p in points]}, indent=2) + "\n")
     if args.plot:

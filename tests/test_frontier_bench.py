@@ -87,7 +87,8 @@ def test_an_earlier_run_is_included_and_a_foreign_one_refused(measured, austen_f
     points, _, root = measured
     argv = ["--model", str(root / "dense"), "--eval", f"text:{austen_file}", "--no-hqq", "--windows", "2",
             "--include", str(root / "f.json")]
-    again = frontier.main(argv)
+    again = frontier.main([*argv, "--json", str(root / "again.json")])
+    assert json.loads((root / "again.json").read_text())["settings"]["include"] == [str(root / "f.json")]
     assert [(p.family, p.point, p.ppl) for p in again] == [(p.family, p.point, p.ppl) for p in points.values()]
     with pytest.raises(SystemExit, match="dense perplexity"):
         frontier.main([*argv[:-3], "1", "--include", str(root / "f.json")])  # one window: another dense figure
