@@ -276,6 +276,32 @@ class LowRankLinear(LowRankFactors, nn.Linear):
     it is not possible."""
 
 
+class PlainLinear(nn.Module):
+    """A dense Linear that is no nn.Linear (`weight` [out, in], optional `bias`, the same tensor names): in the
+    base model vLLM builds, the Linears a checkpoint keeps dense. vLLM's Transformers backend decides its
+    fusions (gate + up, q + k + v) once per module class and child names, so a fused gate_up found in a block
+    whose gate and up are both dense would be applied to a block whose up is low-rank; nothing fuses these."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def keep_plain(model: nn.Module, names) -> None:
+    """The dense Linears `names` (relative to `model`) as PlainLinear, on their device and in their dtype."""
+    for name in names:
+        parent, child = get_submodule_parent(model, name)
+        dense = getattr(parent, child)
+        if isinstance(dense, nn.Linear):
+            setattr(parent, child, PlainLinear(dense.in_features, dense.out_features, dense.bias is not None,
+                                               device=dense.weight.device, dtype=dense.weight.dtype))
+
+
 class LoraLinear(nn.Module):
     """A dense Linear (pruned, quantized or kept dense) plus a residual low-rank path (EoRA on any model)."""
 
@@ -339,8 +365,10 @@ class RankwiseStructure:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        modules = (getattr(config, RANKWISE_KEY, None) or {}).get("modules", {})
-        apply_structure(self, relative_to(self, modules), self.low_rank_layer)
+        section = getattr(config, RANKWISE_KEY, None) or {}
+        apply_structure(self, relative_to(self, section.get("modules", {})), self.low_rank_layer)
+        if not issubclass(self.low_rank_layer, nn.Linear):  # the base model vLLM builds: no Linear fuses
+            keep_plain(self, relative_to(self, dict.fromkeys(section.get("kept_dense", []))))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
@@ -372,7 +400,8 @@ _CLASSES: dict = {}
 def rankwise_class(name: str, source: type, layer: type) -> type:
     """The transformers model class `source` with the checkpoint's low-rank layers as `layer`s, named `name`
     in this module. The causal LM's layers are LowRankLinear (PEFT targets them); the base model's, which
-    vLLM builds, LowRankFactors (vLLM replaces every nn.Linear by a dense one of its own)."""
+    vLLM builds, LowRankFactors (vLLM replaces every nn.Linear by a dense one of its own), and its kept-dense
+    Linears PlainLinear."""
     key = (name, source, layer)
     if key not in _CLASSES:
         doc = f"{source.__name__} with the low-rank layers config.json's `{RANKWISE_KEY}.modules` names."

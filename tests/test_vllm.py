@@ -51,7 +51,11 @@ if __name__ == "__main__":
     print("DTYPES " + json.dumps(llm.apply_model(factor_dtypes)[0]))
 '''
 # How each factor dtype is held in memory, in transformers and in vLLM alike (the model is float32).
-HELD_AS = {"auto": "float32", "int8": "int8", "int4": "uint8"}
+HELD_AS = {"auto": "float32", "int8": "int8", "int4": "uint8", "mixed": "float32"}
+# Block 0's gate, up, q, k and v kept dense, block 1's low-rank: vLLM decides its fusions (gate + up, q + k + v)
+# once per module class and child names, so a fusion found in block 0 must not be applied to block 1.
+MIXED_DENSE = "layers.0.mlp.gate_proj,layers.0.mlp.up_proj,layers.0.self_attn.q_proj,layers.0.self_attn.k_proj," \
+              "layers.0.self_attn.v_proj"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def models(austen_file, tmp_path_factory):
     """A tiny Llama whose head size (64) vLLM's CPU attention supports, with its own output head (tied to the
     embeddings, a random model only repeats its last token), and its EoRA-compensated compression (every
     low-rank layer carries the A, B and lora pairs vLLM must load), also with its factors stored in int8 and in
-    int4 (ranks a multiple of the int4 group)."""
+    int4 (ranks a multiple of the int4 group); and one that keeps some Linears of a block dense."""
     from typer.testing import CliRunner
 
     from rankwise.cli.main import app
@@ -67,12 +71,14 @@ def models(austen_file, tmp_path_factory):
     dense = save_tiny(root / "dense", "llama", hidden_size=128, intermediate_size=256, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=64, tie_word_embeddings=False)
     checkpoints = {}
-    for factor_dtype, extra in (("auto", []), ("int8", []), ("int4", ["--int4-group", "16", "--rank-multiple", "16"])):
-        checkpoints[factor_dtype] = root / f"ck-{factor_dtype}"
-        res = CliRunner().invoke(app, ["model", str(dense), "-o", str(checkpoints[factor_dtype]), "--ratio", "0.3",
-                                       "--compensate", "eora", "--eora-rank", "4", "--calib", f"text:{austen_file}",
-                                       "--nsamples", "4", "--seqlen", "32", "--device", "cpu",
-                                       "--factor-dtype", factor_dtype, *extra])
+    eora = ["--compensate", "eora", "--eora-rank", "4"]
+    for name, extra in (("auto", eora), ("int8", [*eora, "--factor-dtype", "int8"]),
+                        ("int4", [*eora, "--factor-dtype", "int4", "--int4-group", "16", "--rank-multiple", "16"]),
+                        ("mixed", ["--keep-dense", MIXED_DENSE])):
+        checkpoints[name] = root / f"ck-{name}"
+        res = CliRunner().invoke(app, ["model", str(dense), "-o", str(checkpoints[name]), "--ratio", "0.3",
+                                       "--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32",
+                                       "--device", "cpu", *extra])
         assert res.exit_code == 0, res.output
     return dense, checkpoints
 
@@ -112,7 +118,23 @@ def test_auto_model_classes_build_the_low_rank_structure_from_the_config(models)
             assert tuple(layer.lora_A.weight.shape) == (spec["lora_rank"], spec["in"])
 
 
-@pytest.mark.parametrize("factor_dtype", ["auto", "int8"])
+def test_the_base_model_keeps_dense_linears_as_no_nn_linear(models):
+    """What vLLM fuses is decided per module class and child names: in the base model a kept-dense Linear is no
+    nn.Linear, so no block's gate + up or q + k + v fuses; the causal LM keeps nn.Linear."""
+    config = transformers.AutoConfig.from_pretrained(models[1]["mixed"])
+    kept = config.rankwise["kept_dense"]
+    assert sorted(kept) == sorted(f"model.{name}" for name in MIXED_DENSE.split(","))
+    with torch.device("meta"):
+        base = transformers.AutoModel.from_config(config, trust_remote_code=True)
+        causal = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    for name in kept:
+        assert type(base.get_submodule(name.removeprefix("model."))).__name__ == "PlainLinear"
+        assert type(causal.get_submodule(name)) is torch.nn.Linear
+    targeted = [n for n, m in base.layers.named_modules() if n.endswith("_proj")]
+    assert targeted and not [n for n in targeted if isinstance(base.layers.get_submodule(n), torch.nn.Linear)]
+
+
+@pytest.mark.parametrize("factor_dtype", ["auto", "int8", "mixed"])
 def test_auto_model_from_pretrained_gives_the_causal_lm_hidden_states(models, factor_dtype):
     ck = models[1][factor_dtype]
     ids = torch.tensor([prompts()[1]])
@@ -144,7 +166,7 @@ def test_a_quantized_factor_loaded_as_vllm_loads_it_keeps_its_stored_dtype(model
 
 
 @needs_vllm
-@pytest.mark.parametrize("factor_dtype", ["auto", "int8", "int4"])
+@pytest.mark.parametrize("factor_dtype", ["auto", "int8", "int4", "mixed"])
 def test_vllm_serves_the_greedy_tokens_of_transformers(models, factor_dtype, tmp_path):
     """The same greedy tokens, with the factors held in vLLM as the checkpoint stores them (int8 as int8)."""
     dense, checkpoints = models
