@@ -276,32 +276,6 @@ class LowRankLinear(LowRankFactors, nn.Linear):
     it is not possible."""
 
 
-class PlainLinear(nn.Module):
-    """A dense Linear that is no nn.Linear (`weight` [out, in], optional `bias`, the same tensor names): in the
-    base model vLLM builds, the Linears a checkpoint keeps dense. vLLM's Transformers backend decides its
-    fusions (gate + up, q + k + v) once per module class and child names, so a fused gate_up found in a block
-    whose gate and up are both dense would be applied to a block whose up is low-rank; nothing fuses these."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def keep_plain(model: nn.Module, names) -> None:
-    """The dense Linears `names` (relative to `model`) as PlainLinear, on their device and in their dtype."""
-    for name in names:
-        parent, child = get_submodule_parent(model, name)
-        dense = getattr(parent, child)
-        if isinstance(dense, nn.Linear):
-            setattr(parent, child, PlainLinear(dense.in_features, dense.out_features, dense.bias is not None,
-                                               device=dense.weight.device, dtype=dense.weight.dtype))
-
-
 class LoraLinear(nn.Module):
     """A dense Linear (pruned, quantized or kept dense) plus a residual low-rank path (EoRA on any model)."""
 
@@ -356,6 +330,26 @@ def source_classes(config) -> tuple[type, type]:
     return (named[0] if named else MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]), MODEL_MAPPING[type(config)]
 
 
+_PATTERN_CLASSES: dict = {}
+
+
+def separate_fusion_patterns(model: nn.Module) -> None:
+    """vLLM's Transformers backend decides which sibling Linears it fuses (gate + up, q + k + v) once per module
+    class and child names, then applies that to every module of the class: a fusion found in a block whose
+    gate and up are dense would replace a low-rank up elsewhere. Each module with low-rank children gets a
+    class of its own per set of them (the same code, a subclass), so a fusion is decided where it applies."""
+    for module in list(model.modules()):
+        low = tuple(n for n, c in module.named_children() if isinstance(c, (LowRankFactors, LoraLinear))
+                    and not isinstance(c, nn.Linear))
+        if low:
+            key = (type(module), low)
+            if key not in _PATTERN_CLASSES:
+                base = type(module)
+                _PATTERN_CLASSES[key] = type(f"{base.__name__}LowRank_{'_'.join(low)}", (base,),
+                                             {"__module__": base.__module__})
+            module.__class__ = _PATTERN_CLASSES[key]
+
+
 class RankwiseStructure:
     """Put before a transformers model class (`rankwise_class`): the architecture, built from a config with a
     `rankwise` section, holds the checkpoint's low-rank layers (empty until loaded), however it is built:
@@ -367,8 +361,8 @@ class RankwiseStructure:
         super().__init__(config, *args, **kwargs)
         section = getattr(config, RANKWISE_KEY, None) or {}
         apply_structure(self, relative_to(self, section.get("modules", {})), self.low_rank_layer)
-        if not issubclass(self.low_rank_layer, nn.Linear):  # the base model vLLM builds: no Linear fuses
-            keep_plain(self, relative_to(self, dict.fromkeys(section.get("kept_dense", []))))
+        if not issubclass(self.low_rank_layer, nn.Linear):  # the base model, which vLLM builds
+            separate_fusion_patterns(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
@@ -400,8 +394,7 @@ _CLASSES: dict = {}
 def rankwise_class(name: str, source: type, layer: type) -> type:
     """The transformers model class `source` with the checkpoint's low-rank layers as `layer`s, named `name`
     in this module. The causal LM's layers are LowRankLinear (PEFT targets them); the base model's, which
-    vLLM builds, LowRankFactors (vLLM replaces every nn.Linear by a dense one of its own), and its kept-dense
-    Linears PlainLinear."""
+    vLLM builds, LowRankFactors (vLLM replaces every nn.Linear by a dense one of its own)."""
     key = (name, source, layer)
     if key not in _CLASSES:
         doc = f"{source.__name__} with the low-rank layers config.json's `{RANKWISE_KEY}.modules` names."

@@ -118,20 +118,19 @@ def test_auto_model_classes_build_the_low_rank_structure_from_the_config(models)
             assert tuple(layer.lora_A.weight.shape) == (spec["lora_rank"], spec["in"])
 
 
-def test_the_base_model_keeps_dense_linears_as_no_nn_linear(models):
-    """What vLLM fuses is decided per module class and child names: in the base model a kept-dense Linear is no
-    nn.Linear, so no block's gate + up or q + k + v fuses; the causal LM keeps nn.Linear."""
+def test_base_model_modules_with_low_rank_children_have_a_class_per_pattern(models):
+    """vLLM decides its fusions once per module class and child names: in the base model a module with
+    low-rank children has a class of its own for each set of them, so block 0's dense gate + up (fusable) and
+    block 1's low-rank ones never share a decision; the causal LM keeps the transformers classes."""
     config = transformers.AutoConfig.from_pretrained(models[1]["mixed"])
-    kept = config.rankwise["kept_dense"]
-    assert sorted(kept) == sorted(f"model.{name}" for name in MIXED_DENSE.split(","))
+    assert sorted(config.rankwise["kept_dense"]) == sorted(f"model.{name}" for name in MIXED_DENSE.split(","))
     with torch.device("meta"):
         base = transformers.AutoModel.from_config(config, trust_remote_code=True)
         causal = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    for name in kept:
-        assert type(base.get_submodule(name.removeprefix("model."))).__name__ == "PlainLinear"
-        assert type(causal.get_submodule(name)) is torch.nn.Linear
-    targeted = [n for n, m in base.layers.named_modules() if n.endswith("_proj")]
-    assert targeted and not [n for n in targeted if isinstance(base.layers.get_submodule(n), torch.nn.Linear)]
+    mlps = [type(base.layers[i].mlp) for i in (0, 1)]
+    assert mlps[0] is not mlps[1] and all(issubclass(t, type(causal.model.layers[0].mlp)) for t in mlps)
+    assert type(base.layers[0].mlp.gate_proj) is torch.nn.Linear  # kept dense: vLLM may fuse it with up
+    assert type(causal.model.layers[1].mlp) is type(causal.model.layers[0].mlp)
 
 
 @pytest.mark.parametrize("factor_dtype", ["auto", "int8", "mixed"])
