@@ -218,7 +218,7 @@ def test_infer_int8_factors_and_memory_of_each_model_in_its_own_process(capsys):
     assert set(out["memory"]) == {"dense", "compressed"}
     for row in out["memory"].values():
         assert row["rss_after_load_mib"] > 50  # the interpreter and torch at least
-        assert row["load_peak_mib"] >= row["rss_after_load_mib"]
+        assert row["load_peak_mib"] >= row["rss_after_load_mib"] - 1.03  # peaks are kept in GiB to 3 decimals
         assert row["run_peak_mib"] >= 0.95 * row["rss_after_load_mib"]
         assert row["gpu_after_load_mib"] is None
 
