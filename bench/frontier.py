@@ -45,12 +45,11 @@ from rankwise.compress.lowrank import QUANTIZED_LINEARS, LowRankFactors
 from rankwise.compress.metadata import CompressionResult, read_result
 from rankwise.compress.numerics import FLOAT_BYTES, MatrixShape
 from rankwise.compress.pipeline import target_shapes
-from rankwise.compress.storage import stored_bytes, store_factors
+from rankwise.compress.storage import quantized_storages, stored_bytes, store_factors
 from rankwise.eval.ppl import perplexity
 
 ASSETS = Path(os.environ.get("RANKWISE_ASSETS", Path.home() / ".cache" / "rankwise-assets"))
 BITS_NAME = {8: "int8", 4: "int4", 3: "3-bit"}
-FLOAT_FACTORS = (None, "auto", "bf16", "fp16", "fp32")
 LINES_AT = (0.22, 0.30)  # byte fractions marked on the plot
 
 
@@ -147,7 +146,7 @@ def checkpoint_variants(folder: str, result: CompressionResult, shapes: dict[str
     after = result.targeted_bytes_after
     yield (f"rankwise, {factor_label(result)} factors", checkpoint_point(result), load_model(folder, "fp32", "cpu")[0],
            after if after is not None else stored_bytes(shapes, result.modules))
-    if all(m.factor_dtype in FLOAT_FACTORS for m in result.modules.values()):
+    if not quantized_storages(result):
         model = load_model(folder, "fp32", "cpu")[0]
         modules = store_factors(model, result.modules, "int8", 0)
         yield ("rankwise, int8 factors (re-stored)", checkpoint_point(result), model, stored_bytes(shapes, modules))

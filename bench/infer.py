@@ -49,7 +49,7 @@ from rankwise.compress.lowrank import FACTOR_DTYPES, INT4_GROUP_DEFAULT, LowRank
 from rankwise.compress.metadata import read_result
 from rankwise.compress.peak_memory import peak_memory, reset_peak_memory
 from rankwise.compress.pipeline import compress_model
-from rankwise.compress.storage import check_factor_storage, store_factors
+from rankwise.compress.storage import check_factor_storage, quantized_storages, store_factors
 
 COMPILE_MODES = ("none", "static", "compile")
 
@@ -307,7 +307,7 @@ def build_compressed(args, device, dense=None, tokenizer=None):
 def restored(model, meta, args):
     """A checkpoint's float factors stored as --factor-dtype, in memory: what `compress model --factor-dtype`
     writes at the same ratio (storage is applied after every stage). Its record, with the new modules."""
-    if any(m.factor_dtype not in (None, "auto", "bf16", "fp16", "fp32") for m in meta.modules.values()):
+    if quantized_storages(meta):
         raise RankwiseError(f"--factor-dtype {args.factor_dtype}: {args.checkpoint} already stores quantized "
                             f"factors; only float factors are re-stored")
     check_factor_storage({}, {n: m.rank for n, m in meta.modules.items()}, args.factor_dtype, args.int4_group)

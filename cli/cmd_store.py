@@ -9,7 +9,6 @@ from rankwise.errors import RankwiseError
 from rankwise.cli.common import app, out_console, use_hub_cache_when_offline, user_errors
 
 STORED_DTYPES = ("bf16", "fp16", "fp32", "int8", "int4")
-FLOAT_FACTORS = (None, "auto", "bf16", "fp16", "fp32")
 
 
 @app.command("store-factors")
@@ -33,12 +32,12 @@ def store_factors_cmd(
     from rankwise.compress.lowrank import CheckpointError, load_rankwise_model
     from rankwise.compress.metadata import read_result
     from rankwise.compress.outputs import check_output_dir
-    from rankwise.compress.storage import check_factor_storage, restored_result, store_factors
+    from rankwise.compress.storage import check_factor_storage, quantized_storages, restored_result, store_factors
     check_output_dir(output, overwrite, [checkpoint])  # before loading anything
     meta = read_result(checkpoint)
     if meta is None:
         raise RankwiseError(f"{checkpoint!r} is not a Rankwise checkpoint (no config.json with a rankwise section)")
-    stored = sorted({m.factor_dtype for m in meta.modules.values() if m.factor_dtype not in FLOAT_FACTORS})
+    stored = quantized_storages(meta)
     if stored:
         raise RankwiseError(f"{checkpoint!r} stores its factors as {', '.join(stored)}: only float factors are "
                             "stored anew (quantizing quantized factors again would compound the error)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from rankwise.compress.lowrank import LowRankFactors
+from rankwise.compress.lowrank import QUANTIZED_LINEARS, LowRankFactors
 from rankwise.compress.metadata import CompressionResult, ModuleSpec
 from rankwise.compress.numerics import FLOAT_BYTES, MatrixShape, StoragePrice
 from rankwise.errors import RankwiseError
@@ -70,6 +70,11 @@ def with_bytes(result: CompressionResult, shapes: dict[str, MatrixShape],
     after = stored_bytes(shapes, result.modules)
     return result.model_copy(update={"size_ratio_requested": size_ratio, "size_ratio_achieved": after / before,
                                      "targeted_bytes_before": int(before), "targeted_bytes_after": round(after)})
+
+
+def quantized_storages(result: CompressionResult) -> list[str]:
+    """The quantized dtypes a checkpoint's factors are stored in (none: float factors, which can be stored anew)."""
+    return sorted({m.factor_dtype for m in result.modules.values() if m.factor_dtype in QUANTIZED_LINEARS})
 
 
 def restored_result(result: CompressionResult, modules: dict[str, ModuleSpec]) -> CompressionResult:
