@@ -6,16 +6,17 @@ windows, float32 compute). Bytes are those of the decoder Linears Rankwise facto
 
 - dense: the weights rounded to bf16 (fraction 1.0);
 - hqq: the dense model quantized weight-only by HQQ (`--hqq BITS:GROUP,...`: int8, int4 and 3-bit in groups of
-  64 inputs, and 3-bit in groups of 128, which lands below 22% of the 16-bit bytes; bf16 scales and zeros), evaluated with the dequantized weights the quantized layer computes with; bytes =
-  the packed weights plus the scales and zeros as HQQ stores them;
+  64 inputs, and 3-bit in groups of 128, which lands below 22% of the 16-bit bytes; bf16 scales and zeros),
+  evaluated with the dequantized weights the quantized layer computes with; bytes = the packed weights plus
+  the scales and zeros as HQQ stores them;
 - hqq int4 + eora: `compress compensate` of the int4 model (written as a plain model) at each
   `--eora-ranks` rank, calibrated on wiki_calib.txt (seed 0); bytes = int4 + the paths at 16 bits;
 - rankwise: each `--checkpoints` folder, bytes from its own record; one with float factors also with its
   factors re-stored as int8 (storage.store_factors: what `--factor-dtype int8` writes at the same ratio).
 
-`--no-hqq` leaves out the HQQ and EoRA points and `--include F.json` adds the points of an earlier run (same
-model, evaluation text and windows, checked by the dense perplexity), so checkpoints can be measured as they
-are made.
+`--no-hqq` leaves out the HQQ and EoRA points and `--include F.json` adds the points another run of this
+script wrote (same model, evaluation text and windows, checked by the dense perplexity), so checkpoints can be
+measured as they are made.
 
 Every float weight priced at 16 bits is rounded to bf16 before evaluation. Needs the `bench` extra (hqq).
 
@@ -212,7 +213,8 @@ class Frontier:
 
 
 def included_points(files: list[Path], dense: Point) -> list[Point]:
-    """The points of earlier runs (their --json) but their dense one, which must match this run's."""
+    """The points other runs of this script wrote (their --json) but their dense one, which must match this
+    run's."""
     out = []
     for f in files:
         points = [Point(**p) for p in json.loads(f.read_text())["points"]]
@@ -263,7 +265,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--eora-ranks", default="16,64")
     ap.add_argument("--hqq", default="8:64,4:64,3:64,3:128", help="HQQ points, BITS:GROUP (inputs per group)")
     ap.add_argument("--no-hqq", action="store_true", help="dense and --checkpoints only (no HQQ, no EoRA)")
-    ap.add_argument("--include", type=Path, action="append", default=[], help="a --json of an earlier run")
+    ap.add_argument("--include", type=Path, action="append", default=[], help="a --json of another run to add")
     ap.add_argument("--nsamples", type=int, default=32, help="EoRA calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="EoRA calibration window length")
     ap.add_argument("--windows", type=int, default=64, help="512-token evaluation windows")

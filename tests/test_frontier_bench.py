@@ -83,7 +83,7 @@ def test_json_and_plot_are_written(measured):
     assert (root / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_an_earlier_run_is_included_and_a_foreign_one_refused(measured, austen_file):
+def test_another_runs_points_are_included_and_a_foreign_one_refused(measured, austen_file):
     points, _, root = measured
     argv = ["--model", str(root / "dense"), "--eval", f"text:{austen_file}", "--no-hqq", "--windows", "2",
             "--include", str(root / "f.json")]
