@@ -60,6 +60,13 @@ ROWS = {
                                         "compensate": "eora", "eora_rank": 32},
     "svd-llm+loss-aware+refit+eora32+refine": {"method": "svd-llm", "ranks": "loss-aware", "refit": True,
                                                "compensate": "eora", "eora_rank": 32, "refine": True},
+    # block refinement's peak learning rate, and a held-out quarter of the batches stopping and judging it
+    "svd-llm+loss-aware+refine-lr1e-3": {"method": "svd-llm", "ranks": "loss-aware", "refine": True,
+                                         "refine_lr": 1e-3},
+    "svd-llm+loss-aware+refine-holdout": {"recipe": [
+        {"stage": "svd-llm"}, {"stage": "loss-aware"},
+        {"stage": "block-refine", "options": {"lr": 1e-3, "steps": 96, "epochs": 16, "holdout": 0.25,
+                                              "patience": 3, "warmup": 0.05, "clip": 1.0}}]},
     "preset-best": {"preset": "best"},
 }
 
