@@ -1,12 +1,17 @@
 """Chat-formatted calibration and the generation check, over a tiny model whose tokenizer has a chat template."""
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import rankwise.configs
 from rankwise.calib.chat import DEFAULT_CONVERSATIONS, chat_tokens, load_conversations, mixed_calibration_set
 from rankwise.calib.data import calibration_set, tokenize
+from rankwise.calib.sentences import sentences
 from rankwise.compress.metadata import read_result
 from rankwise.errors import RankwiseError
 from rankwise.eval.evaluate import evaluate_model
@@ -78,6 +83,22 @@ def test_the_shipped_files_hold_what_they_say():
     assert len(load_prompts(DEFAULT_PROMPTS)) >= 16
     assert "What is the capital of France?" in load_prompts()
     assert AUSTEN.exists()
+
+
+@pytest.mark.parametrize("script, shipped", [("chat/make_austen_chat.py", "chat/austen_chat.jsonl"),
+                                              ("tasks/make_austen_mc.py", "tasks/austen_mc.jsonl")])
+def test_the_shipped_austen_files_are_what_their_scripts_make(script, shipped, tmp_path):
+    """Run by path, as their docstrings say, the scripts rebuild the shipped files byte for byte."""
+    configs = Path(rankwise.configs.__file__).parent
+    out = tmp_path / "out.jsonl"
+    subprocess.run([sys.executable, str(configs / script), "--source", str(AUSTEN), "--out", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    assert out.read_bytes() == (configs / shipped).read_bytes()
+
+
+def test_sentences_keep_titles_with_their_names():
+    assert sentences('Mr. Knightley came in. "Is it so?" said Emma. Mrs. Weston smiled!') == [
+        "Mr. Knightley came in.", '"Is it so?" said Emma.', "Mrs. Weston smiled!"]
 
 
 @pytest.fixture(scope="module")

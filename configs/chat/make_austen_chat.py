@@ -23,6 +23,8 @@ import random
 import re
 from pathlib import Path
 
+from rankwise.calib.sentences import sentences
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parents[2] / "shared" / "data" / "austen.txt"
 NOVELS = ("Emma", "Sense and Sensibility", "Pride and Prejudice", "Mansfield Park", "Northanger Abbey",
@@ -33,8 +35,6 @@ CHARACTERS = {"Emma": ["Emma Woodhouse", "Mr. Knightley", "Harriet Smith", "Fran
               "Mansfield Park": ["Fanny Price", "Edmund Bertram", "Mary Crawford", "Sir Thomas Bertram"],
               "Northanger Abbey": ["Catherine Morland", "Henry Tilney", "Isabella Thorpe", "General Tilney"],
               "Persuasion": ["Anne Elliot", "Captain Wentworth", "Sir Walter Elliot", "Lady Russell"]}
-ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Col.", "Capt.")
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"']?[A-Z])")
 
 
 def paragraphs(text: str) -> list[str]:
@@ -47,16 +47,6 @@ def dialogues(paras: list[str]) -> list[list[dict]]:
     for a, b in zip(paras, paras[1:]):
         if a.startswith('"') and b.startswith('"') and 40 <= len(a) <= 400 and 40 <= len(b) <= 400:
             out.append([{"role": "user", "content": a}, {"role": "assistant", "content": b}])
-    return out
-
-
-def sentences(paragraph: str) -> list[str]:
-    out = []
-    for piece in (s.strip() for s in SENTENCE_END.split(paragraph) if s.strip()):
-        if out and out[-1].endswith(ABBREVIATIONS):  # "Mr. Collins" is one sentence, not two
-            out[-1] += " " + piece
-        else:
-            out.append(piece)
     return out
 
 

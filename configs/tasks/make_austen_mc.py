@@ -15,10 +15,10 @@ import random
 import re
 from pathlib import Path
 
+from rankwise.calib.sentences import sentences
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parents[2] / "shared" / "data" / "austen.txt"
-ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Col.", "Capt.")
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"']?[A-Z])")
 
 
 def paragraphs(text: str) -> list[str]:
@@ -28,16 +28,6 @@ def paragraphs(text: str) -> list[str]:
         para = " ".join(block.split())
         if len(para) > 200 and not para.isupper():
             out.append(para)
-    return out
-
-
-def sentences(paragraph: str) -> list[str]:
-    out = []
-    for piece in (s.strip() for s in SENTENCE_END.split(paragraph) if s.strip()):
-        if out and out[-1].endswith(ABBREVIATIONS):  # "Mr. Knightley" is one sentence, not two
-            out[-1] += " " + piece
-        else:
-            out.append(piece)
     return out
 
 
