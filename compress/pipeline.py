@@ -8,6 +8,7 @@ It runs a recipe of stages (compress/stages: docs/stages.md) and names none of t
         statistics the stages declared: per Linear, correctors before, the factorizer, correctors after;
         the low-rank layer swapped in
         block correctors; the walk propagates the compressed outputs (and the dense twin's) to the next block
+    model correctors, once on the whole compressed model (they saw the dense model before the walk)
 
 With a `block_source` (--stream-weights, compress.streaming) the blocks start on `meta` and the walk reads
 each one from the checkpoint just before it is used. Every stage that runs is timed (StageTimer; the totals
@@ -49,9 +50,10 @@ def target_shapes(model: nn.Module) -> dict[str, MatrixShape]:
 
 
 def refuse_unstreamable(recipe: Recipe, cfg: CompressConfig) -> None:
-    """A whole-model pass that needs every block at once (a backward pass: FWSVD's Fisher, loss-aware ranks'
-    output Fisher) cannot run on streamed weights; the error names the stage that asked for it."""
-    for p in recipe.model_passes:
+    """A whole-model pass or model corrector that needs every block at once (a backward pass: FWSVD's Fisher,
+    loss-aware ranks' output Fisher, end-to-end training) cannot run on streamed weights; the error names the
+    stage that asked for it."""
+    for p in [*recipe.model_passes, *recipe.model_correctors]:
         if not p.streams:
             asker = next((s.name for s in recipe.stages if p.name in s.model_passes), p.name)
             raise RankwiseError(f"--stream-weights does not support {asker}: {p.unsupported_reason}")
@@ -97,8 +99,14 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
                 corrector.correct_block(work)
         return bool(recipe.block_correctors)
 
+    for corrector in recipe.model_correctors:  # while the model is still dense
+        with timer.stage(corrector.name):
+            corrector.before_walk(job)
     runner = block_runner(model, calib_ids, cfg.batch_size, device, job.storage, block_source, timer, progress)
     runner.compress(recipe.statistics, recipe.dense_stream, compress_group, correct_block)
+    for corrector in recipe.model_correctors:
+        with timer.stage(corrector.name):
+            corrector.correct_model(job)
     params_after = count_params(model)  # parameters, not stored elements: counted before quantized storage
     modules = store_factors(model, modules, cfg.factor_dtype, cfg.int4_group)
     result = recipe.result(cfg, job.shapes, ranks, modules, params_before, params_after, timer.seconds)

@@ -1,7 +1,8 @@
 """The parts of a compression recipe, what each one declares it needs, and the records they work on.
 
-A recipe is one rank allocator, one factorizer (compress/methods), an ordered list of Linear correctors and an
-ordered list of block correctors; whole-model passes (Fisher, spectra) run first when a stage names them.
+A recipe is one rank allocator, one factorizer (compress/methods), an ordered list of Linear correctors, an
+ordered list of block correctors and an ordered list of model correctors (run once on the whole model after
+the block walk); whole-model passes (Fisher, spectra) run first when a stage names them.
 Each stage is one file that registers itself here; the pipeline (compress/pipeline.py) only reads what the
 stages declare: which whole-model passes to run, which input statistics to accumulate for every input group
 (and so whether a dense stream is kept), and it calls the stages in a fixed order. docs/stages.md has the
@@ -261,13 +262,29 @@ class BlockCorrector(Stage):
         raise NotImplementedError
 
 
+class ModelCorrector(Stage):
+    """Changes the whole compressed model once, after the block walk (e.g. trains every factor end to end).
+    `before_walk` runs before the first block is compressed, while the model is still dense (e.g. to keep
+    what the dense model outputs); `correct_model` after the last block."""
+    kind = "model corrector"
+    streams: ClassVar[bool] = True  # False: needs every block at once (refused with --stream-weights)
+    unsupported_reason: ClassVar[str] = ""
+
+    def before_walk(self, job: CompressionJob) -> None:
+        pass
+
+    def correct_model(self, job: CompressionJob) -> None:
+        raise NotImplementedError
+
+
 PASSES: dict[str, type[ModelPass]] = {}
 ALLOCATORS: dict[str, type[Allocator]] = {}
 CORRECTORS: dict[str, type[Corrector]] = {}
 BLOCK_CORRECTORS: dict[str, type[BlockCorrector]] = {}
+MODEL_CORRECTORS: dict[str, type[ModelCorrector]] = {}
 FACTORIZERS: dict[str, type[Stage]] = {}   # compress.methods registers into it (compress.methods.REGISTRY)
 REGISTRIES = {"pass": PASSES, "allocator": ALLOCATORS, "factorizer": FACTORIZERS, "corrector": CORRECTORS,
-              "block corrector": BLOCK_CORRECTORS}
+              "block corrector": BLOCK_CORRECTORS, "model corrector": MODEL_CORRECTORS}
 
 
 def registrar(registry: dict):
@@ -298,3 +315,4 @@ register_pass = registrar(PASSES)
 register_allocator = registrar(ALLOCATORS)
 register_corrector = registrar(CORRECTORS)
 register_block_corrector = registrar(BLOCK_CORRECTORS)
+register_model_corrector = registrar(MODEL_CORRECTORS)

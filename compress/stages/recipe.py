@@ -15,10 +15,10 @@ from rankwise.compress.lowrank import LoraLinear, LowRankLinear
 from rankwise.compress.metadata import Calibration, CompressionResult, ModuleSpec, StageRun
 from rankwise.compress.methods import Method
 from rankwise.compress.stages.base import (
-    PASSES, Allocator, BlockCorrector, Corrector, ModelPass, Stage, Statistics, find_stage)
+    PASSES, Allocator, BlockCorrector, Corrector, ModelCorrector, ModelPass, Stage, Statistics, find_stage)
 from rankwise.compress.stages import (  # noqa: F401  (the built-in stages register themselves)
     allocate_loss_aware, allocate_uniform, allocate_welore, correct_eora, correct_refit, given_model, pass_fisher,
-    pass_output_fisher, pass_spectra, pass_truncation_loss, refine_block)
+    pass_output_fisher, pass_spectra, pass_truncation_loss, refine_block, refine_kl)
 from rankwise.errors import RankwiseError, RankwiseWarning
 
 DEFAULT_FACTORIZER, DEFAULT_ALLOCATOR = "svd-llm", "uniform"
@@ -32,12 +32,13 @@ def build_stage(entry: dict) -> Stage:
 
 @dataclass
 class Recipe:
-    """One allocator, one factorizer, Linear correctors and block correctors in order, and the whole-model
-    passes: those the recipe lists and those its stages name (each once, the listed ones first)."""
+    """One allocator, one factorizer, Linear correctors, block correctors and model correctors in order, and the
+    whole-model passes: those the recipe lists and those its stages name (each once, the listed ones first)."""
     allocator: Allocator
     factorizer: Method
     correctors: list[Corrector] = field(default_factory=list)
     block_correctors: list[BlockCorrector] = field(default_factory=list)
+    model_correctors: list[ModelCorrector] = field(default_factory=list)
     listed_passes: list[ModelPass] = field(default_factory=list)
     preset: str | None = None
 
@@ -57,7 +58,7 @@ class Recipe:
     @classmethod
     def from_entries(cls, entries: Iterable[dict], preset: str | None = None) -> "Recipe":
         """A recipe from its entries, in any order: at most one factorizer and one allocator (default svd-llm
-        and uniform); correctors, block correctors and passes keep their order."""
+        and uniform); correctors, block correctors, model correctors and passes keep their order."""
         by_kind: dict[str, list[Stage]] = {}
         for entry in entries:
             stage = build_stage(entry)
@@ -69,7 +70,8 @@ class Recipe:
         return cls(allocator=(by_kind.get("allocator") or [build_stage({"stage": DEFAULT_ALLOCATOR})])[0],
                    factorizer=(by_kind.get("factorizer") or [build_stage({"stage": DEFAULT_FACTORIZER})])[0],
                    correctors=by_kind.get("corrector", []), block_correctors=by_kind.get("block corrector", []),
-                   listed_passes=by_kind.get("pass", []), preset=preset)
+                   model_correctors=by_kind.get("model corrector", []), listed_passes=by_kind.get("pass", []),
+                   preset=preset)
 
     @classmethod
     def from_config(cls, cfg) -> "Recipe":
@@ -78,9 +80,9 @@ class Recipe:
 
     @property
     def stages(self) -> list[Stage]:
-        """Factorizer, allocator, correctors, block correctors (`model_passes` run before all of them; a pass
-        is named by the factorizer first, whose Fisher rows the spectra pass reads)."""
-        return [self.factorizer, self.allocator, *self.correctors, *self.block_correctors]
+        """Factorizer, allocator, correctors, block correctors, model correctors (`model_passes` run before all
+        of them; a pass is named by the factorizer first, whose Fisher rows the spectra pass reads)."""
+        return [self.factorizer, self.allocator, *self.correctors, *self.block_correctors, *self.model_correctors]
 
     def entries(self) -> list[dict[str, Any]]:
         """The resolved recipe as data: every stage with all its options (defaults filled in)."""
@@ -104,7 +106,8 @@ class Recipe:
 
     def reserve(self, shapes) -> int:
         """Parameters the correctors add (EoRA's paths) when the matrices in `shapes` are factorized."""
-        return sum(c.reserved_params(shapes) for c in [*self.correctors, *self.block_correctors])
+        return sum(c.reserved_params(shapes) for c in [*self.correctors, *self.block_correctors,
+                                                       *self.model_correctors])
 
     def base_ratio(self, ratio: float, shapes, factorized=None) -> float:
         """The ratio the factorization must reach so that what the correctors add to the `factorized` matrices
