@@ -257,9 +257,14 @@ class _Run:
     device: torch.device
 
     def kl(self, windows: list[int]) -> float | None:
+        """The KL on these windows in eval mode (no dropout: the same weights always judge the same)."""
         if not windows:
             return None
-        return mean_kl(self.model, self.calib_ids, self.teacher, windows, self.options.batch, self.device)
+        self.model.eval()
+        try:
+            return mean_kl(self.model, self.calib_ids, self.teacher, windows, self.options.batch, self.device)
+        finally:
+            self.model.train()
 
     def step_loss(self, windows: list[int]) -> torch.Tensor:
         log_probs, ids = self.teacher.rows(windows, self.device)
@@ -280,6 +285,7 @@ class KLRefine(ModelCorrector):
 
     def before_walk(self, job: CompressionJob) -> None:
         t0 = time.perf_counter()
+        self.record = self.Record()
         with _on_device(job.model, job.device):
             self.teacher = sparse_teacher(job.model, job.calib_ids, self.options.top_k, self.options.batch,
                                           job.device, job.storage)
@@ -293,8 +299,10 @@ class KLRefine(ModelCorrector):
         params = factor_parameters(job.model)
         fit, held = split_windows(job.calib_ids.shape[0], self.options.holdout, self.options.seed)
         self.record.train_windows, self.record.heldout_windows = len(fit), len(held)
-        if params:
-            with _training(job.model, params, job.device) as dtype:
+        devices = [job.device] if job.device.type == "cuda" else []
+        if params:  # a model with dropout draws its masks from the seed, and the caller's random state is kept
+            with _training(job.model, params, job.device) as dtype, torch.random.fork_rng(devices):
+                torch.manual_seed(self.options.seed)
                 self.record.train_dtype = str(dtype).removeprefix("torch.")
                 self._refine(_Run(job.model, params, job.calib_ids, self.teacher, self.options, job.device),
                              fit, held, job.progress)
