@@ -67,6 +67,9 @@ ROWS = {
         {"stage": "svd-llm"}, {"stage": "loss-aware"},
         {"stage": "block-refine", "options": {"lr": 1e-3, "steps": 96, "epochs": 16, "holdout": 0.25,
                                               "patience": 3, "warmup": 0.05, "clip": 1.0}}]},
+    # end-to-end distillation against the dense model's top-k next-token distribution, instead of block refinement
+    "svd-llm+loss-aware+kl-refine": {"recipe": [{"stage": "svd-llm"}, {"stage": "loss-aware"},
+                                                {"stage": "kl-refine"}]},
     "preset-best": {"preset": "best"},
 }
 
