@@ -100,7 +100,7 @@ def model_cmd(
                                             "cosine schedule, seeded) so the block's outputs match the dense "
                                             "block's on the dense stream of activations (2x activation memory)."),
     refine_steps: int = typer.Option(32, help="Block refinement: optimizer steps per block, one calibration batch each."),
-    refine_lr: float = typer.Option(1e-4, help="Block refinement: Adam's peak learning rate."),
+    refine_lr: float = typer.Option(1e-3, help="Block refinement: Adam's peak learning rate."),
     calib: str = calib_source_option(),
     nsamples: int = typer.Option(256, help="Number of random calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window (at most the model's context)."),

@@ -64,7 +64,7 @@ class CompressConfig(BaseModel):
     refine: bool = Field(False, description="train each block's low-rank factors (Adam, MSE) to match the dense "
                          "block's outputs on the dense stream")
     refine_steps: int = Field(32, ge=1, description="refinement: optimizer steps per block (one calibration batch each)")
-    refine_lr: float = Field(1e-4, gt=0, description="refinement: Adam's peak learning rate (cosine decay)")
+    refine_lr: float = Field(1e-3, gt=0, description="refinement: Adam's peak learning rate (cosine decay)")
     calib: str = "wikitext2"
     nsamples: int = Field(256, ge=1)
     seqlen: int = Field(2048, ge=2)

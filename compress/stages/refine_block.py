@@ -36,7 +36,7 @@ from rankwise.compress.stages.base import BlockCorrector, StageOptions, StageRec
 @dataclass(frozen=True)
 class RefineSettings:
     steps: int = 32         # optimizer steps per block (with `epochs`: the most), one stored batch each
-    lr: float = 1e-4        # peak learning rate; warm-up, then cosine decay to 0 over the steps
+    lr: float = 1e-3        # peak learning rate; warm-up, then cosine decay to 0 over the steps
     seed: int = 0           # order of the batches and the held-out split
     epochs: int | None = None         # passes over the training batches (None: exactly `steps` steps)
     warmup: float = 0.0               # fraction of the steps with a linear warm-up
@@ -144,7 +144,8 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     With a hold-out, the held-out batches stop the training (patience) and judge it: the weights kept are the
     best seen on them, and only if they beat the closed form there; without one, the training batches judge.
     A half-precision block trains in float32 and is cast back after: Adam's eps (1e-8) and its squared
-    gradients underflow in float16 (every step NaN), and bfloat16 cannot hold updates of lr 1e-4."""
+    gradients underflow in float16 (every step NaN), and bfloat16 cannot hold the small updates of
+    late cosine steps."""
     t0 = time.perf_counter()
     params = factor_parameters(block) + (norm_parameters(block) if settings.norms else [])
     dtype = params[0].dtype if params else torch.float32
@@ -264,7 +265,7 @@ class RefineOptions(StageOptions):
     improving and keep only what helps on them."""
     steps: int = Field(32, ge=1, description="optimizer steps per block, one calibration batch each (with epochs: "
                        "the most)")
-    lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="peak learning rate (warm-up, then cosine decay)")
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="peak learning rate (warm-up, then cosine decay)")
     seed: int = Field(0, description="order of the calibration batches and the held-out split")
     epochs: int | None = Field(None, ge=1, description="passes over the training batches, at most `steps` steps "
                                "(None: exactly `steps` steps)")
