@@ -31,6 +31,7 @@ from torch import nn
 from rankwise.calib.capture import call_block
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.stages.base import BlockCorrector, StageOptions, StageRecord, register_block_corrector
+from rankwise.compress.training import HALF, copy_weights, finite_or_none, restore_weights, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,6 @@ class RefineResult:
     heldout_after: float | None = None
     train_windows: int = 0
     heldout_windows: int = 0
-
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def _as_dtype(value, dtype: torch.dtype):
@@ -150,7 +148,7 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     params = factor_parameters(block) + (norm_parameters(block) if settings.norms else [])
     dtype = params[0].dtype if params else torch.float32
     train = torch.float32 if dtype in HALF else dtype
-    saved = [p.detach().clone() for p in params]
+    saved = copy_weights(params)
     block.to(train)
     every = _Batches([_Cast(h, train) for h in inputs], targets, [_as_dtype(kw, train) for kw in kwargs])
     fit, held = (every.pick(i) for i in split_batches(len(inputs), settings.holdout, settings.seed))
@@ -160,22 +158,16 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
         if params and fit.inputs:
             steps, best = _train(block, params, fit, held, device, settings, held_before)
         if best is not None:  # the best weights seen on the held-out batches, not the last ones
-            _restore(params, best)
+            restore_weights(params, best)
         after, held_after = (fit.mse(block, device), held.mse(block, device)) if steps else (before, held_before)
     finally:
         block.to(dtype)
     judged_before, judged_after = (held_before, held_after) if held.inputs else (before, after)
     kept = bool(steps) and math.isfinite(judged_after) and judged_after < judged_before
     if not kept:  # never worse than the closed form on the judging batches
-        _restore(params, saved)
+        restore_weights(params, saved)
     return RefineResult(before, after, kept, steps, time.perf_counter() - t0, str(train).removeprefix("torch."),
                         held_before, held_after, fit.windows(), held.windows())
-
-
-@torch.no_grad()
-def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
-    for p, v in zip(params, values):
-        p.copy_(v)
 
 
 class _Cast:
@@ -186,17 +178,6 @@ class _Cast:
 
     def to(self, device):
         return self.tensor.to(device=device, dtype=self.dtype)
-
-
-def _schedule(total: int, warmup: float):
-    """Learning-rate factor per step: linear warm-up over `warmup` of the steps, then cosine decay to 0."""
-    warm = int(warmup * total)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-    return factor
 
 
 def _optimizer(params: list[nn.Parameter], factors: int, settings: RefineSettings):
@@ -221,7 +202,7 @@ def _train(block: nn.Module, params: list[nn.Parameter], fit: _Batches, held: _B
     for p in params:
         p.requires_grad_(True)
     optimizer = _optimizer(params, len(factor_parameters(block)), settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, settings.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, settings.warmup))
     generator = torch.Generator().manual_seed(settings.seed)
     order: list[int] = []
     best, best_error, stale, step = None, held_before, 0, 0
@@ -243,7 +224,7 @@ def _train(block: nn.Module, params: list[nn.Parameter], fit: _Batches, held: _B
             if held.inputs and (step % every == 0 or step == total):
                 error = held.mse(block, device)
                 if math.isfinite(error) and (best_error is None or error < best_error):
-                    best, best_error, stale = [p.detach().clone() for p in params], error, 0
+                    best, best_error, stale = copy_weights(params), error, 0
                 else:
                     stale += 1
                 if settings.patience and stale >= settings.patience:
@@ -319,10 +300,6 @@ class Refinement(StageRecord):
         return None
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 @register_block_corrector("block-refine")
 class BlockRefine(BlockCorrector):
     Options = RefineOptions
@@ -339,6 +316,6 @@ class BlockRefine(BlockCorrector):
         record.train_dtype, record.train_windows = result.train_dtype, result.train_windows
         record.heldout_windows = result.heldout_windows
         record.blocks[work.prefix] = BlockRefinement(
-            mse_before=_finite(result.mse_before), mse_after=_finite(result.mse_after), kept=result.kept,
-            heldout_before=_finite(result.heldout_before), heldout_after=_finite(result.heldout_after),
+            mse_before=finite_or_none(result.mse_before), mse_after=finite_or_none(result.mse_after), kept=result.kept,
+            heldout_before=finite_or_none(result.heldout_before), heldout_after=finite_or_none(result.heldout_after),
             steps=result.steps)

@@ -43,8 +43,7 @@ from rankwise.calib.fisher import backward_mode
 from rankwise.compress.lowrank import LoraLinear, LowRankFactors
 from rankwise.compress.stages.base import (CompressionJob, ModelCorrector, StageOptions, StageRecord,
                                            register_model_corrector)
-
-HALF = (torch.float16, torch.bfloat16)
+from rankwise.compress.training import HALF, copy_weights, finite_or_none, restore_weights, warmup_cosine
 
 
 @dataclass
@@ -172,28 +171,6 @@ def _training(model: nn.Module, params: list[nn.Parameter], device):
             p.data = p.data.to(dtypes[id(p)])
 
 
-def _schedule(total: int, warmup: float):
-    """Learning-rate factor per step: linear warm-up over `warmup` of the steps, then cosine decay to 0."""
-    warm = int(warmup * total)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-    return factor
-
-
-@torch.no_grad()
-def _copy(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params]
-
-
-@torch.no_grad()
-def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
-    for p, v in zip(params, values):
-        p.copy_(v)
-
-
 # ---------------------------------------------------------------- the stage
 
 class KLRefineOptions(StageOptions):
@@ -240,10 +217,6 @@ class KLRefinement(StageRecord):
             return (f"kl-refine was reverted: it never lowered the KL to the dense model on the {judged} "
                     f"windows (try a smaller lr)")
         return None
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
 
 
 @dataclass
@@ -312,16 +285,16 @@ class KLRefine(ModelCorrector):
     def _refine(self, run: _Run, fit: list[int], held: list[int], progress) -> None:
         """Train, then keep the best weights on the judging windows if they beat the start, else revert."""
         record = self.record
-        saved = _copy(run.params)
+        saved = copy_weights(run.params)
         before, held_before = run.kl(fit), run.kl(held)
         start = held_before if held else before
         best, best_kl = self._train(run, fit, held or fit, start, progress)
         record.kept = best is not None
-        _restore(run.params, best if record.kept else saved)
+        restore_weights(run.params, best if record.kept else saved)
         after = run.kl(fit) if record.kept else before
         held_after = (best_kl if held else None) if record.kept else held_before
-        record.kl_before, record.kl_after = _finite(before), _finite(after)
-        record.heldout_kl_before, record.heldout_kl_after = _finite(held_before), _finite(held_after)
+        record.kl_before, record.kl_after = finite_or_none(before), finite_or_none(after)
+        record.heldout_kl_before, record.heldout_kl_after = finite_or_none(held_before), finite_or_none(held_after)
 
     def _train(self, run: _Run, fit: list[int], judge: list[int], start: float, progress):
         """Adam over the factors, one epoch at a time over the training windows (a seeded order), evaluated on
@@ -330,7 +303,7 @@ class KLRefine(ModelCorrector):
         options = run.options
         optimizer = torch.optim.Adam(run.params, lr=options.lr)
         total = options.epochs * math.ceil(len(fit) / options.batch)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, options.warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, options.warmup))
         generator = torch.Generator().manual_seed(options.seed)
         best, best_kl, stale = None, start, 0
         for epoch in range(1, options.epochs + 1):
@@ -347,7 +320,7 @@ class KLRefine(ModelCorrector):
             self.record.epochs = epoch
             kl = run.kl(judge)
             if math.isfinite(kl) and (best_kl is None or not math.isfinite(best_kl) or kl < best_kl):
-                best, best_kl, stale = _copy(run.params), kl, 0
+                best, best_kl, stale = copy_weights(run.params), kl, 0
             else:
                 stale += 1
             if progress:
