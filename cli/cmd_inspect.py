@@ -1,4 +1,5 @@
-"""`compress inspect`: what a Rankwise checkpoint is (pipeline, ratios, ranks, dense layers, calibration)."""
+"""`compress inspect`: what a Rankwise checkpoint is (pipeline, ratios, ranks, what the stages did per block,
+dense layers, calibration)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from rich.table import Table
 
 from rankwise.errors import RankwiseError
 from rankwise.cli.common import app, out_console, ratio_table, user_errors
-from rankwise.compress.describe import block_and_kind, pipeline_name, stage_lines
+from rankwise.compress.describe import RecordTable, block_and_kind, pipeline_name, record_tables, stage_lines
 
 if TYPE_CHECKING:
     from rankwise.compress.metadata import CompressionResult
@@ -34,6 +35,15 @@ def rank_table(info: CompressionResult) -> Table:
         t.add_column(kind, justify="right")
     for layer in sorted({k[0] for k in cells}, key=lambda x: -1 if x is None else x):
         t.add_row("-" if layer is None else str(layer), *(cells.get((layer, k), "") for k in kinds))
+    return t
+
+
+def record_table(table: RecordTable) -> Table:
+    t = Table(title=table.title, title_justify="left")
+    for i, column in enumerate(table.columns):
+        t.add_column(column.replace("_", " "), justify="left" if i == 0 else "right", overflow="fold")
+    for row in table.rows:
+        t.add_row(*row)
     return t
 
 
@@ -68,6 +78,8 @@ def inspect_cmd(
                   f"bytes of {info.targeted_bytes_before:,} at 16 bits per weight (size ratio "
                   f"{info.size_ratio_achieved:.4f}{asked})", highlight=False, markup=False, soft_wrap=True)
     out.print(rank_table(info))
+    for table in record_tables(info):
+        out.print(record_table(table))
     out.print(f"kept dense: {', '.join(info.kept_dense) if info.kept_dense else 'none'}", highlight=False,
               markup=False, soft_wrap=True)
     out.print(f"calibration: {cal.source}, {cal.nsamples} x {cal.seqlen} tokens, seed {cal.seed}",

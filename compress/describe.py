@@ -5,6 +5,8 @@ Everything here reads the typed CompressionResult (compress/metadata.py); `compr
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # describing needs no torch; the record's module imports it
@@ -34,6 +36,60 @@ def stage_lines(result: CompressionResult) -> list[str]:
         record = ", ".join(f"{k}={_value(v)}" for k, v in run.record.items())
         lines.append(f"{run.kind} {run.stage}: {options}" + (f"; did: {record}" if record else ""))
     return lines
+
+
+@dataclass(frozen=True)
+class RecordTable:
+    """A mapping of mappings in a stage's record, as rows: its key first, then the entries' fields."""
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+
+def record_tables(result: CompressionResult) -> list[RecordTable]:
+    """One table per field of a stage's record that maps keys to records of their own (block-refine's `blocks`:
+    per block the error before and after, on the training and the held-out batches, the steps, kept), rows in
+    the keys' natural order (block 2 before block 10) and without the prefix they share (`model.layers.`, in the
+    title); a column with no value in any row is left out, and an `x_before` column stands just before its
+    `x_after`."""
+    tables = []
+    for run in result.recipe:
+        for field, entries in run.record.items():
+            if not (isinstance(entries, dict) and entries and all(isinstance(e, dict) for e in entries.values())):
+                continue
+            columns = _before_after(list(dict.fromkeys(c for e in entries.values() for c in e
+                                                       if any(other.get(c) is not None for other in entries.values()))))
+            prefix = _shared_prefix(list(entries))
+            rows = [[key.removeprefix(prefix), *(_cell(entries[key].get(c)) for c in columns)]
+                    for key in sorted(entries, key=_natural)]
+            title = f"{run.stage}: {field}" + (f" ({prefix}N)" if prefix else "")
+            tables.append(RecordTable(title, [field, *columns], rows))
+    return tables
+
+
+def _before_after(columns: list[str]) -> list[str]:
+    def place(column: str) -> tuple[int, int]:
+        stem = column.removesuffix("_before").removesuffix("_after")
+        first = min(i for i, c in enumerate(columns) if c in (stem, f"{stem}_before", f"{stem}_after"))
+        return first, column.endswith("_after")
+    return sorted(columns, key=place)
+
+
+def _shared_prefix(keys: list[str]) -> str:
+    """The dotted prefix every key shares ("model.layers."), or "" when one key would be left empty."""
+    first = keys[0].split(".")
+    shared = 0
+    while shared < len(first) - 1 and all(k.split(".")[:shared + 1] == first[:shared + 1] for k in keys):
+        shared += 1
+    return ".".join(first[:shared]) + "." if shared else ""
+
+
+def _natural(key: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def _cell(v) -> str:
+    return "-" if v is None else _value(v)
 
 
 def _value(v) -> str:

@@ -206,3 +206,29 @@ def test_patience_without_a_hold_out_is_refused_in_one_line(tiny_dirs, tmp_path,
     r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--ratio", "0.3", "--stage", "block-refine:patience=2")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "patience needs held-out batches" in r.output and not (tmp_path / "c").exists()
+
+
+def test_inspect_shows_each_blocks_refinement_in_forward_order(tiny_dirs, tmp_path, austen_file, cli):
+    from rankwise.compress.describe import record_tables
+    from rankwise.compress.metadata import read_result
+    out = tmp_path / "c"
+    r = cli("model", tiny_dirs["llama"], "-o", out, "--ratio", "0.3", "--calib", f"text:{austen_file}",
+            "--nsamples", "6", "--seqlen", "32", "--batch-size", "2", "--device", "cpu",
+            "--stage", "block-refine:steps=4,holdout=0.34")
+    assert r.exit_code == 0, r.output
+    meta = read_result(str(out))
+    blocks = meta.stage_run("block-refine").typed_record(Refinement).blocks
+    [table] = [t for t in record_tables(meta) if t.title.startswith("block-refine: blocks")]
+    assert table.title == "block-refine: blocks (model.layers.N)"
+    assert table.columns[0] == "blocks" and table.columns.index("mse_before") + 1 == table.columns.index("mse_after")
+    assert table.columns.index("heldout_before") + 1 == table.columns.index("heldout_after")
+    assert [row[0] for row in table.rows] == [str(i) for i in range(len(blocks))]
+    for row in table.rows:
+        cells, record = dict(zip(table.columns, row)), blocks[f"model.layers.{row[0]}"]
+        assert float(cells["heldout_before"]) == pytest.approx(record.heldout_before, rel=1e-3)
+        assert int(cells["steps"]) == record.steps and cells["kept"] == str(record.kept)
+    shown = cli("inspect", out).output
+    assert "block-refine: blocks (model.layers.N)" in shown and "heldout" in shown, shown
+    for row in table.rows:
+        assert any(line.startswith(f"│ {row[0]} ") and line.rstrip().endswith(f"{row[-1]} │")
+                   for line in shown.splitlines()), shown
