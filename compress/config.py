@@ -20,13 +20,13 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 # One recommended pipeline by one name: the combination that measures best in bench/quality.py (see
 # bench/README.md, "Quality"). Options given explicitly beside a preset override its values.
 PRESETS: dict[str, dict] = {
-    "best": {"method": "svd-llm", "ranks": "loss-aware", "refine": True},
+    "best": {"method": "svd-llm", "ranks": "loss-aware", "kl_refine": True},
 }
 
 
 # The options that are shorthand for recipe entries (`recipe` given, they must stay at their defaults).
 SUGAR = ("method", "ranks", "compensate", "eora_rank", "refit", "refit_damp", "refine", "refine_steps",
-         "refine_lr", "alpha", "rank_multiple", "keep_dense")
+         "refine_lr", "kl_refine", "alpha", "rank_multiple", "keep_dense")
 
 
 class RecipeEntry(BaseModel):
@@ -44,7 +44,8 @@ BUDGET_MEANINGS = {"ratio": "fraction of targeted parameters removed",
 
 class CompressConfig(BaseModel):
     """One job's settings. The stages are the `recipe` (a list of {stage, options}); without one, it is
-    expanded from the shorthand options (method, ranks, refit, compensate, refine and their settings)."""
+    expanded from the shorthand options (method, ranks, refit, compensate, refine, kl_refine and their
+    settings)."""
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="hub id or local path of a causal LM")
@@ -65,6 +66,8 @@ class CompressConfig(BaseModel):
                          "block's outputs on the dense stream")
     refine_steps: int = Field(32, ge=1, description="refinement: optimizer steps per block (one calibration batch each)")
     refine_lr: float = Field(1e-3, gt=0, description="refinement: Adam's peak learning rate (cosine decay)")
+    kl_refine: bool = Field(False, description="after the block walk, train every low-rank factor against the dense "
+                            "model's next-token distribution (top-k KL, held-out windows decide)")
     calib: str = "wikitext2"
     nsamples: int = Field(256, ge=1)
     seqlen: int = Field(2048, ge=2)
@@ -183,6 +186,8 @@ class CompressConfig(BaseModel):
         if self.refine:
             entries.append({"stage": "block-refine", "options": {"steps": self.refine_steps, "lr": self.refine_lr,
                                                                  "seed": self.seed}})
+        if self.kl_refine:
+            entries.append({"stage": "kl-refine", "options": {"seed": self.seed}})
         return entries
 
     def with_stages(self, added: list[dict]) -> "CompressConfig":

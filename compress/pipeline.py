@@ -52,11 +52,11 @@ def target_shapes(model: nn.Module) -> dict[str, MatrixShape]:
 def refuse_unstreamable(recipe: Recipe, cfg: CompressConfig) -> None:
     """A whole-model pass or model corrector that needs every block at once (a backward pass: FWSVD's Fisher,
     loss-aware ranks' output Fisher, end-to-end training) cannot run on streamed weights; the error names the
-    stage that asked for it."""
-    for p in [*recipe.model_passes, *recipe.model_correctors]:
-        if not p.streams:
-            asker = next((s.name for s in recipe.stages if p.name in s.model_passes), p.name)
-            raise RankwiseError(f"--stream-weights does not support {asker}: {p.unsupported_reason}")
+    stage that asked for it, every one of them in one line."""
+    reasons = [f"{next((s.name for s in recipe.stages if p.name in s.model_passes), p.name)}: {p.unsupported_reason}"
+               for p in [*recipe.model_passes, *recipe.model_correctors] if not p.streams]
+    if reasons:
+        raise RankwiseError(f"--stream-weights does not support {'; nor '.join(reasons)}")
 
 
 @torch.no_grad()

@@ -31,18 +31,32 @@ def test_unknown_preset_is_one_line(tmp_path, tiny_dirs, cli):
     assert "preset" in r.output and "Traceback" not in r.output
 
 
-def test_preset_streams_with_a_streaming_allocator(tmp_path, tiny_dirs, austen_file, cli):
-    """The preset's loss-aware ranks need every block at once: refused with --stream-weights in one line that
-    names the way out, which then works (block refinement streams)."""
+def test_preset_streams_once_its_whole_model_stages_are_swapped(tmp_path, tiny_dirs, austen_file, cli):
+    """The preset's loss-aware ranks and end-to-end refinement need every block at once: refused with
+    --stream-weights in one line naming both ways out, which then work (block refinement streams)."""
     from rankwise.compress.metadata import read_result
     common = ["--ratio", "0.3", "--preset", "best", "--stream-weights", "--calib", f"text:{austen_file}",
               "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--refine-steps", "2"]
     r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "refused", *common)
-    assert r.exit_code == 2 and "--ranks uniform" in " ".join(r.output.split()), r.output
-    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", *common, "--ranks", "uniform")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "loss-aware" in said and "--ranks uniform" in said and "kl-refine" in said and "--no-kl-refine" in said
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", *common, "--ranks", "uniform", "--no-kl-refine",
+            "--refine")
     assert r.exit_code == 0, r.output
     meta = read_result(str(tmp_path / "c"))
     assert meta.ranks_allocation == "uniform" and meta.stage_run("block-refine") is not None
+    assert meta.stage_run("kl-refine") is None
     assert pipeline_name(meta) == "svd-llm + uniform ranks + block-refine steps=2 (preset best)"
     r = cli("inspect", tmp_path / "c")
     assert "pipeline: svd-llm + uniform ranks + block-refine steps=2 (preset best)" in r.output, r.output
+
+
+def test_the_preset_refines_end_to_end(tmp_path, tiny_dirs, austen_file, cli):
+    from rankwise.compress.metadata import read_result
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--ratio", "0.3", "--preset", "best", "--calib",
+            f"text:{austen_file}", "--nsamples", "8", "--seqlen", "32", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    meta = read_result(str(tmp_path / "c"))
+    assert [s.stage for s in meta.recipe if s.kind != "pass"] == ["svd-llm", "loss-aware", "kl-refine"]
+    assert meta.stage_run("kl-refine").record["heldout_windows"] == 2  # a quarter of the 8 windows

@@ -250,7 +250,8 @@ class KLRefine(ModelCorrector):
     Options = KLRefineOptions
     Record = KLRefinement
     streams = False
-    unsupported_reason = "it trains every block at once against the dense model's next-token distribution"
+    unsupported_reason = ("it trains every block at once against the dense model's next-token distribution "
+                          "(--no-kl-refine leaves it out; block refinement, --refine, streams)")
 
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
