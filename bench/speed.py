@@ -54,7 +54,7 @@ DEFAULT_METHODS = "baseline,svd,asvd,svd-llm,fwsvd,svd-llm+eora"
 BASELINE = "baseline"  # one dense pass forming each distinct input's Gram: the least a data-aware method does
 # a method name may carry pipeline options: svd-llm+eora, svd-llm+refit+eora, svd-llm+welore
 VARIANTS = {"eora": {"compensate": "eora"}, "refit": {"refit": True}, "welore": {"ranks": "welore"},
-            "loss-aware": {"ranks": "loss-aware"}, "refine": {"refine": True}}
+            "loss-aware": {"ranks": "loss-aware"}, "refine": {"refine": True}, "kl-refine": {"kl_refine": True}}
 
 
 def parse_variant(name: str) -> tuple[str, dict] | None:
@@ -67,7 +67,8 @@ def parse_variant(name: str) -> tuple[str, dict] | None:
         options.update(VARIANTS[e])
     return base, options
 WHOLE_MODEL_STAGES = ("fisher", "spectra", "output-fisher", "truncation-loss", "capture")  # once, before the blocks
-STAGES = (*WHOLE_MODEL_STAGES, "statistics", "factorize", "propagate", "save")
+MODEL_CORRECTIONS = ("kl-refine",)  # once, after the blocks (its teacher pass before them counts in it too)
+STAGES = (*WHOLE_MODEL_STAGES, "statistics", "factorize", "propagate", *MODEL_CORRECTIONS, "save")
 
 
 def parse_args(argv=None):
@@ -78,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--stream-weights", action="store_true", help="read each block from the checkpoint's "
                                                                  "safetensors just in time (--model only)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; a method may carry +eora, "
-                   "+refit, +welore, +loss-aware, +refine (e.g. svd-llm+refit+eora); unknown ones are reported "
+                   "+refit, +welore, +loss-aware, +refine, +kl-refine (e.g. svd-llm+refit+eora); unknown ones are reported "
                    "as skipped")
     p.add_argument("--eora-rank", type=int, default=32, help="rank of the EoRA path for +eora")
     p.add_argument("--ratio", type=float, default=0.4)
@@ -108,7 +109,8 @@ class StageRecorder:
         self.timer = pipeline.StageTimer(device, listener=self)
         self.blocks: list[dict] = []
         # stages a run does not have (plain svd captures nothing; only fwsvd has a Fisher pass) stay at zero
-        self.whole = {s: {"seconds": 0.0, "gpu_peak_gib": None, "host_peak_gib": None} for s in WHOLE_MODEL_STAGES}
+        self.whole = {s: {"seconds": 0.0, "gpu_peak_gib": None, "host_peak_gib": None}
+                      for s in (*WHOLE_MODEL_STAGES, *MODEL_CORRECTIONS)}
         self._block_start = 0.0
 
     def _sync(self):
@@ -125,8 +127,10 @@ class StageRecorder:
 
     def end(self, stage: str, block: int | None, seconds: float) -> None:
         if block is None:
-            peaks = self.mem.read()
-            self.whole[stage] = {"seconds": seconds, "gpu_peak_gib": peaks.gpu_gib, "host_peak_gib": peaks.host_gib}
+            peaks, before = self.mem.read(), self.whole.get(stage, {})
+            self.whole[stage] = {"seconds": before.get("seconds", 0.0) + seconds,  # a stage may run twice
+                                 "gpu_peak_gib": _max([before.get("gpu_peak_gib"), peaks.gpu_gib]),
+                                 "host_peak_gib": _max([before.get("host_peak_gib"), peaks.host_gib])}
             self.start_block()
 
     def progress(self, phase: str, done: int, total: int) -> None:
