@@ -1,5 +1,5 @@
 """What the training stages share (block-refine, kl-refine): the learning-rate schedule, keeping and restoring
-weights, and the finite numbers their records hold."""
+weights, the held-out split, and the finite numbers their records hold."""
 from __future__ import annotations
 
 import math
@@ -34,6 +34,17 @@ def copy_weights(params: list[nn.Parameter]) -> list[torch.Tensor]:
 def restore_weights(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
     for p, v in zip(params, values):
         p.copy_(v)
+
+
+def holdout_split(count: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of `count` calibration batches or windows: a seeded draw of
+    round(holdout * count) (at least one when holdout > 0, never all of them); no hold-out when holdout is 0 or
+    there is a single one."""
+    held = min(max(1, round(holdout * count)), count - 1) if holdout > 0 else 0
+    if held <= 0:
+        return list(range(count)), []
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def finite_or_none(x: float | None) -> float | None:

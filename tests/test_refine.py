@@ -8,7 +8,8 @@ import torch
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.pipeline import compress_model
 from rankwise.compress.stages.refine_block import (Refinement, RefineSettings, block_mse, factor_parameters,
-                                                   refine_block, split_batches)
+                                                   refine_block)
+from rankwise.compress.training import holdout_split
 from helpers_methods import calib_ids, config, model
 from rankwise.errors import RankwiseWarning
 
@@ -125,7 +126,7 @@ def small_block_set(layer: int = 1, windows: int = 16, batch: int = 2):
 
 
 def held_out_error(block, x, y, kw, settings: RefineSettings) -> float:
-    _, held = split_batches(len(x), settings.holdout, settings.seed)
+    _, held = holdout_split(len(x), settings.holdout, settings.seed)
     return block_mse(block, [x[i] for i in held], [y[i] for i in held], [kw[i] for i in held], "cpu")
 
 
@@ -171,7 +172,7 @@ def test_held_out_refinement_is_deterministic_for_a_seed():
     (r0, b0), (r1, b1), (r2, b2) = runs
     assert (r0.steps, r0.heldout_after, r0.mse_after, r0.kept) == (r1.steps, r1.heldout_after, r1.mse_after, r1.kept)
     assert all(torch.equal(p, q) for p, q in zip(b0.parameters(), b1.parameters()))
-    assert split_batches(6, 0.34, 0) != split_batches(6, 0.34, 5)
+    assert holdout_split(6, 0.34, 0) != holdout_split(6, 0.34, 5)
     assert any(not torch.equal(p, q) for p, q in zip(b0.parameters(), b2.parameters()))
 
 

@@ -10,7 +10,8 @@ import yaml
 
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.pipeline import compress_model
-from rankwise.compress.stages.refine_kl import KLRefinement, split_windows
+from rankwise.compress.stages.refine_kl import KLRefinement
+from rankwise.compress.training import holdout_split
 from rankwise.errors import RankwiseWarning
 from helpers_methods import calib_ids, config, model
 from test_memory import LiveBytes
@@ -38,7 +39,7 @@ def full_kl(dense, student, ids) -> float:
 
 
 def held_out_ids(holdout: float = 0.25, seed: int = 0) -> torch.Tensor:
-    _, held = split_windows(WINDOWS, holdout, seed)
+    _, held = holdout_split(WINDOWS, holdout, seed)
     return calib_ids(WINDOWS, SEQLEN)[held]
 
 
@@ -101,7 +102,7 @@ def test_kl_refinement_is_deterministic_for_a_seed():
     same = ("kl_before", "kl_after", "heldout_kl_before", "heldout_kl_after", "kept", "steps", "epochs")
     assert [getattr(r0, f) for f in same] == [getattr(r1, f) for f in same]
     assert all(torch.equal(p, q) for p, q in zip(m0.state_dict().values(), m1.state_dict().values()))
-    assert split_windows(WINDOWS, 0.25, 0) != split_windows(WINDOWS, 0.25, 1)
+    assert holdout_split(WINDOWS, 0.25, 0) != holdout_split(WINDOWS, 0.25, 1)
     assert r2.heldout_kl_before != r0.heldout_kl_before  # another split
     assert any(not torch.equal(p, q) for p, q in zip(m0.state_dict().values(), m2.state_dict().values()))
 

@@ -31,7 +31,8 @@ from torch import nn
 from rankwise.calib.capture import call_block
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.stages.base import BlockCorrector, StageOptions, StageRecord, register_block_corrector
-from rankwise.compress.training import HALF, copy_weights, finite_or_none, restore_weights, warmup_cosine
+from rankwise.compress.training import (HALF, copy_weights, finite_or_none, holdout_split, restore_weights,
+                                        warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -106,16 +107,6 @@ def norm_parameters(block: nn.Module) -> list[nn.Parameter]:
             for p in m.parameters(recurse=False)]
 
 
-def split_batches(count: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """(training, held-out) batch indices: a seeded draw of round(holdout * count) batches (at least one when
-    holdout > 0, never all of them); no hold-out when holdout is 0 or there is a single batch."""
-    held = min(max(1, round(holdout * count)), count - 1) if holdout > 0 else 0
-    if held <= 0:
-        return list(range(count)), []
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[held:]), sorted(order[:held])
-
-
 @dataclass
 class _Batches:
     """Stored batches of one stream: block inputs, dense targets and the block's keyword arguments."""
@@ -151,7 +142,7 @@ def refine_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     saved = copy_weights(params)
     block.to(train)
     every = _Batches([_Cast(h, train) for h in inputs], targets, [_as_dtype(kw, train) for kw in kwargs])
-    fit, held = (every.pick(i) for i in split_batches(len(inputs), settings.holdout, settings.seed))
+    fit, held = (every.pick(i) for i in holdout_split(len(inputs), settings.holdout, settings.seed))
     steps, best = 0, None
     try:
         before, held_before = fit.mse(block, device), held.mse(block, device)

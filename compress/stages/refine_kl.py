@@ -43,7 +43,8 @@ from rankwise.calib.fisher import backward_mode
 from rankwise.compress.lowrank import LoraLinear, LowRankFactors
 from rankwise.compress.stages.base import (CompressionJob, ModelCorrector, StageOptions, StageRecord,
                                            register_model_corrector)
-from rankwise.compress.training import HALF, copy_weights, finite_or_none, restore_weights, warmup_cosine
+from rankwise.compress.training import (HALF, copy_weights, finite_or_none, holdout_split, restore_weights,
+                                        warmup_cosine)
 
 
 @dataclass
@@ -114,16 +115,6 @@ def mean_kl(model: nn.Module, calib_ids: torch.Tensor, teacher: SparseTeacher, w
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def split_windows(count: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """(training, held-out) window indices: a seeded draw of round(holdout * count) windows (at least one when
-    holdout > 0, never all of them); no hold-out when holdout is 0 or there is a single window."""
-    held = min(max(1, round(holdout * count)), count - 1) if holdout > 0 else 0
-    if held <= 0:
-        return list(range(count)), []
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[held:]), sorted(order[:held])
 
 
 def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -271,7 +262,7 @@ class KLRefine(ModelCorrector):
             raise RuntimeError("kl-refine: correct_model ran before before_walk (no teacher)")
         t0 = time.perf_counter()
         params = factor_parameters(job.model)
-        fit, held = split_windows(job.calib_ids.shape[0], self.options.holdout, self.options.seed)
+        fit, held = holdout_split(job.calib_ids.shape[0], self.options.holdout, self.options.seed)
         self.record.train_windows, self.record.heldout_windows = len(fit), len(held)
         devices = [job.device] if job.device.type == "cuda" else []
         if params:  # a model with dropout draws its masks from the seed, and the caller's random state is kept
