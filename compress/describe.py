@@ -57,8 +57,8 @@ def record_tables(result: CompressionResult) -> list[RecordTable]:
         for field, entries in run.record.items():
             if not (isinstance(entries, dict) and entries and all(isinstance(e, dict) for e in entries.values())):
                 continue
-            columns = _before_after(list(dict.fromkeys(c for e in entries.values() for c in e
-                                                       if any(other.get(c) is not None for other in entries.values()))))
+            named = dict.fromkeys(c for e in entries.values() for c in e)
+            columns = _before_after([c for c in named if any(e.get(c) is not None for e in entries.values())])
             prefix = _shared_prefix(list(entries))
             rows = [[key.removeprefix(prefix), *(_cell(entries[key].get(c)) for c in columns)]
                     for key in sorted(entries, key=_natural)]
