@@ -79,8 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--stream-weights", action="store_true", help="read each block from the checkpoint's "
                                                                  "safetensors just in time (--model only)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; a method may carry +eora, "
-                   "+refit, +welore, +loss-aware, +refine, +kl-refine (e.g. svd-llm+refit+eora); unknown ones are reported "
-                   "as skipped")
+                   "+refit, +welore, +loss-aware, +refine, +kl-refine (e.g. svd-llm+refit+eora); unknown ones "
+                   "are reported as skipped")
     p.add_argument("--eora-rank", type=int, default=32, help="rank of the EoRA path for +eora")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--rank-multiple", type=int, default=1)

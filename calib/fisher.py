@@ -80,12 +80,23 @@ def _backward_each(model, input_ids, device, stage, progress) -> None:
 
 
 @contextmanager
+def on_device(model: nn.Module, device):
+    """The model on `device` for the duration; its parameters back where they were after."""
+    homes = {id(p): p.data.device for p in model.parameters()}
+    try:
+        model.to(device)
+        yield
+    finally:
+        for p in model.parameters():
+            p.data = p.data.to(homes[id(p)])
+
+
+@contextmanager
 def backward_mode(model: nn.Module, device, weights: dict[str, torch.Tensor],
                   fold: Callable[[str, torch.Tensor], None], input_grad: bool = False):
     """The model on `device` with gradient checkpointing, only `weights` requiring gradients, each gradient
     handed to fold(name, grad) and freed at once; everything put back afterwards. input_grad: the input
     embeddings' output requires gradients (so backward runs with every weight frozen)."""
-    homes = {id(p): p.data.device for p in model.parameters()}
     flags = {id(p): p.requires_grad for p in model.parameters()}
     handles = []
 
@@ -107,27 +118,26 @@ def backward_mode(model: nn.Module, device, weights: dict[str, torch.Tensor],
     disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
     had_ckpt = getattr(model, "is_activation_checkpointing", None)
     had_ckpt = had_ckpt if had_ckpt is not None else getattr(model, "is_gradient_checkpointing", False)
-    try:
-        model.to(device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, w in weights.items():
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(hook_for(name)))
-        if input_grad:
-            handles.append(model.get_input_embeddings().register_forward_hook(
-                lambda module, args, output: output.requires_grad_(True)))
-        if enable is not None:
-            enable()
-        model.train()  # transformers checkpoints only in training mode (LLM dropout is 0)
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        model.eval()
-        if not had_ckpt and disable is not None:
-            disable()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-            p.grad = None
-            p.data = p.data.to(homes[id(p)])
+    with on_device(model, device):
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, w in weights.items():
+                w.requires_grad_(True)
+                handles.append(w.register_post_accumulate_grad_hook(hook_for(name)))
+            if input_grad:
+                handles.append(model.get_input_embeddings().register_forward_hook(
+                    lambda module, args, output: output.requires_grad_(True)))
+            if enable is not None:
+                enable()
+            model.train()  # transformers checkpoints only in training mode (LLM dropout is 0)
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            model.eval()
+            if not had_ckpt and disable is not None:
+                disable()
+            for p in model.parameters():
+                p.requires_grad_(flags[id(p)])
+                p.grad = None

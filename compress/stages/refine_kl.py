@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rankwise.calib.fisher import backward_mode
+from rankwise.calib.fisher import backward_mode, on_device
 from rankwise.compress.lowrank import LoraLinear, LowRankFactors
 from rankwise.compress.stages.base import (CompressionJob, ModelCorrector, StageOptions, StageRecord,
                                            register_model_corrector)
@@ -130,18 +130,6 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
             if weight.is_floating_point():
                 params[id(weight)] = weight
     return list(params.values())
-
-
-@contextmanager
-def _on_device(model: nn.Module, device):
-    """The model on `device` for the duration; its parameters back where they were after."""
-    homes = {id(p): p.data.device for p in model.parameters()}
-    model.to(device)
-    try:
-        yield
-    finally:
-        for p in model.parameters():
-            p.data = p.data.to(homes[id(p)])
 
 
 @contextmanager
@@ -251,7 +239,7 @@ class KLRefine(ModelCorrector):
     def before_walk(self, job: CompressionJob) -> None:
         t0 = time.perf_counter()
         self.record = self.Record()
-        with _on_device(job.model, job.device):
+        with on_device(job.model, job.device):
             self.teacher = sparse_teacher(job.model, job.calib_ids, self.options.top_k, self.options.batch,
                                           job.device, job.storage)
         self.record.top_k, self.record.teacher_bytes = self.teacher.top_k, self.teacher.nbytes()
