@@ -74,6 +74,12 @@ ROWS = {
 }
 
 
+def scalar_records(meta) -> dict:
+    """Each stage's record without its per-layer / per-block tables (e.g. kl-refine's epochs and held-out KL)."""
+    return {run.stage: {k: v for k, v in run.record.items() if not isinstance(v, (dict, list))}
+            for run in meta.recipe if run.record}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ASSETS / "smollm2-135m"))
@@ -144,7 +150,8 @@ def main() -> None:
                    "ood_rel": ood / dense_ood if ood is not None else None, "acc": acc,
                    "achieved": meta.ratio_achieved,
                    "achieved_without_compensation": meta.ratio_achieved_without_compensation,
-                   "seconds": round(seconds, 1), "host_peak_gib": peak.host_gib, "gpu_peak_gib": peak.gpu_gib}
+                   "seconds": round(seconds, 1), "host_peak_gib": peak.host_gib, "gpu_peak_gib": peak.gpu_gib,
+                   "stage_seconds": meta.stage_seconds, "records": scalar_records(meta)}
             results.append(res)
             print(f"{row:>24} ratio {ratio:.2f}: ppl {p:12.3f} ({p / dense:8.2f}x dense), ood {ood}, acc {acc}, "
                   f"achieved {meta.ratio_achieved:.4f}, {seconds:.0f} s", flush=True)
