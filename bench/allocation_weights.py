@@ -11,6 +11,8 @@ Weights compared (each component's predicted loss is sigma_i^2 times the weight,
   fiso       mean over output features of the output Fisher f_o
   fdiag      per component sum_o f_o u_io^2 (what `--ranks loss-aware` uses)
   fexact     per component u_i^T F u_i with the full output Fisher matrix F = sum_t g_t g_t^T
+  fsketchK   per component ||Z u_i||^2, Z = R G a K-row Gaussian sketch of the token gradients (E Z^T Z = F;
+             drawn here as randn(K, out) F^(1/2) / sqrt(K), which has the same distribution)
 
     python bench/allocation_weights.py [--ratios 0.2,0.4] [--weights uniform,fdiag] [--threads 2]
 """
@@ -31,7 +33,7 @@ from rankwise.compress.loading import load_model
 from rankwise.eval.ppl import perplexity
 
 ASSETS = Path(os.environ.get("RANKWISE_ASSETS", Path.home() / ".cache" / "rankwise-assets"))
-WEIGHTS = ("uniform", "relative", "absolute", "resid", "fiso", "fdiag", "fexact")
+WEIGHTS = ("uniform", "relative", "absolute", "resid", "fiso", "fdiag", "fexact", "fsketch64", "fsketch256")
 
 
 def calibrate(model, linears: dict, calib_ids: torch.Tensor):
@@ -74,6 +76,14 @@ def whitened_svd(W: torch.Tensor, xtx: torch.Tensor):
     return (U * S).float(), torch.linalg.solve_triangular(L, Vh, upper=False, left=False).float(), S, U
 
 
+def gaussian_sketch(F: torch.Tensor, rows: int, seed: int = 0) -> torch.Tensor:
+    """Z [rows, out] with E[Z^T Z] = F: the rows of R G for Gaussian R are N(0, F / rows)."""
+    evals, evecs = torch.linalg.eigh(F)
+    root = evecs * evals.clamp_min(0).sqrt()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, F.shape[0], dtype=F.dtype, generator=gen) @ root.T / rows ** 0.5
+
+
 def allocation(weight: str, ratio: float, shapes, svds, ggt, stream) -> dict:
     if weight == "uniform":
         return uniform_ranks(shapes, ratio)
@@ -86,8 +96,10 @@ def allocation(weight: str, ratio: float, shapes, svds, ggt, stream) -> dict:
             costs[n] = S.pow(2) * per_matrix[weight]
         elif weight == "fdiag":
             costs[n] = S.pow(2) * (U.pow(2) * ggt[n].diagonal()[:, None]).sum(0)
-        else:  # fexact
+        elif weight == "fexact":
             costs[n] = S.pow(2) * torch.einsum("oi,op,pi->i", U, ggt[n], U).clamp_min(0)
+        else:  # fsketchK
+            costs[n] = S.pow(2) * (gaussian_sketch(ggt[n], int(weight.removeprefix("fsketch"))) @ U).pow(2).sum(0)
     return loss_aware_ranks(shapes, costs, ratio)
 
 

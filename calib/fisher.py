@@ -44,34 +44,53 @@ def row_fisher(model: nn.Module, input_ids: torch.Tensor, weights: dict[str, tor
 
 
 def output_fisher(model: nn.Module, input_ids: torch.Tensor, linears: dict[str, nn.Module], device,
-                  progress=None) -> dict[str, torch.Tensor]:
+                  progress=None, sketch: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
     """Sum over calibration tokens of the squared loss gradient at each Linear's output (module docstring).
 
     linears: name -> the module (nn.Linear or Conv1D; the last dimension of its output is `out`).
-    Returns name -> [out] float64 on CPU; the model is restored as by `row_fisher`."""
+    Returns name -> [out] float64 on CPU; the model is restored as by `row_fisher`.
+
+    sketch > 0: instead of the diagonal, a Gaussian sketch of the whole output Fisher matrix
+    F = sum_t g_t g_t^T (g_t the loss gradient at the Linear's output at token t): Z = R G [sketch, out], R a
+    fresh seeded Gaussian [sketch, tokens] / sqrt(sketch) per sequence, so E[Z^T Z] = F and u^T F u is
+    estimated by ||Z u||^2 with relative variance 2 / sketch (Johnson-Lindenstrauss; Woodruff 2014,
+    "Sketching as a Tool for Numerical Linear Algebra"). sketch x out values per Linear, never out x out."""
     sums: dict[str, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(seed)
+    mixing: list[torch.Tensor] = []   # the current sequence's R
+
+    def fold(g: torch.Tensor) -> torch.Tensor:
+        g = g.reshape(-1, g.shape[-1])
+        if not sketch:
+            return g.pow(2).sum(0).double().cpu()
+        return (mixing[0].to(g) @ g).double().cpu()
 
     def hook_for(name):
         def hook(module, grad_input, grad_output):
-            g = grad_output[0].detach().float()
-            folded = g.reshape(-1, g.shape[-1]).pow(2).sum(0).double().cpu()
+            folded = fold(grad_output[0].detach().float())
             sums[name] = sums[name] + folded if name in sums else folded
         return hook
+
+    def next_sequence(ids: torch.Tensor) -> None:
+        if sketch:
+            mixing[:] = [torch.randn(sketch, ids.numel(), generator=generator) / sketch ** 0.5]
 
     handles = [lin.register_full_backward_hook(hook_for(name)) for name, lin in linears.items()]
     try:
         with backward_mode(model, device, {}, lambda name, grad: None, input_grad=True):
-            _backward_each(model, input_ids, device, "output-fisher", progress)
+            _backward_each(model, input_ids, device, "output-fisher", progress, next_sequence)
     finally:
         for h in handles:
             h.remove()
     return sums
 
 
-def _backward_each(model, input_ids, device, stage, progress) -> None:
-    """One causal-LM backward pass per calibration sequence."""
+def _backward_each(model, input_ids, device, stage, progress, before=None) -> None:
+    """One causal-LM backward pass per calibration sequence (before(ids) called ahead of each)."""
     for i in range(input_ids.shape[0]):
         ids = input_ids[i:i + 1].to(device)
+        if before:
+            before(ids)
         with torch.enable_grad():
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()

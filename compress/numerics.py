@@ -54,12 +54,14 @@ class Decomposition:
     def output_weighted_spectrum(self, weights: torch.Tensor) -> torch.Tensor:
         """sum_o weights_o (sigma_i u_i[o])^2 for every component i, in spectrum order: the output error that
         dropping component i adds, weighted per output feature. u_i is M's left singular vector, so this is
-        W's output space for transforms that leave the output side alone (SVD-LLM, ASVD, plain SVD)."""
+        W's output space for transforms that leave the output side alone (SVD-LLM, ASVD, plain SVD).
+        weights [k, out] (a sketch Z of a weight matrix F = E[Z^T Z]): ||Z sigma_i u_i||^2, the error weighted
+        by the whole matrix."""
         S, Q = self._eigh()
-        w = weights.to(self.M)[:, None]
-        if self.wide:   # Q = U: (sigma_i u_i)^2 = sigma_i^2 U^2
-            return S.pow(2) * (Q.pow(2) * w).sum(0)
-        return ((self.M @ Q).pow(2) * w).sum(0)   # Q = V: sigma_i u_i = M v_i
+        errors = Q * S if self.wide else self.M @ Q   # sigma_i u_i: Q = U when wide, else M v_i with Q = V
+        if weights.dim() == 2:
+            return (weights.to(self.M) @ errors).pow(2).sum(0)
+        return (errors.pow(2) * weights.to(self.M)[:, None]).sum(0)
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced rank-k factors: B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T, then the transform undone."""

@@ -135,6 +135,69 @@ def test_output_fisher_runs_with_every_weight_frozen():
         assert torch.allclose(got[n], expected[n], rtol=1e-6, atol=1e-14), n
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_a_sketch_weight_prices_each_component_by_the_whole_matrix(shape):
+    """With Z^T Z = F exactly, each component's cost is sigma_i^2 u_i^T F u_i, off-diagonal terms included;
+    with a diagonal F it is the diagonal weighting."""
+    torch.manual_seed(0)
+    M = torch.randn(*shape, dtype=torch.float64)
+    G = torch.randn(3 * shape[0], shape[0], dtype=torch.float64)
+    F = G.T @ G
+    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    expected = S.pow(2) * torch.einsum("oi,op,pi->i", U, F, U)
+    got = Decomposition(M).output_weighted_spectrum(G)   # G is a sketch of F with no error
+    assert torch.allclose(got[:len(S)], expected, rtol=1e-9, atol=1e-12)
+    d = torch.rand(shape[0], dtype=torch.float64)
+    assert torch.allclose(Decomposition(M).output_weighted_spectrum(torch.diag(d.sqrt())),
+                          Decomposition(M).output_weighted_spectrum(d), rtol=1e-9, atol=1e-12)
+
+
+def _output_gradient_grams(m, ids, linears) -> dict[str, torch.Tensor]:
+    """F = sum_t g_t g_t^T at every Linear's output, by plain autograd."""
+    outputs, grams = {}, {}
+    handles = [lin.register_forward_hook(lambda mod, i, o, n=n: outputs.setdefault(n, o)) for n, lin in linears.items()]
+    with torch.enable_grad():
+        for i in range(ids.shape[0]):
+            outputs.clear()
+            loss = m(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss
+            names = list(outputs)
+            for n, g in zip(names, torch.autograd.grad(loss, [outputs[n] for n in names])):
+                g = g.double().reshape(-1, g.shape[-1])
+                grams[n] = grams.get(n, 0) + g.T @ g
+    for h in handles:
+        h.remove()
+    return grams
+
+
+def test_output_fisher_sketch_estimates_the_full_output_fisher():
+    """E[Z^T Z] = F: with many sketch rows, ||Z u||^2 is u^T F u to within the sketch's noise (relative standard
+    deviation sqrt(2 / rows) = 3% here) for every Linear and random directions u; and it is seeded."""
+    torch.manual_seed(0)
+    m, ids = model("llama"), calib_ids(nsamples=2, seqlen=24)
+    linears = named_target_linears(m)
+    sketch = output_fisher(m, ids, linears, torch.device("cpu"), sketch=2048, seed=1)
+    again = output_fisher(m, ids, linears, torch.device("cpu"), sketch=2048, seed=1)
+    grams = _output_gradient_grams(m, ids, linears)
+    assert set(sketch) == set(grams)
+    generator = torch.Generator().manual_seed(0)
+    for n, F in grams.items():
+        assert sketch[n].shape == (2048, F.shape[0]) and torch.equal(sketch[n], again[n])
+        u = torch.randn(F.shape[0], 8, dtype=torch.float64, generator=generator)
+        exact = torch.einsum("oi,op,pi->i", u, F, u)
+        estimated = (sketch[n] @ u).pow(2).sum(0)
+        assert torch.allclose(estimated, exact, rtol=0.2), n
+
+
+def test_a_recipe_can_allocate_from_the_output_fisher_sketch():
+    recipe = [{"stage": "svd-llm"}, {"stage": "loss-aware"}, {"stage": "output-fisher", "options": {"sketch": 16}}]
+    diagonal = compress_model(model("llama"), calib_ids(), config(ranks="loss-aware", ratio=0.3))
+    sketched = compress_model(model("llama"), calib_ids(), config(recipe=recipe, ratio=0.3))
+    assert sketched.stage_run("output-fisher").options["sketch"] == 16
+    assert 0.3 <= sketched.ratio_achieved <= 0.305
+    ranks = lambda meta: {n: s.rank for n, s in meta.modules.items()}   # noqa: E731
+    assert ranks(sketched) != ranks(diagonal)   # the sketch prices components differently
+
+
 def test_eora_paths_count_only_where_they_are_built():
     """Matrices kept dense get no EoRA path, so none is reserved for them: the ratio is still met exactly."""
     meta = compress_model(model("llama"), calib_ids(), config(ranks="loss-aware", ratio=0.3, compensate="eora",
