@@ -1,7 +1,7 @@
 """Predicted loss of dropping each singular component of every matrix the factorizer truncates: the
 component's output error sigma_i u_i weighted by the output Fisher (pass `output-fisher`: its diagonal, or a
-sketch of the whole matrix), with
-statistics from the dense model, block by block (only the costs are kept: memory = one block + the costs)."""
+sketch of the whole matrix), with statistics from the dense model, block by block (only the costs are kept:
+memory = one block + the costs)."""
 from rankwise.compress.stages.base import ModelPass, register_pass
 from rankwise.compress.stages.pass_spectra import dense_decompositions
 
