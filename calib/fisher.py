@@ -50,8 +50,8 @@ def output_fisher(model: nn.Module, input_ids: torch.Tensor, linears: dict[str, 
     linears: name -> the module (nn.Linear or Conv1D; the last dimension of its output is `out`).
     Returns name -> [out] float64 on CPU; the model is restored as by `row_fisher`.
 
-    sketch > 0: instead of the diagonal, a Gaussian sketch of the whole output Fisher matrix
-    F = sum_t g_t g_t^T (g_t the loss gradient at the Linear's output at token t): Z = R G [sketch, out], R a
+    sketch > 0: instead of the diagonal, name -> Z [sketch, out] float32, a Gaussian sketch of the whole output
+    Fisher matrix F = sum_t g_t g_t^T (g_t the loss gradient at the Linear's output at token t): Z = R G, R a
     fresh seeded Gaussian [sketch, tokens] / sqrt(sketch) per sequence, so E[Z^T Z] = F and u^T F u is
     estimated by ||Z u||^2 with relative variance 2 / sketch (Johnson-Lindenstrauss; Woodruff 2014,
     "Sketching as a Tool for Numerical Linear Algebra"). sketch x out values per Linear, never out x out."""
@@ -63,7 +63,7 @@ def output_fisher(model: nn.Module, input_ids: torch.Tensor, linears: dict[str, 
         g = g.reshape(-1, g.shape[-1])
         if not sketch:
             return g.pow(2).sum(0).double().cpu()
-        return (mixing[0].to(g) @ g).double().cpu()
+        return (mixing[0].to(g) @ g).cpu()   # float32: sketch x out per Linear, summed over a few hundred sequences
 
     def hook_for(name):
         def hook(module, grad_input, grad_output):
