@@ -185,7 +185,7 @@ def test_output_fisher_sketch_estimates_the_full_output_fisher():
         assert torch.equal(sketch[n], again[n])
         u = torch.randn(F.shape[0], 8, dtype=torch.float64, generator=generator)
         exact = torch.einsum("oi,op,pi->i", u, F, u)
-        estimated = (sketch[n] @ u).pow(2).sum(0)
+        estimated = (sketch[n].double() @ u).pow(2).sum(0)
         assert torch.allclose(estimated, exact, rtol=0.2), n
 
 
