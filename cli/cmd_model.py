@@ -101,6 +101,10 @@ def model_cmd(
                                             "block's on the dense stream of activations (2x activation memory)."),
     refine_steps: int = typer.Option(32, help="Block refinement: optimizer steps per block, one calibration batch each."),
     refine_lr: float = typer.Option(1e-3, help="Block refinement: Adam's peak learning rate."),
+    fisher_sketch: int = typer.Option(0, help="Loss-aware ranks: price each truncation error by a Gaussian sketch "
+                                      "of this many rows of the Linear's whole output Fisher matrix instead of its "
+                                      "diagonal (256: about the full matrix's allocation; rows x outputs floats "
+                                      "per Linear)."),
     kl_refine: bool = typer.Option(False, help="End-to-end refinement after the block walk: train every low-rank "
                                                "factor so the model's next-token distribution matches the dense "
                                                "model's (top-k KL; held-out calibration windows stop and judge it)."),
@@ -152,7 +156,8 @@ def model_cmd(
     from rankwise.compress.job import run_compress
     options = dict(model=model, preset=preset, method=method, ratio=ratio, size_ratio=size_ratio, ranks=ranks,
                    compensate=compensate, eora_rank=eora_rank, refit=refit, refit_damp=refit_damp, refine=refine,
-                   refine_steps=refine_steps, refine_lr=refine_lr, kl_refine=kl_refine, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                   refine_steps=refine_steps, refine_lr=refine_lr, kl_refine=kl_refine,
+                   fisher_sketch=fisher_sketch, calib=calib, nsamples=nsamples, seqlen=seqlen,
                    seed=seed, bos=bos, calib_chat=calib_chat, chat_fraction=chat_fraction, batch_size=batch_size,
                    alpha=alpha, rank_multiple=rank_multiple, dtype=dtype, factor_dtype=factor_dtype,
                    int4_group=int4_group, device=device, offload=offload, stream_weights=stream_weights,

@@ -25,8 +25,8 @@ PRESETS: dict[str, dict] = {
 
 
 # The options that are shorthand for recipe entries (`recipe` given, they must stay at their defaults).
-SUGAR = ("method", "ranks", "compensate", "eora_rank", "refit", "refit_damp", "refine", "refine_steps",
-         "refine_lr", "kl_refine", "alpha", "rank_multiple", "keep_dense")
+SUGAR = ("method", "ranks", "fisher_sketch", "compensate", "eora_rank", "refit", "refit_damp", "refine",
+         "refine_steps", "refine_lr", "kl_refine", "alpha", "rank_multiple", "keep_dense")
 
 
 class RecipeEntry(BaseModel):
@@ -44,8 +44,8 @@ BUDGET_MEANINGS = {"ratio": "fraction of targeted parameters removed",
 
 class CompressConfig(BaseModel):
     """One job's settings. The stages are the `recipe` (a list of {stage, options}); without one, it is
-    expanded from the shorthand options (method, ranks, refit, compensate, refine, kl_refine and their
-    settings)."""
+    expanded from the shorthand options (method, ranks, fisher_sketch, refit, compensate, refine, kl_refine and
+    their settings)."""
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="hub id or local path of a causal LM")
@@ -58,6 +58,8 @@ class CompressConfig(BaseModel):
     size_ratio: float | None = Field(None, description="instead of `ratio`: the stored bytes of the targeted "
                                      "Linears as a fraction of the same Linears at 16 bits per weight, in (0, 1)")
     ranks: str = Field("uniform", description="rank allocation")
+    fisher_sketch: int = Field(0, ge=0, description="loss-aware ranks: rows of a Gaussian sketch of each Linear's "
+                               "full output Fisher matrix that prices its truncation errors (0: the diagonal)")
     compensate: Literal["none", "eora"] = Field("none", description="residual low-rank path after truncation")
     eora_rank: int = Field(EORA_RANK_DEFAULT, ge=1, description="rank of the EoRA path (its parameters count in the ratio)")
     refit: bool = Field(False, description="re-solve B by least squares on the dense layer's outputs")
@@ -164,6 +166,9 @@ class CompressConfig(BaseModel):
                     if name not in registry:
                         raise RankwiseError(f"unknown --{option} {name!r}: choose one of {', '.join(sorted(registry))}"
                                             f" (one of your own: --plugin MODULE)")
+                if self.fisher_sketch and "output-fisher" not in REGISTRIES["allocator"][self.ranks].model_passes:
+                    raise RankwiseError(f"--fisher-sketch prices the output Fisher of --ranks loss-aware; --ranks "
+                                        f"{self.ranks} does not use it")
             Recipe.from_config(self)
         except RankwiseError as e:
             raise ValueError(str(e)) from None
@@ -176,7 +181,9 @@ class CompressConfig(BaseModel):
         multiple = self.rank_multiple
         if self.factor_dtype == "int4":  # int4 groups run along B's inputs: every rank a multiple of the group
             multiple = math.lcm(multiple, self.int4_group)
-        entries = [{"stage": self.method, "options": {"alpha": self.alpha} if self.method == "asvd" else {}},
+        entries = [{"stage": "output-fisher", "options": {"sketch": self.fisher_sketch, "seed": self.seed}}
+                   ] if self.fisher_sketch else []
+        entries += [{"stage": self.method, "options": {"alpha": self.alpha} if self.method == "asvd" else {}},
                    {"stage": self.ranks, "options": {"rank_multiple": multiple,
                                                      "keep_dense": list(self.keep_dense)}}]
         if self.refit:

@@ -205,3 +205,20 @@ def test_eora_paths_count_only_where_they_are_built():
                                                               eora_rank=2))
     assert meta.kept_dense  # the case this is about
     assert 0.3 <= meta.ratio_achieved <= 0.305
+
+
+def test_fisher_sketch_option_lists_the_pass_and_is_refused_without_loss_aware_ranks(tmp_path, tiny_dirs,
+                                                                                     austen_file, cli):
+    from rankwise.compress.metadata import read_result
+    cfg = config(ranks="loss-aware", fisher_sketch=32, seed=3)
+    assert cfg.stages()[0] == {"stage": "output-fisher", "options": {"sketch": 32, "seed": 3}}
+    assert all(e["stage"] != "output-fisher" for e in config(ranks="loss-aware").stages())
+    common = ["--ratio", "0.3", "--calib", f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32",
+              "--device", "cpu", "--fisher-sketch", "8"]
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "u", *common, "--ranks", "uniform")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "--fisher-sketch" in r.output and "uniform" in r.output
+    assert not (tmp_path / "u").exists()
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", *common, "--ranks", "loss-aware")
+    assert r.exit_code == 0, r.output
+    assert read_result(str(tmp_path / "c")).stage_run("output-fisher").options["sketch"] == 8
