@@ -54,7 +54,8 @@ DEFAULT_METHODS = "baseline,svd,asvd,svd-llm,fwsvd,svd-llm+eora"
 BASELINE = "baseline"  # one dense pass forming each distinct input's Gram: the least a data-aware method does
 # a method name may carry pipeline options: svd-llm+eora, svd-llm+refit+eora, svd-llm+welore
 VARIANTS = {"eora": {"compensate": "eora"}, "refit": {"refit": True}, "welore": {"ranks": "welore"},
-            "loss-aware": {"ranks": "loss-aware"}, "refine": {"refine": True}, "kl-refine": {"kl_refine": True}}
+            "loss-aware": {"ranks": "loss-aware"}, "sketch": {"fisher_sketch": 256}, "refine": {"refine": True},
+            "kl-refine": {"kl_refine": True}}
 
 
 def parse_variant(name: str) -> tuple[str, dict] | None:
@@ -79,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--stream-weights", action="store_true", help="read each block from the checkpoint's "
                                                                  "safetensors just in time (--model only)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; a method may carry +eora, "
-                   "+refit, +welore, +loss-aware, +refine, +kl-refine (e.g. svd-llm+refit+eora); unknown ones "
+                   "+refit, +welore, +loss-aware, +sketch (with +loss-aware), +refine, +kl-refine (e.g. "
+                   "svd-llm+refit+eora); unknown ones "
                    "are reported as skipped")
     p.add_argument("--eora-rank", type=int, default=32, help="rank of the EoRA path for +eora")
     p.add_argument("--ratio", type=float, default=0.4)
