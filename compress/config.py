@@ -20,7 +20,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 # One recommended pipeline by one name: the combination that measures best in bench/quality.py (see
 # bench/README.md, "Quality"). Options given explicitly beside a preset override its values.
 PRESETS: dict[str, dict] = {
-    "best": {"method": "svd-llm", "ranks": "loss-aware", "fisher_sketch": 256, "kl_refine": True},
+    "best": {"method": "svd-llm", "ranks": "loss-aware", "kl_refine": True},
 }
 
 
@@ -35,12 +35,6 @@ class RecipeEntry(BaseModel):
 
     stage: str
     options: dict[str, Any] = Field(default_factory=dict)
-
-
-def prices_with_output_fisher(allocator: str) -> bool:
-    """The allocator reads the output Fisher pass (so --fisher-sketch changes what it allocates)."""
-    registered = REGISTRIES["allocator"].get(allocator)
-    return registered is not None and "output-fisher" in registered.model_passes
 
 
 # What each budget's fraction measures, for the one-line refusal of a value outside (0, 1).
@@ -109,10 +103,7 @@ class CompressConfig(BaseModel):
     def _apply_preset(cls, data):
         """The preset's values under the options given explicitly (those present in the input)."""
         if isinstance(data, dict) and data.get("preset") in PRESETS:
-            merged = {**PRESETS[data["preset"]], **data}
-            if "fisher_sketch" not in data and not prices_with_output_fisher(merged.get("ranks", "uniform")):
-                merged["fisher_sketch"] = 0   # the preset's sketch goes with its ranks when those are overridden
-            return merged
+            return {**PRESETS[data["preset"]], **data}
         return data
 
     @field_validator("ratio", "size_ratio")
@@ -175,7 +166,7 @@ class CompressConfig(BaseModel):
                     if name not in registry:
                         raise RankwiseError(f"unknown --{option} {name!r}: choose one of {', '.join(sorted(registry))}"
                                             f" (one of your own: --plugin MODULE)")
-                if self.fisher_sketch and not prices_with_output_fisher(self.ranks):
+                if self.fisher_sketch and "output-fisher" not in REGISTRIES["allocator"][self.ranks].model_passes:
                     raise RankwiseError(f"--fisher-sketch prices the output Fisher of --ranks loss-aware; --ranks "
                                         f"{self.ranks} does not use it")
             Recipe.from_config(self)

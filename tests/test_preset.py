@@ -60,14 +60,3 @@ def test_the_preset_refines_end_to_end(tmp_path, tiny_dirs, austen_file, cli):
     meta = read_result(str(tmp_path / "c"))
     assert [s.stage for s in meta.recipe if s.kind != "pass"] == ["svd-llm", "loss-aware", "kl-refine"]
     assert meta.stage_run("kl-refine").record["heldout_windows"] == 2  # a quarter of the 8 windows
-    assert meta.stage_run("output-fisher").options["sketch"] == PRESETS["best"]["fisher_sketch"] > 0
-
-
-def test_the_presets_fisher_sketch_goes_with_its_ranks():
-    """Overriding the preset's ranks with an allocator that reads no output Fisher drops its sketch (rather
-    than refusing an option the user never gave); given explicitly, the sketch is still checked."""
-    import pytest
-    cfg = CompressConfig(model="m", ratio=0.2, preset="best", ranks="uniform")
-    assert cfg.fisher_sketch == 0 and all(e["stage"] != "output-fisher" for e in cfg.stages())
-    with pytest.raises(ValueError, match="--fisher-sketch"):
-        CompressConfig(model="m", ratio=0.2, preset="best", ranks="uniform", fisher_sketch=64)
