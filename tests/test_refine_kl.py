@@ -89,7 +89,7 @@ def test_the_teacher_holds_k_plus_one_values_per_token_never_the_vocabulary():
     record = meta.stage_run("kl-refine").typed_record(KLRefinement)
     tokens, vocab = windows * seqlen, m.config.vocab_size
     assert record.top_k == k and record.teacher_bytes == tokens * (k + 1) * 4 + tokens * k * 4
-    assert record.steps == 24  # 24 training windows, one per step (one epoch)
+    assert record.steps == 12  # 24 training windows, 2 per step
     added = peaks[True] - peaks[False]
     assert record.teacher_bytes <= added < tokens * vocab * 4 / 4, (added, tokens * vocab * 4)
 
@@ -110,10 +110,10 @@ def test_kl_refinement_is_deterministic_for_a_seed():
 def test_early_stopping_stops_before_the_cap_when_the_held_out_kl_stops_falling():
     dense = model("llama")
     cap = 40
-    _, stopped, _ = compressed(dense, {"lr": 1e-3, "epochs": cap, "patience": 2, "batch": 2})
+    _, stopped, _ = compressed(dense, {"lr": 1e-3, "epochs": cap, "patience": 2})
     assert stopped.kept and stopped.epochs < cap / 2, stopped
     assert stopped.steps == stopped.epochs * 9  # 18 training windows, 2 per step
-    _, capped, _ = compressed(dense, {"lr": 1e-3, "epochs": 3, "patience": 3, "batch": 2})
+    _, capped, _ = compressed(dense, {"lr": 1e-3, "epochs": 3, "patience": 3})
     assert capped.epochs == 3 and capped.steps == 27
 
 

@@ -157,8 +157,8 @@ class KLRefineOptions(StageOptions):
     held-out windows stop it and judge it."""
     lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="peak learning rate (warm-up, then cosine "
                       "decay over the capped steps)")
-    epochs: int = Field(8, ge=1, description="the most passes over the training windows")
-    batch: int = Field(1, ge=1, description="calibration windows per optimizer step (and per teacher batch)")
+    epochs: int = Field(4, ge=1, description="the most passes over the training windows")
+    batch: int = Field(2, ge=1, description="calibration windows per optimizer step (and per teacher batch)")
     holdout: float = Field(0.25, ge=0, lt=1, description="fraction of the calibration windows held out (a "
                            "seeded split) to stop the training and to judge it (0: the training windows judge)")
     patience: int = Field(2, ge=1, description="epochs without improvement on the judging windows before "
