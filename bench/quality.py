@@ -70,6 +70,13 @@ ROWS = {
     # end-to-end distillation against the dense model's top-k next-token distribution, instead of block refinement
     "svd-llm+loss-aware+kl-refine": {"recipe": [{"stage": "svd-llm"}, {"stage": "loss-aware"},
                                                 {"stage": "kl-refine"}]},
+    "svd-llm+loss-aware+kl-refine-8x1": {"recipe": [{"stage": "svd-llm"}, {"stage": "loss-aware"},
+                                                    {"stage": "kl-refine", "options": {"epochs": 8, "batch": 1}}]},
+    # loss-aware ranks priced by a 256-row sketch of the whole output Fisher matrix instead of its diagonal
+    "svd-llm+loss-aware-sketch256": {"method": "svd-llm", "ranks": "loss-aware", "fisher_sketch": 256},
+    "svd-llm+loss-aware-sketch256+kl-refine-8x1": {"recipe": [
+        {"stage": "output-fisher", "options": {"sketch": 256}}, {"stage": "svd-llm"}, {"stage": "loss-aware"},
+        {"stage": "kl-refine", "options": {"epochs": 8, "batch": 1}}]},
     "preset-best": {"preset": "best"},
 }
 
