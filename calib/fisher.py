@@ -63,7 +63,7 @@ def output_fisher(model: nn.Module, input_ids: torch.Tensor, linears: dict[str, 
         g = g.reshape(-1, g.shape[-1])
         if not sketch:
             return g.pow(2).sum(0).double().cpu()
-        return (mixing[0].to(g) @ g).cpu()   # float32: sketch x out per Linear, summed over a few hundred sequences
+        return (mixing[0] @ g).cpu()   # float32: sketch x out per Linear, summed over a few hundred sequences
 
     def hook_for(name):
         def hook(module, grad_input, grad_output):
@@ -73,7 +73,8 @@ def output_fisher(model: nn.Module, input_ids: torch.Tensor, linears: dict[str, 
 
     def next_sequence(ids: torch.Tensor) -> None:
         if sketch:
-            mixing[:] = [torch.randn(sketch, ids.numel(), generator=generator) / sketch ** 0.5]
+            draw = torch.randn(sketch, ids.numel(), generator=generator) / sketch ** 0.5   # seeded on the CPU
+            mixing[:] = [draw.to(ids.device)]   # moved once per sequence, not once per Linear
 
     handles = [lin.register_full_backward_hook(hook_for(name)) for name, lin in linears.items()]
     try:
