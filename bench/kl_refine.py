@@ -52,14 +52,16 @@ def main() -> None:
     job = SimpleNamespace(model=dense, calib_ids=calib.input_ids, device=cpu, storage=cpu,
                           progress=lambda stage, i, n: print(f"{stage} {i}/{n}", flush=True))
     stage.before_walk(job)   # the teacher, from the dense model
-    scores = {"dense": evaluate(dense, tokenizer, args)}
+    texts = (tokenize(tokenizer, load_text(args.eval, "test")),
+             tokenize(tokenizer, AUSTEN.read_text(encoding="utf-8")[-400_000:]))
+    scores = {"dense": evaluate(dense, tokenizer, texts, args)}
     del dense
     job.model, _, _ = load_model(args.checkpoint, "auto", "cpu")
-    scores["checkpoint"] = evaluate(job.model, tokenizer, args)
+    scores["checkpoint"] = evaluate(job.model, tokenizer, texts, args)
     t0 = time.perf_counter()
     stage.correct_model(job)
     seconds = time.perf_counter() - t0
-    scores["kl-refine"] = evaluate(job.model, tokenizer, args)
+    scores["kl-refine"] = evaluate(job.model, tokenizer, texts, args)
     print("\n| model | wiki ppl | x dense | Austen ppl | x dense |" + "".join(f" {t} |" for t in scores["dense"][2])
           + "\n|---|---|---|---|---|" + "---|" * len(scores["dense"][2]))
     base = scores["dense"]
@@ -73,11 +75,10 @@ def main() -> None:
                                          "seconds": round(seconds, 1)}, indent=1) + "\n")
 
 
-def evaluate(model, tokenizer, args) -> tuple[float, float, dict]:
-    """(wiki_eval perplexity, Austen perplexity, zero-shot accuracies)."""
+def evaluate(model, tokenizer, texts, args) -> tuple[float, float, dict]:
+    """(wiki_eval perplexity, Austen perplexity, zero-shot accuracies); texts: the two token streams."""
     model.eval()
-    ids = tokenize(tokenizer, load_text(args.eval, "test"))
-    ood = tokenize(tokenizer, AUSTEN.read_text(encoding="utf-8")[-400_000:])
+    ids, ood = texts
     ppl = perplexity(model, ids, args.seqlen, "cpu", max_windows=args.windows).ppl
     ood_ppl = perplexity(model, ood, args.seqlen, "cpu", max_windows=args.windows).ppl
     acc = {}
