@@ -10,7 +10,7 @@ import yaml
 
 from rankwise.compress.config import CompressConfig
 from rankwise.compress.pipeline import compress_model
-from rankwise.compress.stages.refine_kl import KLRefinement
+from rankwise.compress.stages.refine_kl import KLRefinement, sample_windows
 from rankwise.compress.training import holdout_split
 from rankwise.errors import RankwiseWarning
 from helpers_methods import calib_ids, config, model
@@ -115,6 +115,54 @@ def test_early_stopping_stops_before_the_cap_when_the_held_out_kl_stops_falling(
     assert stopped.steps == stopped.epochs * 9  # 18 training windows, 2 per step
     _, capped, _ = compressed(dense, {"lr": 1e-3, "epochs": 3, "patience": 3})
     assert capped.epochs == 3 and capped.steps == 27
+
+
+def test_evaluating_several_times_an_epoch_counts_patience_in_evaluations():
+    dense = model("llama")
+    _, capped, _ = compressed(dense, {"lr": 1e-3, "epochs": 2, "patience": 10, "evals_per_epoch": 3})
+    assert (capped.epochs, capped.evaluations, capped.steps) == (2, 6, 18) and len(capped.heldout_kls) == 6
+    assert capped.heldout_kl_after == min(capped.heldout_kls)
+    _, stopped, _ = compressed(dense, {"lr": 1e-3, "epochs": 40, "patience": 2, "evals_per_epoch": 3})
+    assert stopped.kept and stopped.evaluations < stopped.epochs * 3 + 1 and stopped.epochs < 20, stopped
+
+
+def test_sampled_windows_are_draws_from_the_models_own_next_token_distribution():
+    """Temperature 1 over the full vocabulary: the frequencies of 4000 draws of the first new token match the
+    model's probabilities (coarsened to its 8 likeliest tokens and the rest, where sampling noise is about
+    0.02 in total variation; a temperature of 0.8 is 0.26 away, top-p 0.9 is 0.04 to 0.07 away)."""
+    m = model("llama")
+    with torch.no_grad():
+        m.model.norm.weight.mul_(6)  # a peaked distribution, far from uniform
+    prompt, draws = calib_ids(1, 8)[:1], 4000
+    with torch.no_grad():
+        probs = torch.softmax(m(prompt).logits[0, -1].float(), -1)
+    torch.manual_seed(0)
+    sampled = sample_windows(m, prompt.repeat(draws, 1), 9, draws, torch.device("cpu"))
+    assert sampled.shape == (draws, 9) and torch.equal(sampled[:, :8], prompt.repeat(draws, 1))
+    top = probs.topk(8).indices
+
+    def coarse(p):
+        return torch.cat([p[top], (1 - p[top].sum()).reshape(1)])
+    frequencies = torch.bincount(sampled[:, 8], minlength=probs.numel()) / draws
+    assert probs.max() > 0.2 and 0.5 * (coarse(frequencies) - coarse(probs)).abs().sum() < 0.035
+
+
+def test_sampled_windows_only_train_and_are_seeded():
+    dense = model("llama")
+    options = {"lr": 1e-3, "epochs": 2, "sampled_windows": 10, "prompt_tokens": 4}
+    start, _, _ = compressed(dense)
+    runs = []
+    for global_seed in (1, 2):  # the stage's own seed decides, not the caller's random state
+        torch.manual_seed(global_seed)
+        runs.append(compressed(dense, options))
+    (m0, r0, _), (m1, r1, _) = runs
+    assert (r0.sampled_windows, r0.train_windows, r0.heldout_windows) == (10, 28, 6)
+    assert r0.steps == 2 * 14 and r0.sample_seconds > 0
+    assert r0.model_dump(exclude={"seconds", "teacher_seconds", "sample_seconds"}) == \
+        r1.model_dump(exclude={"seconds", "teacher_seconds", "sample_seconds"})
+    assert all(torch.equal(p, q) for p, q in zip(m0.state_dict().values(), m1.state_dict().values()))
+    held = held_out_ids()  # the real hold-out, as without sampling
+    assert full_kl(dense, m0, held) <= full_kl(dense, start, held)
 
 
 def test_a_half_precision_model_trains_in_float32_and_stays_half():

@@ -20,10 +20,17 @@ tokens. Only one batch's full logits exist at a time. Training holds the model, 
 copies of the factors (the starting ones and the best ones) and one batch's activations: the model's own
 gradient checkpointing keeps one decoder block's activations at a time for the backward pass.
 
+Data. The calibration windows are few (32 x 512 tokens by default) and the student fits them long before it
+has learnt the teacher: training KL falls while the held-out KL rises. `sampled_windows` adds sequences
+sampled from the dense model itself (temperature 1, the full distribution), each continuing the first
+`prompt_tokens` of a training window, as in data-free distillation (Liu et al. 2023, "LLM-QAT: Data-Free
+Quantization Aware Training for Large Language Models"): they cost no real text, their teacher is exact
+(the tokens are the teacher's own draws), and they only ever train; the held-out windows stay real text.
+
 Only the factors train (biases, norms and embeddings stay fixed), with Adam, a linear warm-up then cosine
 decay, gradient clipping and a cap on the epochs. A seeded part of the calibration windows is held out: never
-trained on, it is evaluated after every epoch, stops the training after `patience` epochs without
-improvement, and judges it: the model keeps the best weights seen on it, and only if they beat the starting
+trained on, it is evaluated `evals_per_epoch` times an epoch, stops the training after `patience` evaluations
+without improvement, and judges it: the model keeps the best weights seen on it, and only if they beat the starting
 factors there (the closed form's, or block refinement's); otherwise the starting factors are restored.
 Without a hold-out the training windows judge. A half-precision model trains in float32 and is cast back
 (Adam's eps and squared gradients underflow in float16; bfloat16 cannot hold small updates).
@@ -38,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 from torch import nn
+from transformers import GenerationConfig
 
 from rankwise.calib.fisher import backward_mode, on_device
 from rankwise.compress.lowrank import LoraLinear, LowRankFactors
@@ -101,6 +109,25 @@ def sparse_teacher(model: nn.Module, calib_ids: torch.Tensor, top_k: int, batch:
 
 
 @torch.no_grad()
+def sample_windows(model: nn.Module, prompts: torch.Tensor, length: int, batch: int, device,
+                   progress=None) -> torch.Tensor:
+    """[len(prompts), length] token ids: each prompt continued by the model, sampled at temperature 1 from its
+    full distribution (no top-k or top-p: the teacher's own distribution), never stopping at end-of-text.
+    Draws from torch's global generator (the caller seeds it)."""
+    new = length - prompts.shape[1]
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                                min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    out = []
+    for start in range(0, prompts.shape[0], batch):
+        chunk = prompts[start:start + batch].to(device)
+        out.append(model.generate(input_ids=chunk, attention_mask=torch.ones_like(chunk),
+                                  generation_config=settings)[:, :length].cpu())
+        if progress:
+            progress("kl-refine sampling", start + chunk.shape[0], prompts.shape[0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def mean_kl(model: nn.Module, calib_ids: torch.Tensor, teacher: SparseTeacher, windows: list[int], batch: int,
             device) -> float:
     """The sparse KL averaged over every token of the given windows."""
@@ -161,8 +188,15 @@ class KLRefineOptions(StageOptions):
     batch: int = Field(2, ge=1, description="calibration windows per optimizer step (and per teacher batch)")
     holdout: float = Field(0.25, ge=0, lt=1, description="fraction of the calibration windows held out (a "
                            "seeded split) to stop the training and to judge it (0: the training windows judge)")
-    patience: int = Field(2, ge=1, description="epochs without improvement on the judging windows before "
+    patience: int = Field(2, ge=1, description="evaluations without improvement on the judging windows before "
                           "stopping")
+    evals_per_epoch: int = Field(1, ge=1, description="evaluations on the judging windows per epoch (evenly "
+                                 "spaced; the last ends the epoch)")
+    sampled_windows: int = Field(0, ge=0, description="windows sampled from the dense model before the walk, "
+                                 "added to the training windows (never held out)")
+    prompt_tokens: int = Field(16, ge=1, description="each sampled window continues this many first tokens of a "
+                               "training window")
+    sample_batch: int = Field(16, ge=1, description="windows sampled at once")
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of the steps with a linear learning-rate warm-up")
     clip: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="largest gradient norm (None: no "
                                "clipping)")
@@ -171,10 +205,12 @@ class KLRefineOptions(StageOptions):
 
 
 class KLRefinement(StageRecord):
-    """The sparse KL to the dense model, mean per token, on the training windows (kl_*) and on the held-out
-    ones (heldout_kl_*; None without a hold-out), before and after; kept: the trained factors were kept (they
-    lowered the KL on the judging windows); steps and epochs taken; the teacher's k and bytes; the dtype the
-    factors trained in; seconds of the teacher pass and of the training."""
+    """The sparse KL to the dense model, mean per token, on the training windows (kl_*, sampled ones included)
+    and on the held-out ones (heldout_kl_*; None without a hold-out), before and after; kept: the trained
+    factors were kept (they lowered the KL on the judging windows); steps, epochs and evaluations taken, and
+    the judging windows' KL at each evaluation (heldout_kls); the windows (train_windows counts the sampled
+    ones); the teacher's k and bytes; the dtype the factors trained in; seconds of sampling, of the teacher
+    pass (sampling included) and of the training."""
     kl_before: float | None = None
     kl_after: float | None = None
     heldout_kl_before: float | None = None
@@ -182,8 +218,12 @@ class KLRefinement(StageRecord):
     kept: bool = False
     steps: int = 0
     epochs: int = 0
+    evaluations: int = 0
+    heldout_kls: list[float | None] = Field(default_factory=list)
     train_windows: int = 0
     heldout_windows: int = 0
+    sampled_windows: int = 0
+    sample_seconds: float = 0.0
     top_k: int = 0
     teacher_bytes: int = 0
     train_dtype: str = ""
@@ -235,31 +275,62 @@ class KLRefine(ModelCorrector):
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
         self.teacher: SparseTeacher | None = None
+        self.sampled: torch.Tensor | None = None
 
     def before_walk(self, job: CompressionJob) -> None:
         t0 = time.perf_counter()
         self.record = self.Record()
         with on_device(job.model, job.device):
-            self.teacher = sparse_teacher(job.model, job.calib_ids, self.options.top_k, self.options.batch,
+            self.sampled = self._sample(job)
+            self.record.sample_seconds = round(time.perf_counter() - t0, 3)
+            self.teacher = sparse_teacher(job.model, self._windows(job), self.options.top_k, self.options.batch,
                                           job.device, job.storage)
         self.record.top_k, self.record.teacher_bytes = self.teacher.top_k, self.teacher.nbytes()
         self.record.teacher_seconds = round(time.perf_counter() - t0, 3)
+
+    def _split(self, job: CompressionJob) -> tuple[list[int], list[int]]:
+        """(training, held-out) calibration windows: a seeded split of the real ones; the sampled windows,
+        numbered after them, always train."""
+        fit, held = holdout_split(job.calib_ids.shape[0], self.options.holdout, self.options.seed)
+        count = 0 if self.sampled is None else self.sampled.shape[0]
+        return fit + list(range(job.calib_ids.shape[0], job.calib_ids.shape[0] + count)), held
+
+    def _windows(self, job: CompressionJob) -> torch.Tensor:
+        """Every window the stage uses: the calibration windows, then the sampled ones."""
+        return job.calib_ids if self.sampled is None else torch.cat([job.calib_ids, self.sampled])
+
+    def _sample(self, job: CompressionJob) -> torch.Tensor | None:
+        """`sampled_windows` windows sampled from the (still dense) model, each continuing a training window's
+        first tokens in turn; seeded, and the caller's random state is kept."""
+        options = self.options
+        if not options.sampled_windows:
+            return None
+        fit, _ = holdout_split(job.calib_ids.shape[0], options.holdout, options.seed)
+        prompt = min(options.prompt_tokens, job.calib_ids.shape[1] - 1)
+        prompts = job.calib_ids[[fit[i % len(fit)] for i in range(options.sampled_windows)], :prompt]
+        devices = [job.device] if job.device.type == "cuda" else []
+        with torch.random.fork_rng(devices):
+            torch.manual_seed(options.seed)
+            sampled = sample_windows(job.model, prompts, job.calib_ids.shape[1], options.sample_batch, job.device,
+                                     job.progress)
+        self.record.sampled_windows = sampled.shape[0]
+        return sampled.to(job.calib_ids.dtype)
 
     def correct_model(self, job: CompressionJob) -> None:
         if self.teacher is None:
             raise RuntimeError("kl-refine: correct_model ran before before_walk (no teacher)")
         t0 = time.perf_counter()
         params = factor_parameters(job.model)
-        fit, held = holdout_split(job.calib_ids.shape[0], self.options.holdout, self.options.seed)
+        fit, held = self._split(job)
         self.record.train_windows, self.record.heldout_windows = len(fit), len(held)
         devices = [job.device] if job.device.type == "cuda" else []
         if params:  # a model with dropout draws its masks from the seed, and the caller's random state is kept
             with _training(job.model, params, job.device) as dtype, torch.random.fork_rng(devices):
                 torch.manual_seed(self.options.seed)
                 self.record.train_dtype = str(dtype).removeprefix("torch.")
-                self._refine(_Run(job.model, params, job.calib_ids, self.teacher, self.options, job.device),
+                self._refine(_Run(job.model, params, self._windows(job), self.teacher, self.options, job.device),
                              fit, held, job.progress)
-        self.teacher = None  # the teacher's memory goes with the run
+        self.teacher = self.sampled = None  # their memory goes with the run
         self.record.seconds = round(time.perf_counter() - t0, 3)
 
     def _refine(self, run: _Run, fit: list[int], held: list[int], progress) -> None:
@@ -278,17 +349,19 @@ class KLRefine(ModelCorrector):
 
     def _train(self, run: _Run, fit: list[int], judge: list[int], start: float, progress):
         """Adam over the factors, one epoch at a time over the training windows (a seeded order), evaluated on
-        the judging windows after each epoch. Returns (the best weights and their KL there, or None and
-        `start` when no epoch beat `start`)."""
+        the judging windows `evals_per_epoch` times an epoch. Returns (the best weights and their KL there, or
+        None and `start` when no evaluation beat `start`)."""
         options = run.options
         optimizer = torch.optim.Adam(run.params, lr=options.lr)
-        total = options.epochs * math.ceil(len(fit) / options.batch)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, options.warmup))
+        per_epoch = math.ceil(len(fit) / options.batch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(options.epochs * per_epoch,
+                                                                              options.warmup))
+        evaluate_after = {round(per_epoch * (i + 1) / options.evals_per_epoch) for i in range(options.evals_per_epoch)}
         generator = torch.Generator().manual_seed(options.seed)
         best, best_kl, stale = None, start, 0
         for epoch in range(1, options.epochs + 1):
             order = [fit[i] for i in torch.randperm(len(fit), generator=generator).tolist()]
-            for windows in _chunks(order, options.batch):
+            for step, windows in enumerate(_chunks(order, options.batch), 1):
                 with torch.enable_grad():
                     optimizer.zero_grad(set_to_none=True)
                     run.step_loss(windows).backward()
@@ -297,12 +370,18 @@ class KLRefine(ModelCorrector):
                 optimizer.step()
                 schedule.step()
                 self.record.steps += 1
+                if step not in evaluate_after:
+                    continue
+                self.record.evaluations += 1
+                kl = run.kl(judge)
+                self.record.heldout_kls.append(finite_or_none(kl))
+                if math.isfinite(kl) and (best_kl is None or not math.isfinite(best_kl) or kl < best_kl):
+                    best, best_kl, stale = copy_weights(run.params), kl, 0
+                else:
+                    stale += 1
+                if stale >= options.patience:
+                    break
             self.record.epochs = epoch
-            kl = run.kl(judge)
-            if math.isfinite(kl) and (best_kl is None or not math.isfinite(best_kl) or kl < best_kl):
-                best, best_kl, stale = copy_weights(run.params), kl, 0
-            else:
-                stale += 1
             if progress:
                 progress("kl-refine", epoch, options.epochs)
             if stale >= options.patience:
