@@ -59,4 +59,6 @@ def test_the_preset_refines_end_to_end(tmp_path, tiny_dirs, austen_file, cli):
     assert r.exit_code == 0, r.output
     meta = read_result(str(tmp_path / "c"))
     assert [s.stage for s in meta.recipe if s.kind != "pass"] == ["svd-llm", "loss-aware", "kl-refine"]
-    assert meta.stage_run("kl-refine").record["heldout_windows"] == 2  # a quarter of the 8 windows
+    record = meta.stage_run("kl-refine").record
+    assert record["heldout_windows"] == 2  # a quarter of the 8 windows
+    assert (record["sampled_windows"], record["train_windows"]) == (64, 6 + 64)  # the dense model's own text

@@ -20,11 +20,16 @@ from tiny import tiny_model
 WINDOWS, SEQLEN = 24, 48
 
 
+# The calibration windows alone, judged once an epoch, unless a test says otherwise.
+REAL_ONLY = {"sampled_windows": 0, "evals_per_epoch": 1}
+
+
 def compressed(dense, kl_options: dict | None = None, windows: int = WINDOWS):
-    """A copy of `dense` compressed by svd-llm at 0.5 (then kl-refine with these options, when given), and the
-    kl-refine record (None without it)."""
+    """A copy of `dense` compressed by svd-llm at 0.5 (then kl-refine with REAL_ONLY and these options, when
+    given), and the kl-refine record (None without it)."""
     m = copy.deepcopy(dense)
-    recipe = [{"stage": "svd-llm"}] + ([{"stage": "kl-refine", "options": kl_options}] if kl_options else [])
+    recipe = [{"stage": "svd-llm"}] + ([{"stage": "kl-refine", "options": {**REAL_ONLY, **kl_options}}]
+                                       if kl_options else [])
     meta = compress_model(m, calib_ids(windows, SEQLEN), config(ratio=0.5, recipe=recipe))
     record = meta.stage_run("kl-refine").typed_record(KLRefinement) if kl_options else None
     return m, record, meta
@@ -77,7 +82,7 @@ def test_the_teacher_holds_k_plus_one_values_per_token_never_the_vocabulary():
     for kl in (False, True):
         m = tiny_model("llama")
         ids = torch.randint(0, m.config.vocab_size, (windows, seqlen), generator=torch.Generator().manual_seed(0))
-        recipe = [{"stage": "svd-llm"}] + ([{"stage": "kl-refine", "options": {"top_k": k, "epochs": 1}}] if kl
+        recipe = [{"stage": "svd-llm"}] + ([{"stage": "kl-refine", "options": {**REAL_ONLY, "top_k": k, "epochs": 1}}] if kl
                                            else [])
         cfg = CompressConfig(model="tiny", ratio=0.4, nsamples=windows, seqlen=seqlen, batch_size=4, device="cpu",
                              recipe=recipe)

@@ -184,15 +184,15 @@ class KLRefineOptions(StageOptions):
     held-out windows stop it and judge it."""
     lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="peak learning rate (warm-up, then cosine "
                       "decay over the capped steps)")
-    epochs: int = Field(4, ge=1, description="the most passes over the training windows")
+    epochs: int = Field(2, ge=1, description="the most passes over the training windows")
     batch: int = Field(2, ge=1, description="calibration windows per optimizer step (and per teacher batch)")
     holdout: float = Field(0.25, ge=0, lt=1, description="fraction of the calibration windows held out (a "
                            "seeded split) to stop the training and to judge it (0: the training windows judge)")
     patience: int = Field(2, ge=1, description="evaluations without improvement on the judging windows before "
                           "stopping")
-    evals_per_epoch: int = Field(1, ge=1, description="evaluations on the judging windows per epoch (evenly "
+    evals_per_epoch: int = Field(2, ge=1, description="evaluations on the judging windows per epoch (evenly "
                                  "spaced; the last ends the epoch)")
-    sampled_windows: int = Field(0, ge=0, description="windows sampled from the dense model before the walk, "
+    sampled_windows: int = Field(64, ge=0, description="windows sampled from the dense model before the walk, "
                                  "added to the training windows (never held out)")
     prompt_tokens: int = Field(16, ge=1, description="each sampled window continues this many first tokens of a "
                                "training window")
