@@ -107,7 +107,9 @@ def model_cmd(
                                       "per Linear)."),
     kl_refine: bool = typer.Option(False, help="End-to-end refinement after the block walk: train every low-rank "
                                                "factor so the model's next-token distribution matches the dense "
-                                               "model's (top-k KL; held-out calibration windows stop and judge it)."),
+                                               "model's (top-k KL on the calibration windows and 64 windows "
+                                               "sampled from the dense model; held-out calibration windows stop "
+                                               "and judge it)."),
     calib: str = calib_source_option(),
     nsamples: int = typer.Option(256, help="Number of random calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window (at most the model's context)."),
