@@ -73,8 +73,10 @@ def model_cmd(
     model: str = typer.Argument(..., help="Hub id (e.g. HuggingFaceTB/SmolLM2-135M) or local checkpoint folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for the compressed checkpoint."),
     preset: str = typer.Option("none", help="A recommended pipeline: best (the combination that measures best in "
-                                            "bench/README.md, section Quality: svd-llm, loss-aware ranks, block "
-                                            "refinement). Options given explicitly beside it override its values."),
+                                            "bench/README.md, section Quality: svd-llm, loss-aware ranks, "
+                                            "end-to-end KL refinement) or fast (svd-llm, loss-aware ranks, block "
+                                            "refinement: about half the time, less memory). Options given "
+                                            "explicitly beside it override its values."),
     method: str = typer.Option("svd-llm", "--method", "-m",
                                help="Factorization: svd (plain), asvd (activation-scaled), svd-llm (whitened), fwsvd "
                                     "(Fisher-weighted: one extra forward+backward pass over the calibration set, one "

@@ -17,10 +17,12 @@ from rankwise.errors import RankwiseError
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
-# One recommended pipeline by one name: the combination that measures best in bench/quality.py (see
-# bench/README.md, "Quality"). Options given explicitly beside a preset override its values.
+# Recommended pipelines by name: "best" measures best in bench/quality.py (bench/README.md, "Quality"); "fast"
+# is the best of the pipelines without end-to-end training (block refinement instead: about half the time and
+# less memory). Options given explicitly beside a preset override its values.
 PRESETS: dict[str, dict] = {
     "best": {"method": "svd-llm", "ranks": "loss-aware", "kl_refine": True},
+    "fast": {"method": "svd-llm", "ranks": "loss-aware", "refine": True},
 }
 
 
@@ -52,7 +54,7 @@ class CompressConfig(BaseModel):
     plugins: list[str] = Field(default_factory=list, description="modules (names or .py paths) that register "
                                "stages of their own, imported before the recipe is read")
     recipe: list[RecipeEntry] | None = Field(None, description="the stages, in order: [{stage, options}]")
-    preset: Literal["none", "best"] = Field("none", description="a recommended pipeline; explicit options override it")
+    preset: Literal["none", "best", "fast"] = Field("none", description="a recommended pipeline; explicit options override it")
     method: str = Field("svd-llm", description="factorization method")
     ratio: float | None = Field(None, description="fraction of the targeted Linear parameters removed, in (0, 1)")
     size_ratio: float | None = Field(None, description="instead of `ratio`: the stored bytes of the targeted "

@@ -1,11 +1,19 @@
+import pytest
+
 from rankwise.compress.config import PRESETS, CompressConfig
 from rankwise.compress.describe import pipeline_name
 
 
-def test_preset_fills_in_and_explicit_options_override():
-    cfg = CompressConfig(model="m", ratio=0.2, preset="best")
-    for key, value in PRESETS["best"].items():
+@pytest.mark.parametrize("preset, refiner", [("best", "kl-refine"), ("fast", "block-refine")])
+def test_each_preset_is_svd_llm_with_loss_aware_ranks_and_one_refiner(preset, refiner):
+    cfg = CompressConfig(model="m", ratio=0.2, preset=preset)
+    for key, value in PRESETS[preset].items():
         assert getattr(cfg, key) == value
+    stages = [e["stage"] for e in cfg.stages()]
+    assert stages == ["svd-llm", "loss-aware", refiner], stages
+
+
+def test_preset_fills_in_and_explicit_options_override():
     cfg = CompressConfig(model="m", ratio=0.2, preset="best", refine=False, method="asvd")
     assert cfg.refine is False and cfg.method == "asvd" and cfg.ranks == PRESETS["best"]["ranks"]
     assert CompressConfig(model="m", ratio=0.2) == CompressConfig(model="m", ratio=0.2, preset="none")
@@ -62,3 +70,13 @@ def test_the_preset_refines_end_to_end(tmp_path, tiny_dirs, austen_file, cli):
     record = meta.stage_run("kl-refine").record
     assert record["heldout_windows"] == 2  # a quarter of the 8 windows
     assert (record["sampled_windows"], record["train_windows"]) == (64, 6 + 64)  # the dense model's own text
+
+
+def test_the_fast_preset_runs_block_refinement_from_the_command_line(tmp_path, tiny_dirs, austen_file, cli):
+    from rankwise.compress.metadata import read_result
+    r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--ratio", "0.3", "--preset", "fast", "--calib",
+            f"text:{austen_file}", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--refine-steps", "2")
+    assert r.exit_code == 0, r.output
+    meta = read_result(str(tmp_path / "c"))
+    assert meta.preset == "fast" and meta.ranks_allocation == "loss-aware"
+    assert meta.stage_run("block-refine").record["blocks"] and meta.stage_run("kl-refine") is None
