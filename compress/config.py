@@ -54,7 +54,8 @@ class CompressConfig(BaseModel):
     plugins: list[str] = Field(default_factory=list, description="modules (names or .py paths) that register "
                                "stages of their own, imported before the recipe is read")
     recipe: list[RecipeEntry] | None = Field(None, description="the stages, in order: [{stage, options}]")
-    preset: Literal["none", "best", "fast"] = Field("none", description="a recommended pipeline; explicit options override it")
+    preset: Literal["none", "best", "fast"] = Field("none", description="a recommended pipeline; explicit options "
+                                                    "override it")
     method: str = Field("svd-llm", description="factorization method")
     ratio: float | None = Field(None, description="fraction of the targeted Linear parameters removed, in (0, 1)")
     size_ratio: float | None = Field(None, description="instead of `ratio`: the stored bytes of the targeted "

@@ -82,8 +82,8 @@ def test_the_teacher_holds_k_plus_one_values_per_token_never_the_vocabulary():
     for kl in (False, True):
         m = tiny_model("llama")
         ids = torch.randint(0, m.config.vocab_size, (windows, seqlen), generator=torch.Generator().manual_seed(0))
-        recipe = [{"stage": "svd-llm"}] + ([{"stage": "kl-refine", "options": {**REAL_ONLY, "top_k": k, "epochs": 1}}] if kl
-                                           else [])
+        kl_entry = {"stage": "kl-refine", "options": {**REAL_ONLY, "top_k": k, "epochs": 1}}
+        recipe = [{"stage": "svd-llm"}] + ([kl_entry] if kl else [])
         cfg = CompressConfig(model="tiny", ratio=0.4, nsamples=windows, seqlen=seqlen, batch_size=4, device="cpu",
                              recipe=recipe)
         tracker = LiveBytes()
