@@ -83,6 +83,7 @@ ROWS = {
         {"stage": "output-fisher", "options": {"sketch": 256}}, {"stage": "svd-llm"}, {"stage": "loss-aware"},
         {"stage": "kl-refine", "options": {**REAL_ONLY, "epochs": 8, "batch": 1}}]},
     "preset-best": {"preset": "best"},
+    "preset-fast": {"preset": "fast"},  # = svd-llm+loss-aware+refine (block refinement at its default lr 1e-3)
 }
 
 
