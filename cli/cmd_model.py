@@ -75,7 +75,7 @@ def model_cmd(
     preset: str = typer.Option("none", help="A recommended pipeline: best (the combination that measures best in "
                                             "bench/README.md, section Quality: svd-llm, loss-aware ranks, "
                                             "end-to-end KL refinement) or fast (svd-llm, loss-aware ranks, block "
-                                            "refinement: about half the time, less memory). Options given "
+                                            "refinement: less time and memory). Options given "
                                             "explicitly beside it override its values."),
     method: str = typer.Option("svd-llm", "--method", "-m",
                                help="Factorization: svd (plain), asvd (activation-scaled), svd-llm (whitened), fwsvd "

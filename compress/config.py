@@ -18,7 +18,7 @@ from rankwise.errors import RankwiseError
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 # Recommended pipelines by name: "best" measures best in bench/quality.py (bench/README.md, "Quality"); "fast"
-# is the best of the pipelines without end-to-end training (block refinement instead: about half the time and
+# is the best of the pipelines without end-to-end training (block refinement instead: less time and
 # less memory). Options given explicitly beside a preset override its values.
 PRESETS: dict[str, dict] = {
     "best": {"method": "svd-llm", "ranks": "loss-aware", "kl_refine": True},
