@@ -275,29 +275,26 @@ class KLRefine(ModelCorrector):
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
         self.teacher: SparseTeacher | None = None
-        self.sampled: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None  # every window it uses: the calibration windows, then the sampled ones
 
     def before_walk(self, job: CompressionJob) -> None:
         t0 = time.perf_counter()
         self.record = self.Record()
         with on_device(job.model, job.device):
-            self.sampled = self._sample(job)
+            sampled = self._sample(job)
             self.record.sample_seconds = round(time.perf_counter() - t0, 3)
-            self.teacher = sparse_teacher(job.model, self._windows(job), self.options.top_k, self.options.batch,
-                                          job.device, job.storage)
+            self.ids = job.calib_ids if sampled is None else torch.cat([job.calib_ids, sampled])
+            self.teacher = sparse_teacher(job.model, self.ids, self.options.top_k, self.options.batch, job.device,
+                                          job.storage)
         self.record.top_k, self.record.teacher_bytes = self.teacher.top_k, self.teacher.nbytes()
         self.record.teacher_seconds = round(time.perf_counter() - t0, 3)
 
     def _split(self, job: CompressionJob) -> tuple[list[int], list[int]]:
         """(training, held-out) calibration windows: a seeded split of the real ones; the sampled windows,
         numbered after them, always train."""
-        fit, held = holdout_split(job.calib_ids.shape[0], self.options.holdout, self.options.seed)
-        count = 0 if self.sampled is None else self.sampled.shape[0]
-        return fit + list(range(job.calib_ids.shape[0], job.calib_ids.shape[0] + count)), held
-
-    def _windows(self, job: CompressionJob) -> torch.Tensor:
-        """Every window the stage uses: the calibration windows, then the sampled ones."""
-        return job.calib_ids if self.sampled is None else torch.cat([job.calib_ids, self.sampled])
+        real = job.calib_ids.shape[0]
+        fit, held = holdout_split(real, self.options.holdout, self.options.seed)
+        return fit + list(range(real, self.ids.shape[0])), held
 
     def _sample(self, job: CompressionJob) -> torch.Tensor | None:
         """`sampled_windows` windows sampled from the (still dense) model, each continuing a training window's
@@ -328,9 +325,9 @@ class KLRefine(ModelCorrector):
             with _training(job.model, params, job.device) as dtype, torch.random.fork_rng(devices):
                 torch.manual_seed(self.options.seed)
                 self.record.train_dtype = str(dtype).removeprefix("torch.")
-                self._refine(_Run(job.model, params, self._windows(job), self.teacher, self.options, job.device),
+                self._refine(_Run(job.model, params, self.ids, self.teacher, self.options, job.device),
                              fit, held, job.progress)
-        self.teacher = self.sampled = None  # their memory goes with the run
+        self.teacher = self.ids = None  # their memory goes with the run
         self.record.seconds = round(time.perf_counter() - t0, 3)
 
     def _refine(self, run: _Run, fit: list[int], held: list[int], progress) -> None:
