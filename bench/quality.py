@@ -32,7 +32,8 @@ ASSETS = Path(os.environ.get("RANKWISE_ASSETS", Path.home() / ".cache" / "rankwi
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen.txt"
 OOD_CHARS = 400_000
 
-REAL_ONLY = {"sampled_windows": 0, "evals_per_epoch": 1, "epochs": 4}
+# kl-refine's former defaults: the calibration windows alone, 4 epochs of 2 windows, judged once an epoch
+FORMER_KL_REFINE = {"sampled_windows": 0, "evals_per_epoch": 1, "epochs": 4}
 
 # name -> CompressConfig options (beyond model / ratio / calibration). Add a row by adding a line.
 ROWS = {
@@ -72,16 +73,15 @@ ROWS = {
     # end-to-end distillation against the dense model's top-k next-token distribution, instead of block refinement
     "svd-llm+loss-aware+kl-refine": {"recipe": [{"stage": "svd-llm"}, {"stage": "loss-aware"},
                                                 {"stage": "kl-refine"}]},
-    # the calibration windows alone (no sampled windows, judged once an epoch): 4 x 2 were the former defaults
     "svd-llm+loss-aware+kl-refine-real-4x2": {"recipe": [{"stage": "svd-llm"}, {"stage": "loss-aware"},
-                                                         {"stage": "kl-refine", "options": {**REAL_ONLY}}]},
+                                                         {"stage": "kl-refine", "options": {**FORMER_KL_REFINE}}]},
     "svd-llm+loss-aware+kl-refine-8x1": {"recipe": [{"stage": "svd-llm"}, {"stage": "loss-aware"}, {
-        "stage": "kl-refine", "options": {**REAL_ONLY, "epochs": 8, "batch": 1}}]},
+        "stage": "kl-refine", "options": {**FORMER_KL_REFINE, "epochs": 8, "batch": 1}}]},
     # loss-aware ranks priced by a 256-row sketch of the whole output Fisher matrix instead of its diagonal
     "svd-llm+loss-aware-sketch256": {"method": "svd-llm", "ranks": "loss-aware", "fisher_sketch": 256},
     "svd-llm+loss-aware-sketch256+kl-refine-8x1": {"recipe": [
         {"stage": "output-fisher", "options": {"sketch": 256}}, {"stage": "svd-llm"}, {"stage": "loss-aware"},
-        {"stage": "kl-refine", "options": {**REAL_ONLY, "epochs": 8, "batch": 1}}]},
+        {"stage": "kl-refine", "options": {**FORMER_KL_REFINE, "epochs": 8, "batch": 1}}]},
     "preset-best": {"preset": "best"},
     "preset-fast": {"preset": "fast"},  # = svd-llm+loss-aware+refine (block refinement at its default lr 1e-3)
 }

@@ -20,20 +20,20 @@ tokens. Only one batch's full logits exist at a time. Training holds the model, 
 copies of the factors (the starting ones and the best ones) and one batch's activations: the model's own
 gradient checkpointing keeps one decoder block's activations at a time for the backward pass.
 
-Data. The calibration windows are few (32 x 512 tokens by default) and the student fits them long before it
-has learnt the teacher: training KL falls while the held-out KL rises. `sampled_windows` adds sequences
-sampled from the dense model itself (temperature 1, the full distribution), each continuing the first
+Data. The calibration windows can be few (32 x 512 tokens in bench/quality.py) and the student fits them long
+before it has learnt the teacher: training KL falls while the held-out KL rises. `sampled_windows` adds
+sequences sampled from the dense model itself (temperature 1, the full distribution), each continuing the first
 `prompt_tokens` of a training window, as in data-free distillation (Liu et al. 2023, "LLM-QAT: Data-Free
 Quantization Aware Training for Large Language Models"): they cost no real text, their teacher is exact
 (the tokens are the teacher's own draws), and they only ever train; the held-out windows stay real text.
 
 Only the factors train (biases, norms and embeddings stay fixed), with Adam, a linear warm-up then cosine
 decay, gradient clipping and a cap on the epochs. A seeded part of the calibration windows is held out: never
-trained on, it is evaluated `evals_per_epoch` times an epoch, stops the training after `patience` evaluations
-without improvement, and judges it: the model keeps the best weights seen on it, and only if they beat the starting
-factors there (the closed form's, or block refinement's); otherwise the starting factors are restored.
-Without a hold-out the training windows judge. A half-precision model trains in float32 and is cast back
-(Adam's eps and squared gradients underflow in float16; bfloat16 cannot hold small updates).
+trained on, it is evaluated `evals_per_epoch` times an epoch, stops the training after `patience`
+evaluations without improvement, and judges it: the model keeps the best weights seen on it, and only if they
+beat the starting factors there (the closed form's, or block refinement's); otherwise the starting factors are
+restored. Without a hold-out the training windows judge. A half-precision model trains in float32 and is cast
+back (Adam's eps and squared gradients underflow in float16; bfloat16 cannot hold small updates).
 """
 from __future__ import annotations
 
@@ -275,7 +275,7 @@ class KLRefine(ModelCorrector):
     def __init__(self, options=None, **values):
         super().__init__(options, **values)
         self.teacher: SparseTeacher | None = None
-        self.ids: torch.Tensor | None = None  # every window it uses: the calibration windows, then the sampled ones
+        self.ids: torch.Tensor | None = None  # every window it uses: the calibration ones, then the sampled ones
 
     def before_walk(self, job: CompressionJob) -> None:
         t0 = time.perf_counter()
@@ -353,7 +353,8 @@ class KLRefine(ModelCorrector):
         per_epoch = math.ceil(len(fit) / options.batch)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(options.epochs * per_epoch,
                                                                               options.warmup))
-        evaluate_after = {round(per_epoch * (i + 1) / options.evals_per_epoch) for i in range(options.evals_per_epoch)}
+        evals = options.evals_per_epoch
+        evaluate_after = {round(per_epoch * (i + 1) / evals) for i in range(evals)}  # the last ends the epoch
         generator = torch.Generator().manual_seed(options.seed)
         best, best_kl, stale = None, start, 0
         for epoch in range(1, options.epochs + 1):
