@@ -59,15 +59,23 @@ def refuse_unstreamable(recipe: Recipe, cfg: CompressConfig) -> None:
         raise RankwiseError(f"--stream-weights does not support {'; nor '.join(reasons)}")
 
 
-@torch.no_grad()
 def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig,
                    progress: Progress | None = None, block_source: BlockSource | None = None,
                    recipe: Recipe | None = None, timer: StageTimer | None = None) -> CompressionResult:
     """Factorize every decoder Linear of `model` in place with `recipe` (default: the one `cfg` describes).
     Returns the checkpoint's `rankwise` metadata. With a block_source the blocks may start on `meta`: each is
-    filled in just before it is compressed."""
-    recipe = recipe or Recipe.from_config(cfg)
+    filled in just before it is compressed. The caller's torch random state is left as it was (building
+    layers draws from it)."""
     device = resolve_device(cfg.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _compress(model, calib_ids, cfg, device, progress, block_source, recipe or Recipe.from_config(cfg),
+                         timer)
+
+
+@torch.no_grad()
+def _compress(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig, device: torch.device,
+              progress: Progress | None, block_source: BlockSource | None, recipe: Recipe,
+              timer: StageTimer | None) -> CompressionResult:
     timer = timer or StageTimer(device)
     if block_source is not None:
         refuse_unstreamable(recipe, cfg)

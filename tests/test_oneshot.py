@@ -31,3 +31,14 @@ def test_oneshot_with_a_tokenizer_draws_its_calibration_and_takes_the_shorthand(
     assert result.calibration.source == f"text:{austen_file}" and result.calibration.nsamples == 4
     assert result.stage_run("asvd").options == {"alpha": 0.25}
     assert not torch.equal(m(input_ids=torch.tensor([[1, 2, 3]])).logits, before)
+
+
+def test_compressing_leaves_the_callers_random_state_as_it_found_it():
+    """A caller who seeds once and draws after compressing gets the draws the seed promised."""
+    m = tiny_model("llama")
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    rankwise.oneshot(m, calib_ids(), ratio=0.4, recipe=[{"stage": "svd-llm"}, {"stage": "uniform"}],
+                     batch_size=2, device="cpu")
+    assert torch.equal(torch.rand(4), expected)

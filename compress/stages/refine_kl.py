@@ -276,33 +276,31 @@ class KLRefine(ModelCorrector):
         super().__init__(options, **values)
         self.teacher: SparseTeacher | None = None
         self.ids: torch.Tensor | None = None  # every window it uses: the calibration ones, then the sampled ones
+        # (training, held-out) windows of self.ids: a seeded split of the calibration ones; the sampled windows,
+        # numbered after them, always train
+        self.split: tuple[list[int], list[int]] = ([], [])
 
     def before_walk(self, job: CompressionJob) -> None:
         t0 = time.perf_counter()
         self.record = self.Record()
+        real = job.calib_ids.shape[0]
+        fit, held = holdout_split(real, self.options.holdout, self.options.seed)
         with on_device(job.model, job.device):
-            sampled = self._sample(job)
+            sampled = self._sample(job, fit)
             self.record.sample_seconds = round(time.perf_counter() - t0, 3)
             self.ids = job.calib_ids if sampled is None else torch.cat([job.calib_ids, sampled])
+            self.split = fit + list(range(real, self.ids.shape[0])), held
             self.teacher = sparse_teacher(job.model, self.ids, self.options.top_k, self.options.batch, job.device,
                                           job.storage)
         self.record.top_k, self.record.teacher_bytes = self.teacher.top_k, self.teacher.nbytes()
         self.record.teacher_seconds = round(time.perf_counter() - t0, 3)
 
-    def _split(self, job: CompressionJob) -> tuple[list[int], list[int]]:
-        """(training, held-out) calibration windows: a seeded split of the real ones; the sampled windows,
-        numbered after them, always train."""
-        real = job.calib_ids.shape[0]
-        fit, held = holdout_split(real, self.options.holdout, self.options.seed)
-        return fit + list(range(real, self.ids.shape[0])), held
-
-    def _sample(self, job: CompressionJob) -> torch.Tensor | None:
-        """`sampled_windows` windows sampled from the (still dense) model, each continuing a training window's
-        first tokens in turn; seeded, and the caller's random state is kept."""
+    def _sample(self, job: CompressionJob, fit: list[int]) -> torch.Tensor | None:
+        """`sampled_windows` windows sampled from the (still dense) model, each continuing the first tokens of
+        a training window `fit` in turn; seeded, and the caller's random state is kept."""
         options = self.options
         if not options.sampled_windows:
             return None
-        fit, _ = holdout_split(job.calib_ids.shape[0], options.holdout, options.seed)
         prompt = min(options.prompt_tokens, job.calib_ids.shape[1] - 1)
         prompts = job.calib_ids[[fit[i % len(fit)] for i in range(options.sampled_windows)], :prompt]
         devices = [job.device] if job.device.type == "cuda" else []
@@ -318,7 +316,7 @@ class KLRefine(ModelCorrector):
             raise RuntimeError("kl-refine: correct_model ran before before_walk (no teacher)")
         t0 = time.perf_counter()
         params = factor_parameters(job.model)
-        fit, held = self._split(job)
+        fit, held = self.split
         self.record.train_windows, self.record.heldout_windows = len(fit), len(held)
         devices = [job.device] if job.device.type == "cuda" else []
         if params:  # a model with dropout draws its masks from the seed, and the caller's random state is kept
