@@ -1,5 +1,5 @@
 """What the training stages share (block-refine, kl-refine): the learning-rate schedule, keeping and restoring
-weights, the held-out split, and the finite numbers their records hold."""
+weights, the held-out split, the norm weights they may train, and the finite numbers their records hold."""
 from __future__ import annotations
 
 import math
@@ -23,6 +23,12 @@ def warmup_cosine(total: int, warmup: float) -> Callable[[int], float]:
             return (step + 1) / warm
         return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
     return factor
+
+
+def norm_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """A module's normalisation weights (RMSNorm / LayerNorm: a module whose class name says norm)."""
+    return [p for m in module.modules() if isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()
+            for p in m.parameters(recurse=False)]
 
 
 @torch.no_grad()

@@ -205,3 +205,20 @@ def test_refused_in_one_line_before_any_work(tiny_dirs, tmp_path, cli, extra, me
     r = cli("model", tiny_dirs["llama"], "-o", tmp_path / "c", "--ratio", "0.3", *extra)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert message in r.output and not (tmp_path / "c").exists()
+
+
+def norm_weights(m) -> list[torch.Tensor]:
+    return [p.detach().clone() for n, p in m.named_parameters() if "norm" in n]
+
+
+def test_norms_train_only_when_asked_and_the_held_out_kl_still_never_rises():
+    dense = model("llama")
+    before = norm_weights(dense)
+    assert len(before) == 5  # 2 blocks x 2 norms + the final one
+    held = held_out_ids()
+    start, _, _ = compressed(dense)
+    factors_only, _, _ = compressed(dense, {"lr": 1e-3, "epochs": 3})
+    with_norms, record, _ = compressed(dense, {"lr": 1e-3, "epochs": 3, "norms": True})
+    assert all(torch.equal(p, q) for p, q in zip(norm_weights(factors_only), before))
+    assert record.kept and all(not torch.equal(p, q) for p, q in zip(norm_weights(with_norms), before))
+    assert full_kl(dense, with_norms, held) < full_kl(dense, start, held)

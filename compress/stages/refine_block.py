@@ -31,8 +31,8 @@ from torch import nn
 from rankwise.calib.capture import call_block
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.compress.stages.base import BlockCorrector, StageOptions, StageRecord, register_block_corrector
-from rankwise.compress.training import (HALF, copy_weights, finite_or_none, holdout_split, restore_weights,
-                                        warmup_cosine)
+from rankwise.compress.training import (HALF, copy_weights, finite_or_none, holdout_split, norm_parameters,
+                                        restore_weights, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,6 @@ def block_mse(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.
         total += float((out.float() - t.to(device).float()).pow(2).sum())
         count += t.numel()
     return total / max(count, 1)
-
-
-def norm_parameters(block: nn.Module) -> list[nn.Parameter]:
-    """The block's normalisation weights (RMSNorm / LayerNorm: a module whose class name says norm)."""
-    return [p for m in block.modules() if isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()
-            for p in m.parameters(recurse=False)]
 
 
 @dataclass

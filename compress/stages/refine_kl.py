@@ -27,10 +27,10 @@ sequences sampled from the dense model itself (temperature 1, the full distribut
 Quantization Aware Training for Large Language Models"): they cost no real text, their teacher is exact
 (the tokens are the teacher's own draws), and they only ever train; the held-out windows stay real text.
 
-Only the factors train (biases, norms and embeddings stay fixed), with Adam, a linear warm-up then cosine
-decay, gradient clipping and a cap on the epochs. A seeded part of the calibration windows is held out: never
-trained on, it is evaluated `evals_per_epoch` times an epoch, stops the training after `patience`
-evaluations without improvement, and judges it: the model keeps the best weights seen on it, and only if they
+Only the factors train (biases and embeddings stay fixed; the norm weights too unless `norms`), with Adam, a
+linear warm-up then cosine decay, gradient clipping and a cap on the epochs. A seeded part of the calibration
+windows is held out: never trained on, it is evaluated `evals_per_epoch` times an epoch, stops the training
+after `patience` evaluations without improvement, and judges it: the model keeps the best weights seen on it, and only if they
 beat the starting factors there (the closed form's, or block refinement's); otherwise the starting factors are
 restored. Without a hold-out the training windows judge. A half-precision model trains in float32 and is cast
 back (Adam's eps and squared gradients underflow in float16; bfloat16 cannot hold small updates).
@@ -51,8 +51,8 @@ from rankwise.calib.fisher import backward_mode, on_device
 from rankwise.compress.lowrank import LoraLinear, LowRankFactors
 from rankwise.compress.stages.base import (CompressionJob, ModelCorrector, StageOptions, StageRecord,
                                            register_model_corrector)
-from rankwise.compress.training import (HALF, copy_weights, finite_or_none, holdout_split, restore_weights,
-                                        warmup_cosine)
+from rankwise.compress.training import (HALF, copy_weights, finite_or_none, holdout_split, norm_parameters,
+                                        restore_weights, warmup_cosine)
 
 
 @dataclass
@@ -202,6 +202,7 @@ class KLRefineOptions(StageOptions):
                                "clipping)")
     seed: int = Field(0, description="order of the windows and the held-out split")
     top_k: int = Field(64, ge=1, description="the dense model's most probable tokens kept per calibration token")
+    norms: bool = Field(False, description="train every norm weight of the model too (RMSNorm / LayerNorm)")
 
 
 class KLRefinement(StageRecord):
@@ -315,7 +316,7 @@ class KLRefine(ModelCorrector):
         if self.teacher is None:
             raise RuntimeError("kl-refine: correct_model ran before before_walk (no teacher)")
         t0 = time.perf_counter()
-        params = factor_parameters(job.model)
+        params = factor_parameters(job.model) + (norm_parameters(job.model) if self.options.norms else [])
         fit, held = self.split
         self.record.train_windows, self.record.heldout_windows = len(fit), len(held)
         devices = [job.device] if job.device.type == "cuda" else []
