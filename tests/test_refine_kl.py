@@ -168,6 +168,8 @@ def test_sampled_windows_only_train_and_are_seeded():
     assert all(torch.equal(p, q) for p, q in zip(m0.state_dict().values(), m1.state_dict().values()))
     held = held_out_ids()  # the real hold-out, as without sampling
     assert full_kl(dense, m0, held) <= full_kl(dense, start, held)
+    _, real_only, _ = compressed(dense, {"lr": 1e-3, "epochs": 1})
+    assert r0.kl_before == pytest.approx(real_only.kl_before, rel=1e-5)  # measured on the real training windows
 
 
 def test_a_half_precision_model_trains_in_float32_and_stays_half():

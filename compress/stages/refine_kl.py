@@ -206,8 +206,8 @@ class KLRefineOptions(StageOptions):
 
 
 class KLRefinement(StageRecord):
-    """The sparse KL to the dense model, mean per token, on the training windows (kl_*, sampled ones included)
-    and on the held-out ones (heldout_kl_*; None without a hold-out), before and after; kept: the trained
+    """The sparse KL to the dense model, mean per token, on the real training windows (kl_*; the sampled ones
+    would cost a pass each and measure nothing new) and on the held-out ones (heldout_kl_*; None without a hold-out), before and after; kept: the trained
     factors were kept (they lowered the KL on the judging windows); steps, epochs and evaluations taken, and
     the judging windows' KL at each evaluation (heldout_kls); the windows (train_windows counts the sampled
     ones); the teacher's k and bytes; the dtype the factors trained in; seconds of sampling, of the teacher
@@ -237,6 +237,20 @@ class KLRefinement(StageRecord):
             return (f"kl-refine was reverted: it never lowered the KL to the dense model on the {judged} "
                     f"windows (try a smaller lr)")
         return None
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Indices into the stage's windows: the training ones (the calibration windows first, then the sampled
+    ones) and the held-out ones."""
+    train: list[int]
+    held: list[int]
+    real_train: int  # how many of `train` are calibration text
+
+    @property
+    def measured(self) -> list[int]:
+        """The training windows the record's training KL is measured on: the calibration ones."""
+        return self.train[:self.real_train]
 
 
 @dataclass
@@ -277,9 +291,8 @@ class KLRefine(ModelCorrector):
         super().__init__(options, **values)
         self.teacher: SparseTeacher | None = None
         self.ids: torch.Tensor | None = None  # every window it uses: the calibration ones, then the sampled ones
-        # (training, held-out) windows of self.ids: a seeded split of the calibration ones; the sampled windows,
-        # numbered after them, always train
-        self.split: tuple[list[int], list[int]] = ([], [])
+        # a seeded split of the calibration windows; the sampled windows, numbered after them, always train
+        self.windows = _Windows([], [], 0)
 
     def before_walk(self, job: CompressionJob) -> None:
         t0 = time.perf_counter()
@@ -290,7 +303,7 @@ class KLRefine(ModelCorrector):
             sampled = self._sample(job, fit)
             self.record.sample_seconds = round(time.perf_counter() - t0, 3)
             self.ids = job.calib_ids if sampled is None else torch.cat([job.calib_ids, sampled])
-            self.split = fit + list(range(real, self.ids.shape[0])), held
+            self.windows = _Windows(fit + list(range(real, self.ids.shape[0])), held, len(fit))
             self.teacher = sparse_teacher(job.model, self.ids, self.options.top_k, self.options.batch, job.device,
                                           job.storage)
         self.record.top_k, self.record.teacher_bytes = self.teacher.top_k, self.teacher.nbytes()
@@ -317,28 +330,28 @@ class KLRefine(ModelCorrector):
             raise RuntimeError("kl-refine: correct_model ran before before_walk (no teacher)")
         t0 = time.perf_counter()
         params = factor_parameters(job.model) + (norm_parameters(job.model) if self.options.norms else [])
-        fit, held = self.split
-        self.record.train_windows, self.record.heldout_windows = len(fit), len(held)
+        windows = self.windows
+        self.record.train_windows, self.record.heldout_windows = len(windows.train), len(windows.held)
         devices = [job.device] if job.device.type == "cuda" else []
         if params:  # a model with dropout draws its masks from the seed, and the caller's random state is kept
             with _training(job.model, params, job.device) as dtype, torch.random.fork_rng(devices):
                 torch.manual_seed(self.options.seed)
                 self.record.train_dtype = str(dtype).removeprefix("torch.")
                 self._refine(_Run(job.model, params, self.ids, self.teacher, self.options, job.device),
-                             fit, held, job.progress)
+                             windows, job.progress)
         self.teacher = self.ids = None  # their memory goes with the run
         self.record.seconds = round(time.perf_counter() - t0, 3)
 
-    def _refine(self, run: _Run, fit: list[int], held: list[int], progress) -> None:
+    def _refine(self, run: _Run, windows: _Windows, progress) -> None:
         """Train, then keep the best weights on the judging windows if they beat the start, else revert."""
-        record = self.record
+        record, held = self.record, windows.held
         saved = copy_weights(run.params)
-        before, held_before = run.kl(fit), run.kl(held)
-        start = held_before if held else before
-        best, best_kl = self._train(run, fit, held or fit, start, progress)
+        before, held_before = run.kl(windows.measured), run.kl(held)
+        start = held_before if held else before if windows.measured == windows.train else run.kl(windows.train)
+        best, best_kl = self._train(run, windows.train, held or windows.train, start, progress)
         record.kept = best is not None
         restore_weights(run.params, best if record.kept else saved)
-        after = run.kl(fit) if record.kept else before
+        after = run.kl(windows.measured) if record.kept else before
         held_after = (best_kl if held else None) if record.kept else held_before
         record.kl_before, record.kl_after = finite_or_none(before), finite_or_none(after)
         record.heldout_kl_before, record.heldout_kl_after = finite_or_none(held_before), finite_or_none(held_after)
