@@ -224,3 +224,19 @@ def test_norms_train_only_when_asked_and_the_held_out_kl_still_never_rises():
     assert all(torch.equal(p, q) for p, q in zip(norm_weights(factors_only), before))
     assert record.kept and all(not torch.equal(p, q) for p, q in zip(norm_weights(with_norms), before))
     assert full_kl(dense, with_norms, held) < full_kl(dense, start, held)
+
+
+@pytest.mark.parametrize("epochs", [3, 40])
+def test_training_reports_progress_every_step_and_ends_complete(epochs):
+    """Step by step against the capped steps; a run stopped early ends complete at the steps it took."""
+    reports = []
+    recipe = [{"stage": "svd-llm"},
+              {"stage": "kl-refine", "options": {**REAL_ONLY, "lr": 1e-3, "epochs": epochs, "patience": 2}}]
+    meta = compress_model(model("llama"), calib_ids(WINDOWS, SEQLEN), config(ratio=0.5, recipe=recipe),
+                          progress=lambda stage, done, total: reports.append((done, total))
+                          if stage == "kl-refine" else None)
+    record = meta.stage_run("kl-refine").typed_record(KLRefinement)
+    capped = [r for r in reports if r[1] == epochs * 9]  # 18 training windows, 2 a step
+    assert [done for done, _ in capped] == list(range(1, record.steps + 1))
+    assert reports[-1] == (record.steps, record.steps)
+    assert (record.steps == epochs * 9) == (epochs == 3)  # the long cap stops early

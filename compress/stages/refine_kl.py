@@ -363,9 +363,8 @@ class KLRefine(ModelCorrector):
         options = run.options
         optimizer = torch.optim.Adam(run.params, lr=options.lr)
         per_epoch = math.ceil(len(fit) / options.batch)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(options.epochs * per_epoch,
-                                                                              options.warmup))
-        evals = options.evals_per_epoch
+        evals, total = options.evals_per_epoch, options.epochs * per_epoch
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, options.warmup))
         evaluate_after = {round(per_epoch * (i + 1) / evals) for i in range(evals)}  # the last ends the epoch
         generator = torch.Generator().manual_seed(options.seed)
         best, best_kl, stale = None, start, 0
@@ -380,6 +379,8 @@ class KLRefine(ModelCorrector):
                 optimizer.step()
                 schedule.step()
                 self.record.steps += 1
+                if progress:
+                    progress("kl-refine", self.record.steps, total)
                 if step not in evaluate_after:
                     continue
                 self.record.evaluations += 1
@@ -392,9 +393,9 @@ class KLRefine(ModelCorrector):
                 if stale >= options.patience:
                     break
             self.record.epochs = epoch
-            if progress:
-                progress("kl-refine", epoch, options.epochs)
             if stale >= options.patience:
+                if progress:  # stopped early: the run is complete at the steps it took
+                    progress("kl-refine", self.record.steps, self.record.steps)
                 break
         for p in run.params:
             p.grad = None
