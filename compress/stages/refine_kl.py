@@ -30,10 +30,11 @@ Quantization Aware Training for Large Language Models"): they cost no real text,
 Only the factors train (biases and embeddings stay fixed; the norm weights too unless `norms`), with Adam, a
 linear warm-up then cosine decay, gradient clipping and a cap on the epochs. A seeded part of the calibration
 windows is held out: never trained on, it is evaluated `evals_per_epoch` times an epoch, stops the training
-after `patience` evaluations without improvement, and judges it: the model keeps the best weights seen on it, and only if they
-beat the starting factors there (the closed form's, or block refinement's); otherwise the starting factors are
-restored. Without a hold-out the training windows judge. A half-precision model trains in float32 and is cast
-back (Adam's eps and squared gradients underflow in float16; bfloat16 cannot hold small updates).
+after `patience` evaluations without improvement, and judges it: the model keeps the best weights seen on it,
+and only if they beat the starting factors there (the closed form's, or block refinement's); otherwise the
+starting factors are restored. Without a hold-out the training windows judge. A half-precision model trains
+in float32 and is cast back (Adam's eps and squared gradients underflow in float16; bfloat16 cannot hold small
+updates).
 """
 from __future__ import annotations
 
@@ -207,11 +208,11 @@ class KLRefineOptions(StageOptions):
 
 class KLRefinement(StageRecord):
     """The sparse KL to the dense model, mean per token, on the real training windows (kl_*; the sampled ones
-    would cost a pass each and measure nothing new) and on the held-out ones (heldout_kl_*; None without a hold-out), before and after; kept: the trained
-    factors were kept (they lowered the KL on the judging windows); steps, epochs and evaluations taken, and
-    the judging windows' KL at each evaluation (heldout_kls); the windows (train_windows counts the sampled
-    ones); the teacher's k and bytes; the dtype the factors trained in; seconds of sampling, of the teacher
-    pass (sampling included) and of the training."""
+    would cost a pass each and measure nothing new) and on the held-out ones (heldout_kl_*; None without a
+    hold-out), before and after; kept: the trained factors were kept (they lowered the KL on the judging
+    windows); steps, epochs and evaluations taken, and the judging windows' KL at each evaluation
+    (heldout_kls); the windows (train_windows counts the sampled ones); the teacher's k and bytes; the dtype
+    the factors trained in; seconds of sampling, of the teacher pass (sampling included) and of the training."""
     kl_before: float | None = None
     kl_after: float | None = None
     heldout_kl_before: float | None = None
