@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +36,16 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise RankwiseError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
     return torch.device(name)
+
+
+@contextmanager
+def kept_random_state(device: torch.device, seed: int | None = None):
+    """torch's global generators (the CPU's, and `device`'s when it is CUDA), seeded with `seed` when given, and
+    given back to the caller as they were on exit."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:

@@ -24,7 +24,7 @@ from rankwise.compress.numerics import MatrixShape
 from rankwise.compress.arch import (block_runner, check_finite_weights, dense_weight, find_decoder_blocks,
                                    find_linears, layer_shape, named_target_linears)
 from rankwise.compress.config import CompressConfig
-from rankwise.compress.loading import resolve_device
+from rankwise.compress.loading import kept_random_state, resolve_device
 from rankwise.compress.lowrank import get_submodule_parent
 from rankwise.compress.metadata import CompressionResult, ModuleSpec
 from rankwise.compress.stages.base import BlockWork, CompressionJob, LinearStatistics, LinearWork
@@ -67,7 +67,7 @@ def compress_model(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfi
     filled in just before it is compressed. The caller's torch random state is left as it was (building
     layers draws from it)."""
     device = resolve_device(cfg.device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with kept_random_state(device):
         return _compress(model, calib_ids, cfg, device, progress, block_source, recipe or Recipe.from_config(cfg),
                          timer)
 

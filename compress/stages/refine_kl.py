@@ -49,6 +49,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from rankwise.calib.fisher import backward_mode, on_device
+from rankwise.compress.loading import kept_random_state
 from rankwise.compress.lowrank import LoraLinear, LowRankFactors
 from rankwise.compress.stages.base import (CompressionJob, ModelCorrector, StageOptions, StageRecord,
                                            register_model_corrector)
@@ -318,9 +319,7 @@ class KLRefine(ModelCorrector):
             return None
         prompt = min(options.prompt_tokens, job.calib_ids.shape[1] - 1)
         prompts = job.calib_ids[[fit[i % len(fit)] for i in range(options.sampled_windows)], :prompt]
-        devices = [job.device] if job.device.type == "cuda" else []
-        with torch.random.fork_rng(devices):
-            torch.manual_seed(options.seed)
+        with kept_random_state(job.device, options.seed):
             sampled = sample_windows(job.model, prompts, job.calib_ids.shape[1], options.sample_batch, job.device,
                                      job.progress)
         self.record.sampled_windows = sampled.shape[0]
@@ -333,10 +332,8 @@ class KLRefine(ModelCorrector):
         params = factor_parameters(job.model) + (norm_parameters(job.model) if self.options.norms else [])
         windows = self.windows
         self.record.train_windows, self.record.heldout_windows = len(windows.train), len(windows.held)
-        devices = [job.device] if job.device.type == "cuda" else []
         if params:  # a model with dropout draws its masks from the seed, and the caller's random state is kept
-            with _training(job.model, params, job.device) as dtype, torch.random.fork_rng(devices):
-                torch.manual_seed(self.options.seed)
+            with _training(job.model, params, job.device) as dtype, kept_random_state(job.device, self.options.seed):
                 self.record.train_dtype = str(dtype).removeprefix("torch.")
                 self._refine(_Run(job.model, params, self.ids, self.teacher, self.options, job.device),
                              windows, job.progress)
